@@ -1,0 +1,370 @@
+"""Shared plumbing: devices, seeding, atomic files, checkpoints, EMA, DDP, and the
+training loop that both generators (ddpm.py, dcgan.py) run.
+
+Nothing here knows about a particular model. A model file hands `train_loop` a
+step function and a state function; the loop owns everything a user expects of
+a long run: deterministic data order, a progress bar, a CSV loss log, a
+checkpoint per epoch written atomically, `--resume` that continues bit for bit,
+Ctrl-C that saves and exits, and a NaN loss that stops before it can overwrite
+the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+
+class CLIError(Exception):
+    """A problem the user can fix; main.py prints it as one line and exits 2."""
+
+
+# --------------------------------------------------------------------------- devices and seeds
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """'auto' or None: CUDA when present, else CPU. An unusable name is a CLIError."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every random state a training step touches, in a form torch.save keeps
+    and `torch.load(weights_only=True)` reads back (tensors, ints, tuples)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    # Python's random state is nested tuples; a round trip may turn them into lists.
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the
+    block finishes, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: the old checkpoint survives a crash."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True: a checkpoint must never run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle refusing a global, truncated zip, not a checkpoint at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"cannot read checkpoint {path}: {first}") from e
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
+    """Save (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid, atomically."""
+    images = to_uint8(images)  # (N, H, W) or (N, H, W, 3)
+    n = images.shape[0]
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    ncol = math.ceil(n / nrow)
+    h, w = images.shape[1:3]
+    pad = 2
+    grid = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad) + images.shape[3:], np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    save_png(grid, path)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x.permute(0, 2, 3, 1).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+class CSVLog:
+    """Append rows to a CSV file; on resume, rows past the resumed step are dropped
+    so the log never shows a step twice."""
+
+    def __init__(self, path: str | os.PathLike, fields: list[str], resume_step: int | None = None):
+        self.path, self.fields = Path(path), ["step", "epoch"] + [f for f in fields if f not in ("step", "epoch")]
+        rows = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, self.fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging), the
+    weights DDPM samples with: shadow <- decay * shadow + (1 - decay) * param."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- distributed (torchrun)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str | None = None) -> DistInfo:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on
+    GPUs, gloo on CPU. A plain `python main.py ...` is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo(0, 1, pick_device(device_name))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DistributedDataParallel or torch.compile."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    max_steps: int | None = None  # stop after this many optimiser steps in total
+    seed: int = 0
+    out: Path = Path("runs/out")
+    log_every: int = 1
+    keep_epoch_checkpoints: bool = False  # also keep checkpoint_epochNNN.pt beside checkpoint.pt
+
+
+class _StopRequest:
+    """First Ctrl-C: finish the current step, save, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (some test runners): plain behaviour
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def resume_checkpoint(out: str | os.PathLike) -> dict:
+    """Load OUT/checkpoint.pt for --resume and restore the RNG state it saved.
+    The caller restores model and optimiser from the returned dict and passes
+    its "step" to train_loop as start_step."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        raise CLIError(f"--resume: no checkpoint at {path}")
+    ckpt = load_checkpoint(path)
+    set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of an epoch, a pure function of (seed, epoch), so that a
+    resumed run sees exactly the batches the uninterrupted run would have."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def train_loop(
+    data: torch.Tensor,
+    step_fn: Callable[[torch.Tensor], dict],
+    state_fn: Callable[[], dict],
+    cfg: LoopConfig,
+    dist_info: DistInfo,
+    start_step: int = 0,
+    on_epoch_end: Callable[[int], None] | None = None,
+    log_fields: tuple[str, ...] = ("loss",),
+    monitor: Callable[[int, dict], str | None] | None = None,
+) -> int:
+    """Run `step_fn` over shuffled batches of `data` (N, ...) for cfg.epochs epochs.
+
+    step_fn(batch) does one optimiser step and returns metrics (floats); the first
+    of `log_fields` must be finite or the run stops. state_fn() returns the
+    model-specific part of the checkpoint; the loop adds step, epoch and RNG
+    state. Each rank takes every world_size-th sample of the epoch's order, so
+    the global batch is cfg.batch_size * world_size. Returns the final step.
+    """
+    from tqdm import tqdm  # imported here so that plain imports of common stay light
+
+    out = Path(cfg.out)
+    n = data.shape[0]
+    per_rank = n // dist_info.world_size
+    steps_per_epoch = max(1, per_rank // cfg.batch_size) if per_rank >= cfg.batch_size else 1
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    log = CSVLog(out / "loss.csv", list(log_fields) + ["images_per_s"], resume_step=start_step) if dist_info.is_main else None
+    step = start_step
+
+    def checkpoint(epoch_done: int, name: str = "checkpoint.pt") -> None:
+        if dist_info.is_main:
+            state = state_fn()
+            state.update(step=step, epoch=epoch_done, rng=rng_state())
+            save_checkpoint(state, out / name)
+
+    bar = tqdm(total=total, initial=min(step, total), disable=not dist_info.is_main, desc="train", dynamic_ncols=True)
+
+    with _StopRequest() as stop:
+        while step < total:
+            epoch, skip = divmod(step, steps_per_epoch)
+            order = epoch_order(n, cfg.seed, epoch)[dist_info.rank::dist_info.world_size]
+            for i in range(skip, steps_per_epoch):
+                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                t0 = time.perf_counter()
+                metrics = step_fn(data[idx])
+                rate = len(idx) * dist_info.world_size / max(time.perf_counter() - t0, 1e-9)
+                if not math.isfinite(metrics[log_fields[0]]):
+                    raise CLIError(f"{log_fields[0]} became {metrics[log_fields[0]]} at step {step + 1}; "
+                                   f"stopped, {out / 'checkpoint.pt'} keeps the last good state (try a lower --lr)")
+                step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"img/s": f"{rate:.1f}"})
+                if log is not None and step % cfg.log_every == 0:
+                    log.write({"step": step, "epoch": epoch, **metrics, "images_per_s": rate})
+                if monitor is not None and dist_info.is_main:
+                    warning = monitor(step, metrics)
+                    if warning:
+                        tqdm.write(f"warning: {warning}")
+                        (out / "warnings.log").open("a").write(f"step {step}: {warning}\n")
+                if stop.requested:
+                    checkpoint(epoch)
+                    bar.close()
+                    raise CLIError(f"interrupted at step {step}; saved {out / 'checkpoint.pt'} (continue with --resume)")
+                if step >= total:
+                    break
+            epoch_done = epoch + 1 if step % steps_per_epoch == 0 else epoch
+            checkpoint(epoch_done)
+            if epoch_done > epoch:
+                if dist_info.is_main:
+                    if on_epoch_end is not None:
+                        on_epoch_end(epoch)
+                    if cfg.keep_epoch_checkpoints:
+                        with atomic_path(out / f"checkpoint_epoch{epoch + 1:03d}.pt") as tmp:
+                            shutil.copyfile(out / "checkpoint.pt", tmp)
+    bar.close()
+    return step
