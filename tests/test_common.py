@@ -1,0 +1,110 @@
+"""The shared plumbing: atomic files, checkpoints, EMA, and the training loop's
+resume, NaN and logging behaviour, on a model small enough to reason about."""
+
+import csv
+import pickle
+
+import pytest
+import torch
+
+import common
+from common import CLIError, LoopConfig, DistInfo
+
+
+def test_atomic_path_keeps_old_file_when_block_fails(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
+
+
+def test_checkpoint_round_trip_and_refuses_code(tmp_path):
+    state = {"kind": "x", "w": torch.arange(3.0), "rng": common.rng_state()}
+    common.save_checkpoint(state, tmp_path / "c.pt")
+    back = common.load_checkpoint(tmp_path / "c.pt")
+    assert torch.equal(back["w"], state["w"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CLIError, match="cannot read checkpoint"):
+        common.load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(CLIError, match="not found"):
+        common.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_pick_device_errors():
+    assert common.pick_device("cpu").type == "cpu"
+    with pytest.raises(CLIError):
+        common.pick_device("not-a-device")
+    if not torch.cuda.is_available():
+        with pytest.raises(CLIError, match="CUDA is not available"):
+            common.pick_device("cuda")
+
+
+def test_ema_is_polyak_average():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = common.EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), 0.1))
+
+
+def _run(out, max_steps, resume=False, data=None, nan_at=None):
+    """Linear regression trained by train_loop: returns the final weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = 0
+    if resume:
+        ckpt = common.resume_checkpoint(out)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+    calls = []
+
+    def step(batch):
+        x, y = batch[:, :4], batch[:, 4:]
+        loss = ((model(x) + 0.01 * torch.randn_like(y) - y) ** 2).mean()  # uses the RNG on purpose
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        calls.append(1)
+        return {"loss": float("nan") if nan_at == len(calls) else loss.item()}
+
+    cfg = LoopConfig(epochs=3, batch_size=4, max_steps=max_steps, seed=1, out=out)
+    common.train_loop(data, step, lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()},
+                      cfg, DistInfo(), start_step=start)
+    return model.weight.detach().clone()
+
+
+def test_train_loop_resume_is_bit_exact_and_log_has_each_step_once(tmp_path):
+    data = torch.randn(10, 5)  # 2 steps per epoch (last partial batch dropped)
+    straight = _run(tmp_path / "a", 5, data=data)
+    _run(tmp_path / "b", 3, data=data)
+    resumed = _run(tmp_path / "b", 5, resume=True, data=data)
+    assert torch.equal(straight, resumed)
+    with open(tmp_path / "b" / "loss.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [1, 2, 3, 4, 5]
+    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 5
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = torch.randn(8, 5)  # 2 steps per epoch: a checkpoint after step 2
+    with pytest.raises(CLIError, match="loss became nan at step 3"):
+        _run(tmp_path, None, data=data, nan_at=3)
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    assert torch.equal(common.epoch_order(7, 1, 2), common.epoch_order(7, 1, 2))
+    assert not torch.equal(common.epoch_order(50, 1, 2), common.epoch_order(50, 1, 3))
