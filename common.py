@@ -359,7 +359,8 @@ def train_loop(
                     warning = monitor(step, metrics)
                     if warning:
                         tqdm.write(f"warning: {warning}")
-                        (out / "warnings.log").open("a").write(f"step {step}: {warning}\n")
+                        with open(out / "warnings.log", "a") as f:
+                            f.write(f"step {step}: {warning}\n")
                 if stop.requested:
                     checkpoint(epoch)
                     bar.close()
@@ -375,5 +376,7 @@ def train_loop(
                     if cfg.keep_epoch_checkpoints:
                         with atomic_path(out / f"checkpoint_epoch{epoch + 1:03d}.pt") as tmp:
                             shutil.copyfile(out / "checkpoint.pt", tmp)
+            elif step >= total and dist_info.is_main and on_epoch_end is not None:
+                on_epoch_end(epoch)  # a run stopped mid-epoch by --max-steps still leaves its pictures
     bar.close()
     return step

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="DDPM only: bf16 autocast for the network")
+    p.add_argument("--compile", action="store_true", help="DDPM only: torch.compile the network")
     p.set_defaults(func=cmd_sample)
     return parser
 
@@ -67,7 +69,8 @@ def cmd_sample(args) -> None:
         raise CLIError(f"{args.checkpoint} is not a DDPM or GAN checkpoint of this project (kind={kind!r})")
     module = importlib.import_module(GENERATORS[kind])
     images = module.generate(ckpt, args.n, seed=args.seed, batch_size=args.batch_size,
-                             device=pick_device(args.device), sampler=args.sampler, steps=args.steps, eta=args.eta)
+                             device=pick_device(args.device), sampler=args.sampler, steps=args.steps, eta=args.eta,
+                             amp=args.amp, compile=args.compile)
     grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey
     args.out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(grey)):

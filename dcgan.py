@@ -1,0 +1,448 @@
+"""DCGAN: the baseline generator, a clean version of the seed experiment's.
+
+Radford, Metz and Chintala, "Unsupervised Representation Learning with Deep
+Convolutional Generative Adversarial Networks", ICLR 2016. The architecture
+rules of the paper (section 3) are all here: strided convolutions instead of
+pooling, transposed convolutions to upsample, BatchNorm in both networks except
+the generator's output and the discriminator's input layer, ReLU in the
+generator with Tanh at the output, LeakyReLU(0.2) in the discriminator, weights
+drawn from N(0, 0.02), Adam with beta1 = 0.5.
+
+The default network is the seed's 256x256 one (see ../shared/REFERENCE.md,
+section 3), layer for layer; B is the batch, C the image channels:
+
+    Generator                                      Discriminator
+    (B, 100, 1, 1)    -> (B, 1024, 4, 4)   4x4 s1  (B, C, 256, 256)   -> (B, 64, 128, 128)
+    (B, 1024, 4, 4)   -> (B, 512, 8, 8)    4x4 s2  (B, 64, 128, 128)  -> (B, 128, 64, 64)
+    (B, 512, 8, 8)    -> (B, 256, 16, 16)  4x4 s2  (B, 128, 64, 64)   -> (B, 256, 32, 32)
+    (B, 256, 16, 16)  -> (B, 128, 32, 32)  4x4 s2  (B, 256, 32, 32)   -> (B, 512, 16, 16)
+    (B, 128, 32, 32)  -> (B, 64, 64, 64)   4x4 s2  (B, 512, 16, 16)   -> (B, 1024, 8, 8)
+    (B, 64, 64, 64)   -> (B, 32, 128, 128) 4x4 s2  (B, 1024, 8, 8)    -> (B, 1, 1, 1)  8x8 conv
+    (B, 32, 128, 128) -> (B, C, 256, 256)  4x4 s2, Tanh
+
+Every 4x4 stride-2 layer halves (D) or doubles (G) the side, so the seed's D
+takes five halvings from 256 to 8 and then one 8x8 convolution, with no
+padding, over what is left. Other sizes (powers of two, 32..256) add or remove
+stride-2 stages at the image end: channel widths are counted from the image
+(G's last hidden layer has `g_width` channels, D's first has `d_width`, doubling
+per stage away from the image, as in Radford et al.'s own code), so a 64 px
+net is G 256-128-64-32 and D 64-128-256, and D always ends at 8x8.
+
+What differs from the seed, and why:
+- one grey channel by default (X-rays are grey; `--channels 3` gives the seed's RGB),
+- D outputs a logit and the loss is BCE-with-logits: log(sigmoid(x)) computed
+  as one fused, stable expression, where sigmoid + BCE saturates to log(0) and
+  clamps the very gradient that tells G how badly it is losing,
+- a checkpoint per epoch (the seed's run lost its state when interrupted),
+- a warning when the discriminator wins outright or G collapses (the seed's
+  run diverged, D winning within a few epochs, unnoticed).
+
+`python main.py gan --help` trains; `python main.py sample --checkpoint ...` samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from common import (CLIError, LoopConfig, cleanup_distributed, load_checkpoint, resume_checkpoint, save_image_grid,
+                    seed_everything, setup_distributed, train_loop, unwrap, wrap_ddp)
+
+SIZES = (32, 64, 128, 256)
+INIT_STD = 0.02  # Radford et al. 2016, section 4: "initialized from a zero-centered Normal with std 0.02"
+LEAK = 0.2  # slope of the discriminator's LeakyReLU (Radford et al. 2016, section 3)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class DCGANConfig:
+    """The two networks' shape; the defaults are the seed's 256x256 DCGAN, grey."""
+
+    size: int = 256  # image side, a power of two from 32 to 256
+    channels: int = 1  # 1 grey, 3 the seed's RGB
+    latent_dim: int = 100  # z ~ N(0, I) of this many dimensions
+    g_width: int = 32  # channels of G's last hidden layer; doubles per stage toward z
+    d_width: int = 64  # channels of D's first layer; doubles per stage toward the logit
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise CLIError(f"--size {self.size}: must be a power of two from 32 to 256 ({', '.join(map(str, SIZES))})")
+        if self.channels not in (1, 3):
+            raise CLIError(f"--channels {self.channels}: must be 1 (grey) or 3 (RGB)")
+        if min(self.latent_dim, self.g_width, self.d_width) < 1:
+            raise CLIError("latent_dim, g_width and d_width must be at least 1")
+
+    @property
+    def g_widths(self) -> list[int]:
+        """G's hidden widths from 4x4 up to size/2: 1024, 512, ..., 32 at 256 px."""
+        n = int(math.log2(self.size)) - 2  # 4 * 2**(n-1) = size/2
+        return [self.g_width * 2 ** i for i in reversed(range(n))]
+
+    @property
+    def d_widths(self) -> list[int]:
+        """D's widths from size/2 down to 8x8: 64, 128, ..., 1024 at 256 px."""
+        n = int(math.log2(self.size)) - 3  # size / 2**n = 8
+        return [self.d_width * 2 ** i for i in range(n)]
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation settings; defaults are the seed's."""
+
+    lr_g: float = 2e-4
+    lr_d: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)  # beta1 = 0.5: Radford et al. found 0.9 oscillates
+    g_steps: int = 2  # generator updates per discriminator update
+    amp: bool = False  # bfloat16 autocast
+
+
+# --------------------------------------------------------------------------- the networks
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN initialisation: conv weights N(0, 0.02); BatchNorm scale N(1, 0.02), shift 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, INIT_STD)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, INIT_STD)
+        nn.init.zeros_(module.bias)
+
+
+def up(c_in: int, c_out: int) -> nn.Sequential:
+    """(B, c_in, r, r) -> (B, c_out, 2r, 2r): 4x4 transposed conv, stride 2, BatchNorm, ReLU."""
+    # No conv bias anywhere: the BatchNorm shift that follows makes it redundant.
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
+
+
+def down(c_in: int, c_out: int, norm: bool = True) -> nn.Sequential:
+    """(B, c_in, r, r) -> (B, c_out, r/2, r/2): 4x4 conv, stride 2, BatchNorm, LeakyReLU(0.2)."""
+    layers = [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False)]
+    if norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    return nn.Sequential(*layers, nn.LeakyReLU(LEAK, True))
+
+
+class Generator(nn.Module):
+    """z (B, latent_dim, 1, 1) -> image (B, C, size, size) in [-1, 1]."""
+
+    def __init__(self, cfg: DCGANConfig):
+        super().__init__()
+        w = cfg.g_widths
+        # (B, latent, 1, 1) -> (B, w[0], 4, 4): a 4x4 transposed conv on a 1x1 input is a
+        # fully connected layer whose output is reshaped to 4x4 (the paper's "project and reshape").
+        self.project = nn.Sequential(nn.ConvTranspose2d(cfg.latent_dim, w[0], 4, 1, 0, bias=False),
+                                     nn.BatchNorm2d(w[0]), nn.ReLU(True))
+        # (B, w[i], r, r) -> (B, w[i+1], 2r, 2r), from 4x4 up to size/2; at 256 px:
+        # 1024@4 -> 512@8 -> 256@16 -> 128@32 -> 64@64 -> 32@128
+        self.body = nn.Sequential(*[up(a, b) for a, b in zip(w, w[1:])])
+        # (B, w[-1], size/2, size/2) -> (B, C, size, size); no BatchNorm at the output (section 3)
+        self.to_image = nn.Sequential(nn.ConvTranspose2d(w[-1], cfg.channels, 4, 2, 1, bias=False), nn.Tanh())
+        self.apply(init_weights)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.to_image(self.body(self.project(z)))
+
+
+class Discriminator(nn.Module):
+    """image (B, C, size, size) -> one real/fake logit per image (B,)."""
+
+    def __init__(self, cfg: DCGANConfig):
+        super().__init__()
+        w = cfg.d_widths
+        # (B, C, size, size) -> (B, w[0], size/2, size/2); no BatchNorm on the input layer (section 3)
+        self.from_image = down(cfg.channels, w[0], norm=False)
+        # (B, w[i], r, r) -> (B, w[i+1], r/2, r/2), down to 8x8; at 256 px:
+        # 64@128 -> 128@64 -> 256@32 -> 512@16 -> 1024@8
+        self.body = nn.Sequential(*[down(a, b) for a, b in zip(w, w[1:])])
+        # (B, w[-1], 8, 8) -> (B, 1, 1, 1): the seed's 8x8 conv over the whole remaining extent.
+        # Patch: the seed put a sigmoid here; we return the logit and use BCE-with-logits.
+        self.to_logit = nn.Conv2d(w[-1], 1, 8, 1, 0, bias=False)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_logit(self.body(self.from_image(x))).flatten()  # (B, 1, 1, 1) -> (B,)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sample_noise(n: int, cfg: DCGANConfig, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """z ~ N(0, I), shaped (n, latent_dim, 1, 1) for the generator's first layer."""
+    return torch.randn(n, cfg.latent_dim, 1, 1, generator=generator, device=device)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64, device: torch.device | str = "cpu",
+             **unused) -> torch.Tensor:
+    """n images (n, C, size, size) in [-1, 1] from a `gan` checkpoint, the same for the same seed.
+
+    The generator runs in eval mode: BatchNorm uses the running statistics it
+    gathered in training, so an image depends only on its own z, not on the
+    batch it happens to share or on the batch size (in train mode each sample
+    would shift with its neighbours, and a batch of one would be degenerate).
+    The price: the running averages trail the weights by ~10 steps (momentum
+    0.1), which only matters in the first steps of training.
+    """
+    cfg = DCGANConfig(**ckpt["config"])
+    G = Generator(cfg)
+    G.load_state_dict(ckpt["generator"])
+    G.to(device).eval()
+    # The noise is drawn on the CPU from its own generator, so the result does not
+    # depend on the device, the batch size, or anything else using the global RNG.
+    z = sample_noise(n, cfg, torch.Generator().manual_seed(seed))
+    return torch.cat([G(zb.to(device)).float().cpu() for zb in z.split(batch_size)])
+
+
+# --------------------------------------------------------------------------- collapse detection
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    """Mean L2 distance between all pairs of a batch (N, ...), per pixel (RMS)."""
+    flat = x.flatten(1).float()
+    return (torch.pdist(flat) / math.sqrt(flat.shape[1])).mean().item()
+
+
+class CollapseMonitor:
+    """Watches the training metrics for the two failures the seed's run showed.
+
+    1. The discriminator wins: loss_d < `loss_d_floor` on every one of the last
+       `window` steps, or D(x) - D(G(z)) > `gap_ceiling` on all of them. G then
+       receives vanishing gradients and rarely recovers.
+    2. Mode collapse: every `every` steps, `diversity()` (the mean pairwise
+       distance of G's fixed-noise samples over that of real images) falls
+       below `diversity_floor`; the samples are nearly one image. (A 200-step
+       run on the NIH 64 px set whose 64 samples looked like one image by eye
+       measured 0.10-0.24; real-vs-real is 1 by construction.)
+
+    Called by train_loop after each step with (step, metrics); returns a warning
+    once when a condition starts, and again only after it has cleared.
+    """
+
+    def __init__(self, window: int = 200, loss_d_floor: float = 0.05, gap_ceiling: float = 0.99,
+                 every: int = 100, diversity_floor: float = 0.25, diversity: Callable[[], float] | None = None):
+        self.loss_d_floor, self.gap_ceiling, self.every, self.diversity_floor = loss_d_floor, gap_ceiling, every, diversity_floor
+        self.diversity = diversity
+        self.recent = deque(maxlen=window)
+        self.firing = {"d_wins": False, "collapse": False}
+
+    def _edge(self, name: str, condition: bool, message: str) -> str | None:
+        fire = condition and not self.firing[name]
+        self.firing[name] = condition
+        return message if fire else None
+
+    def __call__(self, step: int, metrics: dict) -> str | None:
+        self.recent.append((metrics["loss_d"], metrics.get("d_real", 0.5) - metrics.get("d_fake", 0.5)))
+        full = len(self.recent) == self.recent.maxlen
+        d_wins = full and (all(l < self.loss_d_floor for l, _ in self.recent)
+                           or all(g > self.gap_ceiling for _, g in self.recent))
+        warnings = [self._edge("d_wins", d_wins,
+                               f"discriminator has won for {len(self.recent)} steps (loss_d < {self.loss_d_floor} "
+                               f"or D(x) - D(G(z)) > {self.gap_ceiling}): training has likely diverged")]
+        if self.diversity is not None and step % self.every == 0:
+            ratio = self.diversity()
+            warnings.append(self._edge("collapse", ratio < self.diversity_floor,
+                                       f"mode collapse: samples are nearly identical (pairwise distance "
+                                       f"{ratio:.3f} x that of real images)"))
+        found = [w for w in warnings if w]
+        return "; ".join(found) if found else None
+
+
+# --------------------------------------------------------------------------- training
+
+
+def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+              cfg: DCGANConfig, tcfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], dict]:
+    """One discriminator update followed by `g_steps` generator updates (the seed's 1:2).
+
+    D step:  maximise log D(x) + log(1 - D(G(z)))   (Goodfellow et al. 2014, Eq. 1)
+    G step:  maximise log D(G(z)), the non-saturating loss of the same paper.
+    """
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tcfg.amp else nullcontext
+    D_plain = unwrap(D)
+
+    def step(real: torch.Tensor) -> dict:
+        real = real.to(device, non_blocking=True)
+        b = real.shape[0]
+        ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
+
+        # Real and fake go through D as two batches, so BatchNorm normalises each
+        # on its own statistics (as in Radford et al.'s code); mixing them would let
+        # D tell them apart by the batch statistics alone.
+        with torch.no_grad(), autocast():
+            fake = G(sample_noise(b, cfg, device=device))
+        with autocast():
+            logits_real, logits_fake = D(real), D(fake)
+        loss_d = (F.binary_cross_entropy_with_logits(logits_real.float(), ones)
+                  + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros))
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        # G steps through the plain D with D's weights frozen: no gradient is
+        # computed for D, and under DDP no all-reduce is started for it.
+        D_plain.requires_grad_(False)
+        for _ in range(tcfg.g_steps):
+            with autocast():
+                logits = D_plain(G(sample_noise(b, cfg, device=device)))
+            loss_g = F.binary_cross_entropy_with_logits(logits.float(), ones)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+        D_plain.requires_grad_(True)
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
+                "d_real": torch.sigmoid(logits_real.float()).mean().item(),
+                "d_fake": torch.sigmoid(logits_fake.float()).mean().item()}
+
+    return step
+
+
+def train(args) -> None:
+    """`python main.py gan`: train on a folder, one checkpoint and sample grid per epoch."""
+    info = setup_distributed(args.device)
+    try:
+        _train(args, info)
+    finally:
+        cleanup_distributed()
+
+
+def _train(args, info) -> None:
+    out = Path(args.out)
+    for name in ("epochs", "batch_size", "g_steps", "num_samples", "collapse_window"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CLIError("--max-steps must be at least 1")
+    if args.lr_g <= 0 or args.lr_d <= 0:
+        raise CLIError("--lr-g and --lr-d must be positive")
+    if not args.resume and (out / "checkpoint.pt").exists():
+        raise CLIError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue it, or choose another --out")
+
+    ckpt = None
+    if args.resume:
+        # Peek at the config first (the RNG is restored below, after the networks are built).
+        peek = load_checkpoint(out / "checkpoint.pt") if (out / "checkpoint.pt").is_file() else None
+        if peek is None:
+            raise CLIError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+        if peek.get("kind") != "dcgan":
+            raise CLIError(f"--resume: {out / 'checkpoint.pt'} is not a GAN checkpoint (kind={peek.get('kind')!r})")
+        saved = peek["config"]
+        for name in ("size", "channels", "g_width", "d_width"):
+            given = getattr(args, name)
+            if given is not None and given != saved[name]:
+                raise CLIError(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, "
+                               f"not {given}")
+        cfg = DCGANConfig(**saved)
+    else:
+        cfg = DCGANConfig(size=args.size or 256, channels=args.channels or 1,
+                          g_width=args.g_width or 32, d_width=args.d_width or 64)
+    tcfg = TrainConfig(lr_g=args.lr_g, lr_d=args.lr_d, g_steps=args.g_steps, amp=args.amp)
+
+    images = data.load_folder(args.data, cfg.size, args.class_name).images  # (N, S, S) uint8
+    real = data.to_unit_range(images)  # (N, 1, S, S) in [-1, 1]
+    if cfg.channels == 3:
+        real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the seed's input
+
+    # Every rank seeds differently so that each draws its own noise; DDP copies
+    # rank 0's initial weights to all ranks, and rank 0 matches a single-process run.
+    seed_everything(args.seed + info.rank)
+    device = info.device
+    G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=tcfg.lr_g, betas=tcfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=tcfg.lr_d, betas=tcfg.betas)
+    start = 0
+    if args.resume:
+        ckpt = resume_checkpoint(out)  # restores the RNG state
+        G.load_state_dict(ckpt["generator"])
+        D.load_state_dict(ckpt["discriminator"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        start = ckpt["step"]
+        if info.rank > 0:  # the saved RNG is rank 0's; give the other ranks their own noise again
+            torch.manual_seed(args.seed + info.rank + 1_000_003 * start)
+    if info.is_main:
+        print(f"DCGAN {cfg.size}x{cfg.size}x{cfg.channels}: generator {count_parameters(G):,} parameters, "
+              f"discriminator {count_parameters(D):,}; {real.shape[0]} training images"
+              + (f", resuming at step {start}" if args.resume else ""))
+    if info.world_size > 1 and device.type == "cuda":
+        # One batch statistic over all GPUs, as a single-GPU run of the global batch would see.
+        # On CPU (gloo) plain BatchNorm normalises each rank's own batch: the same per-batch
+        # statistics a single process has at the per-rank batch size.
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    G_train, D_train = wrap_ddp(G, info), wrap_ddp(D, info)
+
+    # Fixed noise for the per-epoch grids and the collapse check: its own generator,
+    # so drawing it never moves the training RNG (resume stays bit-exact).
+    fixed_z = sample_noise(args.num_samples, cfg, torch.Generator().manual_seed(args.seed)).to(device)
+    real_spread = mean_pairwise_distance(real[:64])
+
+    @torch.no_grad()
+    def fixed_samples() -> torch.Tensor:
+        G.eval()  # eval: no BatchNorm running-statistics update, same as `sample` (see generate)
+        x = G(fixed_z).float()
+        G.train()
+        return x
+
+    def on_epoch_end(epoch: int) -> None:
+        save_image_grid(fixed_samples().cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=8)
+
+    def state() -> dict:
+        return {"kind": "dcgan", "config": asdict(cfg), "train": {**asdict(tcfg), "betas": list(tcfg.betas)},
+                "generator": G.state_dict(), "discriminator": D.state_dict(),
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "seed": args.seed}
+
+    monitor = CollapseMonitor(window=args.collapse_window, every=100,
+                              diversity=lambda: mean_pairwise_distance(fixed_samples()[:64]) / max(real_spread, 1e-8))
+    loop = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed,
+                      out=out, keep_epoch_checkpoints=True)
+    step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, loop, info,
+                      start_step=start, on_epoch_end=on_epoch_end, log_fields=("loss_d", "loss_g", "d_real", "d_fake"),
+                      monitor=monitor)
+    if info.is_main:
+        save_image_grid(fixed_samples().cpu(), out / "samples_latest.png", nrow=8)
+        print(f"step {step}: checkpoint {out / 'checkpoint.pt'}, samples {out / 'samples_latest.png'}, "
+              f"log {out / 'loss.csv'}")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("gan", help="train the DCGAN baseline (Radford et al. 2016) on a folder of X-rays",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint.pt, samples_epochNNN.png, loss.csv")
+    p.add_argument("--class", dest="class_name", default=None, help="train on one class folder only, e.g. infiltration")
+    p.add_argument("--size", type=int, default=None, help="image side, 32/64/128/256 (default 256; on --resume the checkpoint's)")
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3), help="1 grey, 3 the seed's RGB (default 1)")
+    p.add_argument("--g-width", type=int, default=None, help="channels of G's last hidden layer (default 32)")
+    p.add_argument("--d-width", type=int, default=None, help="channels of D's first layer (default 64)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--lr-g", type=float, default=2e-4)
+    p.add_argument("--lr-d", type=float, default=1e-4)
+    p.add_argument("--g-steps", type=int, default=2, help="generator updates per discriminator update")
+    p.add_argument("--num-samples", type=int, default=64, help="fixed-noise samples in each epoch's grid")
+    p.add_argument("--collapse-window", type=int, default=200, help="steps D must win for before a warning")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=train)

@@ -1,0 +1,737 @@
+"""Denoising diffusion: the DDPM of Ho, Jain and Abbeel (NeurIPS 2020) with the
+DDIM sampler of Song, Meng and Ermon (ICLR 2021), the UNet of the released
+CIFAR-10 model, fine-tuning and sampling.
+
+Read top to bottom:
+  1. the noise schedule and the diffusion process (forward q, reverse p, DDIM),
+  2. the UNet, whose default configuration is exactly `google/ddpm-cifar10-32`,
+  3. loading that model's diffusers-format weights (an explicit key map),
+  4. training (the `main.py ddpm` command), 5. sampling (`generate`).
+
+Checked against diffusers 0.42 in tests/test_ddpm.py: UNet2DModel gives the same
+noise prediction for the same weights, and DDPMScheduler / DDIMScheduler the same
+steps. Nothing here imports diffusers.
+
+Timestep convention: code t = 0 .. T-1 is the paper's t = 1 .. T. So betas[0] is
+the paper's beta_1, x_0 in code names the data only as "x0", and the last
+reverse step is taken at code t = 0, where no noise is added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import CLIError
+
+# --------------------------------------------------------------------------- schedule and diffusion process
+
+
+def make_betas(schedule: str, T: int) -> torch.Tensor:
+    """beta_t for t = 0..T-1 in float64.
+    linear: 1e-4 .. 0.02 (Ho et al. Sec. 4); cosine: Nichol & Dhariwal 2021 Eq. 17,
+    alpha-bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008, beta capped at 0.999."""
+    if schedule == "linear":
+        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        abar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown beta schedule {schedule!r} (linear or cosine)")
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """a[t] for a batch of timesteps t (B,), shaped (B, 1, 1, 1) to broadcast against x."""
+    return a.gather(0, t).reshape(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+class GaussianDiffusion(nn.Module):
+    """The forward process q(x_t | x_0), its posterior, and the learned reverse
+    process p(x_{t-1} | x_t) of DDPM, plus the DDIM sampler. The model predicts
+    the noise eps that was added (Ho et al. Eq. 11)."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_schedule: str = "linear",
+                 variance_type: str = "fixed_large", clip_sample: bool = True):
+        super().__init__()
+        if variance_type not in ("fixed_large", "fixed_small"):
+            raise ValueError(f"unknown variance_type {variance_type!r} (fixed_large or fixed_small)")
+        self.num_timesteps, self.beta_schedule = num_timesteps, beta_schedule
+        self.variance_type, self.clip_sample = variance_type, clip_sample
+
+        betas = make_betas(beta_schedule, num_timesteps)  # computed in float64, stored as float32
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        buffers = dict(
+            betas=betas,                                              # beta_t
+            alphas_cumprod=alphas_cumprod,                            # alpha-bar_t = prod_{s<=t} (1 - beta_s)
+            alphas_cumprod_prev=alphas_cumprod_prev,                  # alpha-bar_{t-1}, 1 at t = 0
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+            posterior_variance=posterior_variance,                    # beta~_t (Eq. 7)
+            # beta~_0 = 0: its log is clipped to beta~_1's (used only in likelihood terms)
+            posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+            # sigma_t^2 of the reverse step (Sec. 3.2): beta_t ("fixed_large") or beta~_t ("fixed_small").
+            # Patch: diffusers uses beta_t at every t; Ho's code puts beta~_1 at t = 0. Samples are equal
+            # either way because no noise is added at t = 0; only the likelihood bound would differ.
+            model_variance=betas if variance_type == "fixed_large" else posterior_variance,
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    def config(self) -> dict:
+        return dict(num_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule,
+                    variance_type=self.variance_type, clip_sample=self.clip_sample)
+
+    # ---- forward process
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps  (DDPM Eq. 4, reparameterised)."""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)  (DDPM Eq. 6-7):
+        mu~_t = coef1 x_0 + coef2 x_t. Returns (mean, variance, log variance)."""
+        mean = extract(self.posterior_mean_coef1, t, x_t.shape) * x0 + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+        return mean, extract(self.posterior_variance, t, x_t.shape), extract(self.posterior_log_variance_clipped, t, x_t.shape)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), Eq. 4 solved for x_0."""
+        return extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+
+    # ---- reverse process
+
+    def p_mean_variance(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean and variance of p(x_{t-1} | x_t) (DDPM Eq. 11): the posterior mean at the
+        predicted x_0, which is the same as (x_t - beta_t / sqrt(1 - alpha-bar_t) eps) / sqrt(alpha_t)
+        unless x_0 is clipped to [-1, 1], as the released sampler does.
+        Returns (mean, variance, predicted x_0)."""
+        eps = model(x_t, t).float()
+        x0 = self.predict_start_from_noise(x_t, t, eps)
+        if self.clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, _, _ = self.q_posterior(x0, x_t, t)
+        return mean, extract(self.model_variance, t, x_t.shape), x0
+
+    def p_sample(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One ancestral step x_{t-1} = mean + sigma_t z  (DDPM Alg. 2, line 4) with the given z.
+        No noise is added at t = 0: the last step returns the mean."""
+        mean, var, _ = self.p_mean_variance(model, x_t, t)
+        nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))  # a mask, so no host sync
+        return mean + nonzero * var.sqrt() * noise
+
+    @torch.inference_mode()
+    def p_sample_loop(self, model: nn.Module, shape, x_T=None, generator=None, progress=True) -> torch.Tensor:
+        """DDPM Alg. 2: start from x_T ~ N(0, I) and take all T ancestral steps.
+        Noise is drawn from `generator` in the order diffusers' DDPMPipeline draws it
+        (x_T, then one z per step except the last), so the same seed gives the same image."""
+        from tqdm import tqdm
+
+        device = self.betas.device
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)
+            x = self.p_sample(model, x, t, z)
+        return x
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """The "leading" spacing of diffusers' DDIMScheduler: T // steps apart, starting at 0.
+        For 50 of 1000 steps: 980, 960, ..., 20, 0."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
+        ratio = self.num_timesteps // steps
+        return [i * ratio for i in range(steps)][::-1]
+
+    @torch.inference_mode()
+    def ddim_sample(self, model: nn.Module, shape, steps: int = 50, eta: float = 0.0, x_T=None,
+                    generator=None, progress=True) -> torch.Tensor:
+        """DDIM (Song et al. Eq. 12) on a subsequence tau of the T steps:
+        x_prev = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma^2) eps + sigma z, with a = alpha-bar,
+        sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)  (Eq. 16).
+        eta = 0 is deterministic; eta = 1 is ancestral sampling on the shorter chain.
+        After the last step (t = 0) a_prev = 1, i.e. the output is x0_pred (diffusers' set_alpha_to_one)."""
+        from tqdm import tqdm
+
+        device = self.betas.device
+        ratio = self.num_timesteps // steps
+        abar = self.alphas_cumprod.tolist()  # host floats, read once: no copies inside the loop
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
+        for i in tqdm(self.ddim_timesteps(steps), desc="DDIM", disable=not progress, leave=False):
+            a_t = abar[i]
+            a_prev = abar[i - ratio] if i - ratio >= 0 else 1.0
+            eps = model(x, torch.full((shape[0],), i, device=device, dtype=torch.long)).float()
+            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            if self.clip_sample:
+                x0 = x0.clamp(-1.0, 1.0)
+            sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+            # the direction uses the unclipped eps, as diffusers does by default
+            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+            if eta > 0:
+                x = x + sigma * torch.randn(shape, generator=generator, device=device)
+        return x
+
+    def sample(self, model: nn.Module, shape, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+               x_T=None, generator=None, progress: bool = True) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1]. "ddpm": T ancestral steps (fewer steps mean DDIM
+        with eta = 1 on the strided chain); "ddim": `steps` (default 50) DDIM steps with `eta`."""
+        if sampler == "ddpm" and steps in (None, self.num_timesteps):
+            x = self.p_sample_loop(model, shape, x_T, generator, progress)
+        elif sampler in ("ddpm", "ddim"):
+            eta = 1.0 if sampler == "ddpm" else eta
+            x = self.ddim_sample(model, shape, steps or 50, eta, x_T, generator, progress)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
+        return x.clamp(-1.0, 1.0)
+
+    def training_loss(self, model: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        """DDPM Alg. 1: t ~ Uniform{0..T-1}, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        return F.mse_loss(model(self.q_sample(x0, t, noise), t).float(), noise)
+
+
+# --------------------------------------------------------------------------- UNet
+
+
+@dataclass
+class UNetConfig:
+    """The default is google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model, 35.7 M parameters)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    sample_size: int = 32
+    block_out_channels: tuple = (128, 256, 256, 256)  # channels per resolution level
+    layers_per_block: int = 2          # resnets per down level; up levels have one more
+    attention_levels: tuple = (1,)     # levels with self-attention (level 1 = 16x16 at 32x32); mid always has it
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    dropout: float = 0.0               # 0.1 in the original CIFAR-10 training, 0 in the released config
+    freq_shift: int = 1                # sinusoid exponent -ln(10000) i / (half - freq_shift)
+    flip_sin_to_cos: bool = False      # [sin, cos] order as in Ho's code
+    downsample_padding: int = 0        # 0: pad right/bottom only (TF "SAME"), as the released model
+
+    def __post_init__(self):
+        self.block_out_channels, self.attention_levels = tuple(self.block_out_channels), tuple(self.attention_levels)
+
+
+PRESETS = {
+    "cifar10": UNetConfig(),
+    "small": UNetConfig(block_out_channels=(32, 64, 128)),  # 3.7 M parameters, for CPU demos
+    "tiny": UNetConfig(block_out_channels=(16, 32), layers_per_block=1, norm_groups=8),  # 0.18 M, for tests
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: float = 1, flip_sin_to_cos: bool = False) -> torch.Tensor:
+    """Sinusoidal embedding of t (Vaswani et al.; DDPM Appendix B): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm, SiLU, conv, + time embedding, GroupNorm, SiLU, dropout, conv; plus a 1x1 shortcut when channels change."""
+
+    def __init__(self, c_in: int, c_out: int, c_time: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(cfg.norm_groups, c_in, eps=cfg.norm_eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(c_time, c_out)
+        self.norm2 = nn.GroupNorm(cfg.norm_groups, c_out, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # (B, c_in, H, W), emb (B, c_time) -> (B, c_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, width C, scale 1/sqrt(C), residual."""
+
+    def __init__(self, c: int, cfg: UNetConfig):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(cfg.norm_groups, c, eps=cfg.norm_eps)
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(c, c) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q k^T / sqrt(C)) v
+        return x + self.to_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """(B, C, H, W) -> (B, C, H/2, W/2) by a 3x3 stride-2 convolution."""
+
+    def __init__(self, c: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            # Patch: the TF original pads right and bottom only ("SAME" for stride 2); symmetric padding gives other numbers
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """(B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour x2, then a 3x3 convolution."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level of the UNet: resnets (each followed by attention at attention
+    levels) and an optional resampler. Module names follow diffusers so that the key map is short."""
+
+    def __init__(self, resnets: list, attentions: list, resampler: nn.Module | None, up: bool):
+        super().__init__()
+        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+        resampler_list = nn.ModuleList([resampler] if resampler is not None else [])
+        setattr(self, "upsamplers" if up else "downsamplers", resampler_list)
+        self.up = up
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
+        for j, resnet in enumerate(self.resnets):
+            if self.up:  # consume the skip connections in reverse order of creation
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = resnet(h, emb)
+            if len(self.attentions):
+                h = self.attentions[j](h)
+            if not self.up:
+                skips.append(h)
+        for resample in (self.upsamplers if self.up else self.downsamplers):
+            h = resample(h)
+            if not self.up:
+                skips.append(h)
+        return h
+
+
+class MidBlock(nn.Module):
+    """resnet, attention, resnet at the lowest resolution."""
+
+    def __init__(self, c: int, c_time: int, cfg: UNetConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, c_time, cfg), ResnetBlock(c, c, c_time, cfg)])
+        self.attentions = nn.ModuleList([AttnBlock(c, cfg)])
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](h, emb)), emb)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, c: int, c_time: int):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(c, c_time), nn.Linear(c_time, c_time)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): the noise-prediction network of DDPM (Ho et al. Appendix B,
+    a PixelCNN++-style UNet). For the default config:
+    32x32x128 -> 16x16x256 (attention) -> 8x8x256 -> 4x4x256, mid, and back up."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or UNetConfig()
+        chs, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        c_time = 4 * chs[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.time_embedding = TimeEmbedding(chs[0], c_time)
+
+        skip_chs, c = [chs[0]], chs[0]  # channels of every skip, in order of creation
+        self.down_blocks = nn.ModuleList()
+        for i, c_out in enumerate(chs):
+            resnets = [ResnetBlock(c if j == 0 else c_out, c_out, c_time, cfg) for j in range(cfg.layers_per_block)]
+            attns = [AttnBlock(c_out, cfg) for _ in resnets] if i in cfg.attention_levels else []
+            last = i == n - 1
+            self.down_blocks.append(Level(resnets, attns, None if last else Downsample(c_out, cfg.downsample_padding), up=False))
+            skip_chs += [c_out] * (cfg.layers_per_block + (0 if last else 1))
+            c = c_out
+        self.mid_block = MidBlock(c, c_time, cfg)
+        self.up_blocks = nn.ModuleList()
+        for i, c_out in reversed(list(enumerate(chs))):
+            resnets = []
+            for _ in range(cfg.layers_per_block + 1):
+                resnets.append(ResnetBlock(c + skip_chs.pop(), c_out, c_time, cfg))
+                c = c_out
+            attns = [AttnBlock(c_out, cfg) for _ in resnets] if i in cfg.attention_levels else []
+            self.up_blocks.append(Level(resnets, attns, Upsample(c_out) if i > 0 else None, up=True))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """x (B, C, H, W), t int tensor (B,) or scalar -> predicted noise (B, C, H, W)."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0],
+                                                     self.config.freq_shift, self.config.flip_sin_to_cos))
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, emb, skips)
+        h = self.mid_block(h, emb)
+        for block in self.up_blocks:
+            h = block(h, emb, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+# --------------------------------------------------------------------------- pretrained weights (diffusers format)
+
+HF_REPO = "google/ddpm-cifar10-32"
+HF_URL = "https://huggingface.co/google/ddpm-cifar10-32/resolve/main/{}"
+DEFAULT_PRETRAINED = Path("models/ddpm-cifar10-32")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# Attention sub-keys of older diffusers checkpoints -> the current names, which ours follow.
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The safetensors format: 8-byte little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensors."""
+    raw = Path(path).read_bytes()
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        body = memoryview(raw)[8 + n:]
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+            if not 0 <= begin <= end <= len(body) or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name} has inconsistent offsets")
+            out[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape) if end > begin \
+                else torch.empty(shape, dtype=dtype)
+        return out
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CLIError(f"{path} is not a valid .safetensors file ({e})") from e
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A diffusers weights file: .safetensors read directly, .bin only through
+    torch.load(weights_only=True), which refuses any pickle that would run code."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        for line in str(e).splitlines():  # the refusal names the offending global
+            if "Unsupported global" in line or "Unsupported operand" in line:
+                first = line.strip()
+        raise CLIError(f"refusing to load {path}: not a plain tensor file (a pickle that would run code "
+                       f"or build arbitrary objects): {first}") from e
+    if not isinstance(sd, dict):
+        raise CLIError(f"{path} does not hold a state dict")
+    return sd
+
+
+def config_from_diffusers(cfg: dict) -> UNetConfig:
+    """UNetConfig from a diffusers UNet2DModel config.json; refuses what this UNet does not implement."""
+    unsupported = {"time_embedding_type": "positional", "center_input_sample": False, "act_fn": "silu",
+                   "mid_block_scale_factor": 1, "resnet_time_scale_shift": "default", "class_embed_type": None,
+                   "num_class_embeds": None, "add_attention": True, "time_embedding_dim": None,
+                   "downsample_type": "conv", "upsample_type": "conv"}
+    for key, ok in unsupported.items():
+        if cfg.get(key, ok) != ok:
+            raise CLIError(f"config.json: {key}={cfg[key]!r} is not supported (this UNet implements {ok!r})")
+    down = cfg.get("down_block_types", [])
+    up = cfg.get("up_block_types", [])
+    levels = tuple(i for i, name in enumerate(down) if name.startswith("Attn"))
+    if tuple(len(up) - 1 - i for i, name in enumerate(up) if name.startswith("Attn"))[::-1] != levels:
+        raise CLIError("config.json: attention must sit at the same levels in down_block_types and up_block_types")
+    chs = tuple(cfg.get("block_out_channels", ()))
+    head = cfg.get("attention_head_dim")
+    if levels and head is not None and any(head != chs[i] for i in levels):
+        raise CLIError("config.json: only single-head attention (attention_head_dim null) is supported")
+    sample_size = cfg.get("sample_size", 32)
+    return UNetConfig(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
+                      sample_size=sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size,
+                      block_out_channels=chs, layers_per_block=cfg.get("layers_per_block", 2),
+                      attention_levels=levels, norm_groups=cfg.get("norm_num_groups", 32),
+                      norm_eps=cfg.get("norm_eps", 1e-5), dropout=cfg.get("dropout", 0.0),
+                      freq_shift=cfg.get("freq_shift", 0), flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+                      downsample_padding=cfg.get("downsample_padding", 1))
+
+
+def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Tensor]:
+    """Explicit key map, diffusers -> ours: names are the same except
+        attentions.*.{query,key,value,proj_attn}  -> {to_q,to_k,to_v,to_out}   (old generation)
+        attentions.*.to_out.0                     -> to_out                    (current generation)
+    and [C, C, 1, 1] attention projections (1x1 convolutions in old conversions) become [C, C].
+    Every tensor's shape is checked; the first missing, unexpected or mis-shaped key is an error."""
+    ours = model.state_dict()
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")  # e.g. mid_block.attentions.0.query.weight
+        if "attentions" in parts:
+            parts[-2:-1] = _OLD_ATTENTION_NAMES.get(parts[-2], parts[-2]).split(".")
+            if parts[-3:-1] == ["to_out", "0"]:
+                del parts[-2]
+            if value.dim() == 4 and value.shape[2:] == (1, 1):
+                value = value[:, :, 0, 0]
+        new = ".".join(parts)
+        if new not in ours:
+            raise CLIError(f"unexpected key in pretrained weights: {key}")
+        if value.shape != ours[new].shape:
+            raise CLIError(f"shape mismatch for {key}: file has {tuple(value.shape)}, model expects {tuple(ours[new].shape)}")
+        out[new] = value.float()
+    missing = [k for k in ours if k not in out]
+    if missing:
+        raise CLIError(f"pretrained weights lack key {missing[0]} ({len(missing)} missing in all)")
+    return out
+
+
+def download_pretrained(folder: Path) -> None:
+    """Fetch config.json and the safetensors weights from the Hugging Face Hub into `folder`."""
+    for name in ("config.json", WEIGHT_FILES[0]):
+        if (folder / name).is_file():
+            continue
+        print(f"downloading {HF_URL.format(name)} -> {folder / name}", flush=True)
+        try:
+            with urllib.request.urlopen(HF_URL.format(name), timeout=30) as r, common.atomic_path(folder / name) as tmp:
+                tmp.write_bytes(r.read())
+        except OSError as e:  # URLError, timeouts, refused connections
+            raise CLIError(
+                f"no pretrained weights at {folder} and the download failed ({getattr(e, 'reason', e)}): fetch "
+                f"config.json and {WEIGHT_FILES[0]} from https://huggingface.co/{HF_REPO}/tree/main "
+                f"into {folder}/ (or pass --pretrained PATH)") from e
+
+
+def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True) -> UNet:
+    """UNet from a diffusers checkpoint: a folder with config.json and
+    diffusion_pytorch_model.{safetensors,bin}, or a lone weights file (implying the
+    cifar10-32 config). A missing folder is downloaded into when `download` is set."""
+    path = Path(path)
+    if not path.exists() and path.suffix not in (".bin", ".safetensors") and download:
+        download_pretrained(path)
+    if path.is_dir():
+        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            if download:
+                download_pretrained(path)
+                weights = path / WEIGHT_FILES[0]
+            else:
+                raise CLIError(f"{path} holds neither {WEIGHT_FILES[0]} nor {WEIGHT_FILES[1]}")
+        cfg_file = path / "config.json"
+        try:
+            config = config_from_diffusers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else UNetConfig()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CLIError(f"{cfg_file} is not valid JSON ({e})") from e
+    elif path.is_file():
+        weights, config = path, UNetConfig()
+    else:
+        raise CLIError(f"pretrained weights not found: {path} (expected a folder with config.json and "
+                       f"{WEIGHT_FILES[0]}, or that file alone)")
+    model = UNet(config)
+    model.load_state_dict(convert_diffusers_state_dict(read_weights(weights), model))
+    return model
+
+
+# --------------------------------------------------------------------------- training: `main.py ddpm`
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("ddpm", help="fine-tune google/ddpm-cifar10-32 (--finetune) or train a DDPM from scratch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--finetune", action="store_true", help="start from the pretrained CIFAR-10 UNet")
+    p.add_argument("--pretrained", type=Path, default=DEFAULT_PRETRAINED,
+                   help="diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin) or a weights file; "
+                        "downloaded from the Hugging Face Hub when missing")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="cifar10", help="UNet size when training from scratch")
+    p.add_argument("--data", type=Path, required=True, help="folder searched recursively for images")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
+    p.add_argument("--class", dest="class_name", default=None, help="train on one class folder only, e.g. infiltration")
+    p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the model's, 32)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in total")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up, in steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
+    p.add_argument("--num-samples", type=int, default=16, help="images in the per-epoch sample grid")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the per-epoch sample grid")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU, or CUDA with bf16 support)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    p.set_defaults(func=cmd_train)
+
+
+def _check_args(args) -> None:
+    for name in ("epochs", "batch_size", "num_samples", "sample_steps"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CLIError("--max-steps must be at least 1")
+    if not args.lr > 0 or args.warmup < 0 or args.grad_clip < 0:
+        raise CLIError("--lr must be positive, --warmup and --grad-clip not negative")
+    if not 0 <= args.ema_decay < 1:
+        raise CLIError("--ema-decay must be in [0, 1)")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast where it is supported (CPU, CUDA with bf16), else a no-op context."""
+    ok = enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
+
+
+def cmd_train(args) -> None:
+    """Fine-tune or train with DDPM Alg. 1 through common.train_loop (which owns data order,
+    logging, checkpoints, --resume, Ctrl-C and NaN handling)."""
+    import data
+
+    _check_args(args)
+    info = common.setup_distributed(args.device)
+    try:
+        device = info.device
+        common.seed_everything(args.seed)
+        if not args.resume and (args.out / "checkpoint.pt").exists():
+            raise CLIError(f"{args.out / 'checkpoint.pt'} exists: pass --resume to continue it, or choose another --out")
+        resumed = common.load_checkpoint(args.out / "checkpoint.pt") if args.resume else None
+        if resumed is not None:
+            if resumed.get("kind") != "ddpm":
+                raise CLIError(f"{args.out / 'checkpoint.pt'} is not a DDPM checkpoint")
+            model = UNet(UNetConfig(**resumed["config"]))
+        elif args.finetune:
+            model = load_pretrained(args.pretrained)
+        else:
+            model = UNet(PRESETS[args.preset])
+        cfg = model.config
+        size = args.image_size or (resumed or {}).get("image_size") or cfg.sample_size
+        if size < 8 or size % 2 ** (len(cfg.block_out_channels) - 1):
+            raise CLIError(f"--image-size {size} must be divisible by {2 ** (len(cfg.block_out_channels) - 1)}")
+        images = data.load_folder(args.data, size, args.class_name).images  # (N, S, S) uint8, decoded once
+        if len(images) < args.batch_size * info.world_size:
+            raise CLIError(f"{len(images)} images under {args.data} but the batch needs {args.batch_size * info.world_size}"
+                           " (lower --batch-size)")
+
+        model.to(device)
+        diffusion = GaussianDiffusion(**(resumed["diffusion"] if resumed else {})).to(device)
+        ema = common.EMA(model, args.ema_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+        start_step = 0
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            ema.load_state_dict(resumed["ema"])
+            opt.load_state_dict(resumed["optimizer"])
+            start_step = resumed["step"]
+            common.set_rng_state(resumed["rng"])
+        if info.rank:  # other ranks draw other t and noise (DDP already shares the weights)
+            torch.manual_seed(args.seed * 7919 + info.rank * 1_000_003 + start_step)
+        net = common.wrap_ddp(model, info)
+        net = torch.compile(net) if args.compile else net
+        step = start_step
+
+        def step_fn(batch: torch.Tensor) -> dict:
+            nonlocal step
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x0 = data.to_rgb_range(batch).to(device, non_blocking=True)  # (B, S, S) uint8 -> (B, 3, S, S) in [-1, 1]
+            with autocast(device, args.amp):
+                loss = diffusion.training_loss(net, x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            opt.step()
+            ema.update(model)
+            step += 1
+            return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+
+        def state_fn() -> dict:
+            return {"kind": "ddpm", "config": asdict(cfg), "diffusion": diffusion.config(), "image_size": size,
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
+
+        # fixed noise, own generator: the grids of successive epochs are comparable and the training RNG is untouched
+        x_T = torch.randn((args.num_samples, cfg.in_channels, size, size), generator=torch.Generator().manual_seed(args.seed))
+
+        def on_epoch_end(epoch: int) -> None:
+            images = diffusion.sample(ema.model, x_T.shape, "ddim", args.sample_steps, x_T=x_T.to(device), progress=False)
+            common.save_image_grid(images, args.out / f"samples_epoch{epoch + 1:03d}.png")
+
+        loop = common.LoopConfig(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
+                                 seed=args.seed, out=args.out)
+        final = common.train_loop(images, step_fn, state_fn, loop, info, start_step, on_epoch_end,
+                                  log_fields=("loss", "grad_norm", "lr"))
+        if info.is_main:
+            print(f"trained to step {final}; checkpoint {args.out / 'checkpoint.pt'}")
+    finally:
+        common.cleanup_distributed()
+
+
+# --------------------------------------------------------------------------- sampling: `main.py sample`
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[UNet, GaussianDiffusion, int]:
+    """The UNet (EMA weights when present), its diffusion and image size from a checkpoint of cmd_train."""
+    try:
+        model = UNet(UNetConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+        diffusion = GaussianDiffusion(**ckpt.get("diffusion", {}))
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise CLIError(f"malformed DDPM checkpoint: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return model.to(device).eval(), diffusion.to(device), ckpt.get("image_size", model.config.sample_size)
+
+
+def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.device, sampler: str = "ddpm",
+             steps: int | None = None, eta: float = 0.0, amp: bool = False, compile: bool = False) -> torch.Tensor:
+    """n images (n, 3, H, W) in [-1, 1] from a checkpoint, deterministic for a seed.
+    amp: bf16 autocast for the network (the sampler's arithmetic stays float32);
+    compile: torch.compile the network once, worth it for thousands of images."""
+    unet, diffusion, size = model_from_checkpoint(ckpt, device)
+    if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
+        raise CLIError(f"--steps must be in 1..{diffusion.num_timesteps}")
+    net = torch.compile(unet) if compile else unet
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            return net(x, t).float()
+
+    generator = torch.Generator(device).manual_seed(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        shape = (min(batch_size, n - start), unet.config.in_channels, size, size)
+        out.append(diffusion.sample(model, shape, sampler, steps, eta, generator=generator).cpu())
+    return torch.cat(out)

@@ -1,0 +1,630 @@
+"""FID, Inception Score and KID, computed the way the standard tools compute them,
+plus a chest X-ray feature distance that needs no ImageNet weights.
+
+- FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to the
+  2048-d pool features of the TensorFlow Inception-v3 of 2015.
+- IS (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) over the 1008-way
+  softmax of the same network, the fc layer applied without its bias.
+- KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic kernel
+  k(x, y) = (x.y / d + 1)^3 on the same features, averaged over subsets.
+
+The network is the port pytorch-fid uses (`pt_inception-2015-12-05-6726825d.pth`):
+torchvision's Inception-v3 layout with 1008 classes and four patched block
+kinds, written out here so the weights load by their own key names. Checked
+against pytorch-fid 0.3.0 (features, FID) and torch-fidelity 0.4.0 (IS, KID)
+in tests/test_fid.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+from common import CLIError, atomic_path, pick_device
+
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+WEIGHTS_SHA256_PREFIX = "6726825d"  # torch-hub convention: the file name carries its hash
+FID_MIN_IMAGES = 2048  # below the feature dimension the covariance is singular and FID is biased
+INPUT_SIZE = 299
+IS_SEED = KID_SEED = 2020  # torch-fidelity's rng_seed, so our IS and KID draw the same subsets
+
+
+class InceptionWeightsMissing(CLIError):
+    """The FID Inception weights are not on disk and could not be downloaded.
+    Callers may catch this to fall back to KID on classifier features."""
+
+
+# --------------------------------------------------------------------------- the FID Inception-v3
+
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> BatchNorm (eps 1e-3, TensorFlow's) -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, **conv_kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, bias=False, **conv_kwargs)
+        self.bn: nn.Module = nn.BatchNorm2d(c_out, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        """Fold the inference-time BatchNorm into the conv: w' = w g/s, b' = beta - mean g/s,
+        s = sqrt(var + eps). One pass over the activations instead of two."""
+        bn, conv = self.bn, self.conv
+        scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()  # (C_out,)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
+        fused.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+        fused.bias.copy_(bn.bias.double() - bn.running_mean.double() * scale)
+        self.conv, self.bn = fused, nn.Identity()
+
+
+class FIDInceptionA(nn.Module):
+    """Mixed_5b/5c/5d (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+
+    def __init__(self, c_in: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        # Patch: TensorFlow's average pool leaves the zero padding out of the average.
+        bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([b1, b5, b3, bp], 1)  # (B, 224 + pool_features, 35, 35)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a, grid reduction 35x35 -> 17x17 (unpatched)."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3(x)
+        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([b3, bd, F.max_pool2d(x, 3, stride=2)], 1)  # (B, 768, 17, 17)
+
+
+class FIDInceptionC(nn.Module):
+    """Mixed_6b..6e (17x17): factorised 7x7 convolutions as 1x7 and 7x1."""
+
+    def __init__(self, c_in: int, c7: int):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+            bd = conv(bd)
+        # Patch: TensorFlow's average pool leaves the zero padding out of the average.
+        bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([b1, b7, bd, bp], 1)  # (B, 768, 17, 17)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a, grid reduction 17x17 -> 8x8 (unpatched)."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)  # (B, 1280, 8, 8)
+
+
+class FIDInceptionE(nn.Module):
+    """Mixed_7b (pytorch-fid's FIDInceptionE_1) and Mixed_7c (FIDInceptionE_2), 8x8,
+    with the 3x3 convolutions split into parallel 1x3 and 3x1."""
+
+    def __init__(self, c_in: int, max_pool: bool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(c_in, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        if self.max_pool:
+            # Patch: the TF graph's last block max-pools here (the paper says average);
+            # FID numbers everywhere are computed with this quirk.
+            pooled = F.max_pool2d(x, 3, stride=1, padding=1)
+        else:
+            # Patch: TensorFlow's average pool leaves the zero padding out of the average.
+            pooled = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return torch.cat([b1, b3, bd, self.branch_pool(pooled)], 1)  # (B, 2048, 8, 8)
+
+
+class FIDInceptionV3(nn.Module):
+    """Images in [0, 1] -> (2048-d pool features, 1008 logits without the fc bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, c7=128)
+        self.Mixed_6c = FIDInceptionC(768, c7=160)
+        self.Mixed_6d = FIDInceptionC(768, c7=160)
+        self.Mixed_6e = FIDInceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # 1008 = the 1000 ImageNet classes + 8 unused TF outputs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 1 or 3, H, W) in [0, 1], any H and W."""
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):  # resizing 299 -> 299 is the identity
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        x = 2 * x - 1  # [0, 1] -> [-1, 1], the range the TF graph was trained on
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grey -> RGB after the resize: 3x cheaper, same values
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)  # -> (B, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))  # (B, 2048): the FID / KID features
+        logits = pool @ self.fc.weight.T  # (B, 1008): no bias, as torch-fidelity's IS
+        return pool, logits
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def default_weights_path() -> Path:
+    return Path(__file__).resolve().parent / "models" / WEIGHTS_FILE
+
+
+def _download(url: str, path: Path) -> None:
+    """Fetch url to path atomically; check the hash the file name promises."""
+    print(f"downloading {url} -> {path}", file=sys.stderr)
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as r, atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+        if not h.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
+            raise CLIError(f"downloaded {url} has the wrong sha256 ({h.hexdigest()[:8]}...), not saved")
+
+
+def resolve_weights(path: str | os.PathLike | None) -> Path:
+    """An explicit path must exist; the default one is downloaded when absent."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InceptionWeightsMissing(f"Inception weights not found: {path} (download {WEIGHTS_URL})")
+        return path
+    path = default_weights_path()
+    if not path.is_file():
+        try:
+            _download(WEIGHTS_URL, path)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            raise InceptionWeightsMissing(
+                f"cannot download the FID Inception weights ({getattr(e, 'reason', e)}); fetch {WEIGHTS_URL} "
+                f"and put {WEIGHTS_FILE} at {path}, or pass --inception-weights PATH") from e
+    return path
+
+
+def load_inception(path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> FIDInceptionV3:
+    """Build the network, load the weights key by key with a shape check, fold each
+    BatchNorm into its conv for inference, and move it to `device` in channels_last."""
+    path = resolve_weights(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a pickle, truncated, or a pickle with code in it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"cannot read Inception weights {path}: {first}") from e
+    if not isinstance(state, dict):
+        raise CLIError(f"{path} is not a state dict")
+    model = FIDInceptionV3()
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    theirs = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for key, ref in ours.items():
+        if key not in theirs:
+            raise CLIError(f"{path} is not the FID Inception: key {key!r} is missing")
+        if not torch.is_tensor(theirs[key]) or theirs[key].shape != ref.shape:
+            got = tuple(theirs[key].shape) if torch.is_tensor(theirs[key]) else type(theirs[key]).__name__
+            raise CLIError(f"{path}: {key} has shape {got}, expected {tuple(ref.shape)}")
+    extra = sorted(set(theirs) - set(ours))
+    if extra:
+        raise CLIError(f"{path} is not the FID Inception: unexpected key {extra[0]!r}")
+    model.load_state_dict({k: theirs[k].float() for k in ours}, strict=False)
+    for m in model.modules():
+        if isinstance(m, BasicConv2d):
+            m.fuse_()
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _as_unit_batch(images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+    """uint8 (H, W) arrays, or a tensor, -> float (B, C, H, W) in [0, 1], C = 1 or 3.
+    Arrays of different sizes are each resized to 299 from their own resolution
+    (what resizing them in one batch would do, had they one size)."""
+    if torch.is_tensor(images):
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return x.unsqueeze(1) if x.dim() == 3 else x  # (B, H, W) -> (B, 1, H, W)
+    if len({a.shape for a in images}) == 1:
+        return torch.from_numpy(np.stack(images))[:, None].float() / 255  # (B, 1, H, W)
+    return torch.cat([F.interpolate(torch.from_numpy(a)[None, None].float() / 255, size=(INPUT_SIZE, INPUT_SIZE),
+                                    mode="bilinear", align_corners=False) for a in images])  # (B, 1, 299, 299)
+
+
+@torch.inference_mode()
+def extract(model: FIDInceptionV3, images, batch_size: int = 50, progress: bool = True,
+            desc: str = "inception") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Pool features (N, 2048) and bias-free logits (N, 1008), float64, of
+    - a folder (searched recursively, images at their stored resolution), or
+    - a tensor: uint8 (N, H, W) / (N, C, H, W) in 0..255, or float (N, C, H, W) in [0, 1].
+    Returns (features, logits, skipped paths)."""
+    import data
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    skipped: list[str] = []
+    if torch.is_tensor(images):
+        n, load = images.shape[0], (lambda i, j: images[i:j])
+    else:
+        files = data.list_images(images)
+        n = len(files)
+
+        def load(i, j):
+            batch = []
+            for p in files[i:j]:
+                try:
+                    batch.append(data.load_grey(p))
+                except data.UnreadableImage as e:
+                    warnings.warn(f"skipping unreadable image {e}", stacklevel=3)
+                    skipped.append(str(p))
+            return batch
+
+    feats, logits = [], []
+    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
+        batch = load(i, i + batch_size)
+        if len(batch) == 0:
+            continue
+        f, l = model(_as_unit_batch(batch).to(device))
+        feats.append(f.double().cpu())
+        logits.append(l.double().cpu())
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) under {images}", file=sys.stderr)
+    if not feats:
+        raise CLIError(f"none of the {n} image(s) under {images} could be read")
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy(), skipped
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mu (D,) and sigma (D, D) as pytorch-fid computes them (np.cov, rowvar False)."""
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _stats_cache_file(folder: Path, weights: Path) -> Path:
+    import data
+
+    h = hashlib.sha256(b"fid-stats v1")
+    st = weights.stat()
+    h.update(f"{weights.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # other weights, other stats
+    for p in data.list_images(folder):
+        s = p.stat()
+        h.update(f"{p.resolve()}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+    return data.default_cache_dir() / "fid" / f"{h.hexdigest()[:20]}.npz"
+
+
+def load_stats(path: str | os.PathLike) -> dict:
+    """An .npz of statistics: pytorch-fid's (mu, sigma) or ours (plus features, logits)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read statistics {path}: {e}") from e
+    if "mu" not in out or "sigma" not in out:
+        raise CLIError(f"{path} has no 'mu' and 'sigma' arrays (keys: {', '.join(out) or 'none'})")
+    if out["mu"].ndim != 1 or out["sigma"].shape != (out["mu"].size,) * 2:
+        raise CLIError(f"{path}: mu {out['mu'].shape} and sigma {out['sigma'].shape} do not match")
+    out.setdefault("n", np.asarray(out["features"].shape[0] if "features" in out else -1))
+    return out
+
+
+def _is_npz(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz")
+
+
+def _check_count(n: int, name) -> None:
+    if n < 2:
+        raise CLIError(f"{name}: {n} image(s); FID and KID need at least 2 per side (and 2,048 for a reliable FID)")
+
+
+def embed(source, model: FIDInceptionV3, weights: Path, batch_size: int = 50, progress: bool = True) -> dict:
+    """Statistics (and, where available, features and logits) of a folder, an .npz,
+    or a tensor. A folder's result is cached, keyed by its contents and the weights."""
+    if _is_npz(source):
+        return load_stats(source)
+    if torch.is_tensor(source):
+        _check_count(source.shape[0], "image tensor")
+        f, l, _ = extract(model, source, batch_size, progress)
+        mu, sigma = statistics(f)
+        return dict(mu=mu, sigma=sigma, features=f, logits=l, n=np.asarray(len(f)))
+    path = Path(source)
+    cache = _stats_cache_file(path, weights)
+    if cache.is_file():
+        try:
+            return load_stats(cache)
+        except CLIError:
+            pass  # a damaged cache is rebuilt
+    f, l, skipped = extract(model, path, batch_size, progress, desc=f"inception {path.name}")
+    _check_count(len(f), path)
+    mu, sigma = statistics(f)
+    out = dict(mu=mu, sigma=sigma, features=f.astype(np.float32), logits=l.astype(np.float32), n=np.asarray(len(f)))
+    if not skipped:  # a folder with unreadable files is re-examined next time
+        try:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **out)
+        except OSError:
+            pass  # a read-only cache only costs time
+    return out
+
+
+# --------------------------------------------------------------------------- the metrics
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """d^2 = |mu1 - mu2|^2 + Tr(s1) + Tr(s2) - 2 Tr(sqrtm(s1 s2))  (Heusel et al. 2017, Dowson & Landau 1982).
+
+    Safeguards as pytorch-fid: a non-finite sqrtm retries with eps*I added to both
+    covariances; a complex root with a diagonal imaginary part above 1e-3 is an error."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise CLIError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonal", stacklevel=2)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise CLIError(f"FID: sqrtm has an imaginary component {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(scores: np.ndarray, splits: int = 10, *, are_probs: bool = False,
+                    seed: int = IS_SEED) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split (Salimans et al. 2016), (mean, std) over splits.
+    `scores` are logits (N, K), or probabilities with are_probs=True. Like torch-fidelity,
+    the rows are shuffled with RandomState(seed) before splitting."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = scores.shape[0]
+    splits = max(1, min(splits, n))
+    scores = scores[np.random.RandomState(seed).permutation(n)]
+    if are_probs:
+        log_p = np.log(np.clip(scores, 1e-300, None))
+    else:
+        log_p = scores - scores.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))  # log softmax
+    p = np.exp(log_p)
+    out = []
+    for i in range(splits):
+        part = slice(i * n // splits, (i + 1) * n // splits)
+        p_y = p[part].mean(axis=0, keepdims=True)  # marginal p(y) of the split
+        kl = (p[part] * (log_p[part] - np.log(p_y))).sum(axis=1)  # KL(p(y|x) || p(y)) per image
+        out.append(np.exp(kl.mean()))
+    return float(np.mean(out)), float(np.std(out))
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """k(x, y) = (x.y / d + 1)^3, the KID kernel (Binkowski et al. 2018, Sec. 3)."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 of two equal-size samples (Gretton et al. 2012, Eq. 3): the
+    within-set means leave out the diagonal k(x_i, x_i)."""
+    m = x.shape[0]
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = KID_SEED) -> tuple[float, float, int]:
+    """KID: mean and std of the unbiased MMD^2 over `subsets` random subsets, each drawn
+    without replacement from each set (torch-fidelity's procedure and seed). The subset
+    size is clipped to the smaller set. Returns (mean, std, subset size used)."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise CLIError(f"KID needs at least 2 images per side (got {len(f1)} and {len(f2)})")
+    rng = np.random.RandomState(seed)
+    mmds = [mmd2_unbiased(f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)])
+            for _ in range(subsets)]
+    return float(np.mean(mmds)), float(np.std(mmds)), m
+
+
+def _warn_few(n_real: int, n_fake: int, what: str = "FID") -> None:
+    if min(n_real, n_fake) < FID_MIN_IMAGES:
+        warnings.warn(f"{what} from {n_real} real and {n_fake} fake images: below {FID_MIN_IMAGES} per side "
+                      f"the covariance is singular and {what} is biased upwards; compare only at equal counts "
+                      f"and prefer KID", stacklevel=3)
+
+
+def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 50, progress: bool = True) -> dict:
+    """FID, KID and IS (of `fake`) with the FID Inception. real/fake: folders, .npz
+    statistics, or uint8 tensors (N, H, W). Values that need features an .npz lacks are None."""
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    if batch_size < 1:
+        raise CLIError("--batch-size must be at least 1")
+    weights = model = None
+    if not (_is_npz(real) and _is_npz(fake)):  # two .npz files need no network
+        weights = resolve_weights(inception_weights)
+        model = load_inception(weights, device)
+    r = embed(real, model, weights, batch_size, progress)
+    f = embed(fake, model, weights, batch_size, progress)
+    n_real, n_fake = (int(s["n"]) if int(s["n"]) >= 0 else None for s in (r, f))  # None: an .npz that does not say
+    _warn_few(n_real or FID_MIN_IMAGES, n_fake or FID_MIN_IMAGES)
+    out = dict(fid=frechet_distance(r["mu"], r["sigma"], f["mu"], f["sigma"]), kid_mean=None, kid_std=None,
+               kid_subset_size=None, is_mean=None, is_std=None, n_real=n_real, n_fake=n_fake)
+    if "features" in r and "features" in f:
+        out["kid_mean"], out["kid_std"], out["kid_subset_size"] = kid(r["features"], f["features"])
+    if "logits" in f:
+        out["is_mean"], out["is_std"] = inception_score(f["logits"])
+    return out
+
+
+# --------------------------------------------------------------------------- a chest X-ray feature distance
+
+
+def feature_distance(f_real: np.ndarray, f_fake: np.ndarray) -> dict:
+    """Frechet distance and KID on any features (N, D). The same formulas as FID and
+    KID, so the same caveats about sample counts; the values live on another scale."""
+    if min(len(f_real), len(f_fake)) < 2:
+        raise CLIError(f"need at least 2 images per side (got {len(f_real)} and {len(f_fake)})")
+    mu1, s1 = statistics(np.asarray(f_real, np.float64))
+    mu2, s2 = statistics(np.asarray(f_fake, np.float64))
+    k_mean, k_std, m = kid(f_real, f_fake)
+    return dict(cxr_fd=frechet_distance(mu1, s1, mu2, s2), cxr_kid_mean=k_mean, cxr_kid_std=k_std,
+                cxr_kid_subset_size=m, cxr_n_real=len(f_real), cxr_n_fake=len(f_fake), cxr_dim=int(f_real.shape[1]))
+
+
+def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None, size: int | None = None,
+                                progress: bool = True) -> dict:
+    """Frechet distance and KID on the penultimate features of our chest X-ray
+    classifier (classify.py, trained on real data): features that see X-ray anatomy
+    rather than ImageNet objects, and no ImageNet weights needed. NOT comparable with FID.
+
+    real/fake: folders or uint8 tensors (N, S, S). features_fn(uint8 (N, S, S)) -> (N, D)
+    replaces the classifier (a seam for tests); then `size` must be given."""
+    import data
+
+    if features_fn is None:
+        import classify
+
+        model, config = classify.load_classifier(classifier_path)
+        size = size or int(config.get("size") or config.get("image_size"))
+        features_fn = lambda u8: classify.embed(model, u8, size)  # noqa: E731
+
+    def u8(source):
+        if torch.is_tensor(source):
+            return source
+        return data.load_folder(source, size, progress=progress).images  # (N, S, S), centre-cropped
+
+    return feature_distance(np.asarray(features_fn(u8(real)), np.float64),
+                            np.asarray(features_fn(u8(fake)), np.float64))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cmd_fid(args) -> None:
+    for p in (args.real, args.fake):
+        if not Path(p).exists():
+            raise CLIError(f"not found: {p}")
+    try:
+        res = evaluate(args.real, args.fake, args.inception_weights, args.device, args.batch_size)
+    except InceptionWeightsMissing as e:
+        if args.classifier is None:
+            raise
+        print(f"warning: {e}; reporting the classifier feature distance only", file=sys.stderr)
+        res = dict(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None, n_real=None, n_fake=None)
+    if res["fid"] is not None:
+        print(f"FID  {res['fid']:.4f}   (n_real={res['n_real']}, n_fake={res['n_fake']})")
+        if res["kid_mean"] is not None:
+            print(f"KID  {res['kid_mean']:.6f} +- {res['kid_std']:.6f}   (100 subsets of {res['kid_subset_size']})")
+        else:
+            print("KID  n/a (an .npz without features)")
+    if res["is_mean"] is not None:
+        print(f"IS   {res['is_mean']:.4f} +- {res['is_std']:.4f}   (FAKE, 10 splits)")
+    if args.classifier is not None:
+        res.update(classifier_feature_distance(args.real, args.fake, args.classifier))
+        if res["n_real"] is None:
+            res["n_real"], res["n_fake"] = res["cxr_n_real"], res["cxr_n_fake"]
+        print(f"chest X-ray classifier features (not comparable with FID): FD {res['cxr_fd']:.4f}, "
+              f"KID {res['cxr_kid_mean']:.6f} +- {res['cxr_kid_std']:.6f}")
+    if args.json:
+        print(json.dumps(res))
+
+
+def add_commands(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("fid", help="FID, KID and Inception Score of FAKE against REAL",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="REAL and FAKE are image folders (searched recursively) or .npz statistics "
+                                   "(pytorch-fid's format: mu, sigma). Folder statistics are cached.")
+    p.add_argument("real", help="folder of real images, or .npz statistics")
+    p.add_argument("fake", help="folder of generated images, or .npz statistics")
+    p.add_argument("--inception-weights", type=Path, default=None,
+                   help=f"{WEIGHTS_FILE} (default: models/, downloaded when absent)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    p.add_argument("--classifier", type=Path, default=None,
+                   help="classifier checkpoint: also report the Frechet distance and KID on its features")
+    p.set_defaults(func=cmd_fid)
