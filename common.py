@@ -171,7 +171,12 @@ class CSVLog:
 
 class EMA:
     """Exponential moving average of a model's weights (Polyak averaging), the
-    weights DDPM samples with: shadow <- decay * shadow + (1 - decay) * param."""
+    weights DDPM samples with: shadow <- decay * shadow + (1 - decay) * param.
+
+    With `step`, the decay warms up as min(decay, (1 + step) / (10 + step)), the
+    num_updates rule of TensorFlow's ExponentialMovingAverage: early on the
+    average follows the weights closely instead of clinging to the random
+    initialisation (at a fixed 0.999, 150 steps leave it 86% initialisation)."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         import copy
@@ -180,9 +185,10 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
+            e.lerp_(p.detach(), 1.0 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 

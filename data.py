@@ -600,27 +600,18 @@ def write_phantoms(n: int, out: str | os.PathLike, size: int = 256, seed: int = 
 # --------------------------------------------------------------------------- the `extract` command
 
 
-def _positive(name: str):
+def _int_at_least(name: str, minimum: int):
+    """An argparse type: a whole number >= minimum, with a message naming the option."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
         return value
     parse.__name__ = name  # argparse names the type in its messages
     return parse
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {value}")
-    return value
 
 
 def add_commands(sub) -> None:
@@ -636,20 +627,20 @@ def add_commands(sub) -> None:
     p.add_argument("--images", type=Path, metavar="DIR",
                    help="image root, searched recursively (images_001/images/*.png ...); optional with --dry-run")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (optional with --dry-run)")
-    p.add_argument("--per-class", type=_positive("--per-class"), default=None, metavar="N",
+    p.add_argument("--per-class", type=_int_at_least("--per-class", 1), default=None, metavar="N",
                    help="at most N images per class, spread 70/10/20 over the splits (None: all that balance allows)")
-    p.add_argument("--seed", type=_non_negative, default=0, metavar="S", help="seed of the patient split and the balancing sample")
-    p.add_argument("--size", type=_positive("--size"), default=256, metavar="N", help="output images are SIZE x SIZE, 8-bit grey")
+    p.add_argument("--seed", type=_int_at_least("--seed", 0), default=0, metavar="S", help="seed of the patient split and the balancing sample")
+    p.add_argument("--size", type=_int_at_least("--size", 1), default=256, metavar="N", help="output images are SIZE x SIZE, 8-bit grey")
     p.add_argument("--infiltration-only", action="store_true",
                    help="infiltration = Infiltration as the only label, instead of anywhere among the labels")
     p.add_argument("--official-test-list", type=Path, default=None, metavar="FILE",
                    help="NIH test_list.txt: these images form the test split; the rest is split 70:10 by patient")
     p.add_argument("--dry-run", action="store_true", help="select and split from the CSV alone (and --images, if given, to drop files not on disk); write nothing")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    p.add_argument("--phantoms", type=_positive("--phantoms"), default=None, metavar="N",
+    p.add_argument("--phantoms", type=_int_at_least("--phantoms", 1), default=None, metavar="N",
                    help="write N synthetic phantoms in total, split evenly between the two classes "
                         "(odd N: one more no_finding) instead of reading NIH data")
-    p.add_argument("--workers", type=_positive("--workers"), default=2, metavar="N", help="processes that decode and resize")
+    p.add_argument("--workers", type=_int_at_least("--workers", 1), default=2, metavar="N", help="processes that decode and resize")
     p.set_defaults(func=cmd_extract)
 
 

@@ -587,7 +587,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up, in steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights used for sampling; warms up as min(decay, (1+step)/(10+step))")
     p.add_argument("--num-samples", type=int, default=16, help="images in the per-epoch sample grid")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the per-epoch sample grid")
     p.add_argument("--seed", type=int, default=0)
@@ -675,7 +675,7 @@ def cmd_train(args) -> None:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             opt.step()
-            ema.update(model)
+            ema.update(model, step)  # decay warm-up: see common.EMA
             step += 1
             return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
 
