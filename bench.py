@@ -303,6 +303,7 @@ def finetune_step_memory(device_name: str, amp: bool) -> dict:
     """One fine-tuning step at batch 32; run in a fresh process so the peak is its own."""
     import resource
 
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch imported, no model yet
     import ddpm
 
     device = common.pick_device(device_name)
@@ -310,7 +311,6 @@ def finetune_step_memory(device_name: str, amp: bool) -> dict:
     diffusion = ddpm.GaussianDiffusion().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     x0 = torch.rand(32, 3, 32, 32, device=device) * 2 - 1
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
@@ -338,7 +338,7 @@ def bench_memory(device, args, rows: list[Row]) -> dict:
     probe = json.loads(res.stdout.strip().splitlines()[-1])
     key = "peak_allocated_mib" if "peak_allocated_mib" in probe else "peak_rss_mib"
     rows.append(Row(f"peak memory, fine-tuning step batch 32 ({'GPU allocated' if key != 'peak_rss_mib' else 'RSS'})",
-                    probe[key], None, "MiB", f"process RSS before the model {probe['rss_before_mib']:.0f} MiB", probe))
+                    probe[key], None, "MiB", f"of which {probe['rss_before_mib']:.0f} MiB is Python + torch before the model", probe))
     return probe
 
 

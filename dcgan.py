@@ -410,7 +410,7 @@ def _train(args, info) -> None:
     monitor = CollapseMonitor(window=args.collapse_window, every=100,
                               diversity=lambda: mean_pairwise_distance(fixed_samples()[:64]) / max(real_spread, 1e-8))
     loop = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed,
-                      out=out, keep_epoch_checkpoints=True)
+                      out=out, keep_epoch_checkpoints=not args.no_epoch_checkpoints)
     step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, loop, info,
                       start_step=start, on_epoch_end=on_epoch_end, log_fields=("loss_d", "loss_g", "d_real", "d_fake"),
                       monitor=monitor)
@@ -440,6 +440,8 @@ def add_commands(sub) -> None:
     p.add_argument("--lr-d", type=float, default=1e-4)
     p.add_argument("--g-steps", type=int, default=2, help="generator updates per discriminator update")
     p.add_argument("--num-samples", type=int, default=64, help="fixed-noise samples in each epoch's grid")
+    p.add_argument("--no-epoch-checkpoints", action="store_true",
+                   help="keep only OUT/checkpoint.pt, not a copy per epoch (runs of many tiny epochs)")
     p.add_argument("--collapse-window", type=int, default=200, help="steps D must win for before a warning")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--seed", type=int, default=0)

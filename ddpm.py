@@ -391,6 +391,7 @@ class UNet(nn.Module):
             self.up_blocks.append(Level(resnets, attns, Upsample(c_out) if i > 0 else None, up=True))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+        self.channels_last = True  # speed only, see forward; False gives the plain NCHW path
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """x (B, C, H, W), t int tensor (B,) or scalar -> predicted noise (B, C, H, W)."""
@@ -398,6 +399,10 @@ class UNet(nn.Module):
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0],
                                                      self.config.freq_shift, self.config.flip_sin_to_cos))
+        if self.channels_last:
+            # Speed, not maths: NHWC activations spare oneDNN/cuDNN their layout conversions
+            # (nearest upsampling gets ~10x cheaper on a CPU); outputs agree to ~1e-6.
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -405,7 +410,7 @@ class UNet(nn.Module):
         h = self.mid_block(h, emb)
         for block in self.up_blocks:
             h = block(h, emb, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
 
 
 # --------------------------------------------------------------------------- pretrained weights (diffusers format)

@@ -384,3 +384,23 @@ def test_sampling_with_amp_stays_close_to_fp32(tiny_checkpoint):
     # bf16 keeps ~3 significant digits and x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies
     # the network's error early in the chain: a few percent of the [-1, 1] range on average
     assert low.dtype == torch.float32 and (low - ref).abs().mean().item() < 0.05
+
+
+def test_fast_paths_match_the_plain_path():
+    """channels_last activations and SDPA attention are speed-ups, not new maths."""
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_groups=8)).eval()
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        fast = model(x, t)
+        model.channels_last = False
+        plain = model(x, t)
+        assert (fast - plain).abs().max().item() < 1e-4 and fast.is_contiguous()
+
+        block = model.down_blocks[1].attentions[0]  # attention at the second level (16x16)
+        h = torch.randn(2, 64, 8, 8)
+        seq = block.group_norm(h).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = block.to_q(seq), block.to_k(seq), block.to_v(seq)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(64), dim=-1)  # written out, no SDPA
+        explicit = h + block.to_out(attn @ v).transpose(1, 2).reshape(h.shape)
+        assert (block(h) - explicit).abs().max().item() < 1e-4
