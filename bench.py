@@ -299,11 +299,23 @@ def bench_data(device, args, rows: list[Row], tmp: Path) -> None:
 # --------------------------------------------------------------------------- 6. peak memory (own process)
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss,
+    which a child inherits from the parent that forked it, VmHWM starts afresh at exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not Linux: the portable, less exact figure
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
+
+
 def finetune_step_memory(device_name: str, amp: bool) -> dict:
     """One fine-tuning step at batch 32; run in a fresh process so the peak is its own."""
-    import resource
-
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch imported, no model yet
+    base = _peak_rss_mib()  # Python + torch, no model yet
     import ddpm
 
     device = common.pick_device(device_name)
@@ -321,8 +333,7 @@ def finetune_step_memory(device_name: str, amp: bool) -> dict:
         opt.step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mib": base,
-           "step_s": times[-1]}
+    out = {"peak_rss_mib": _peak_rss_mib(), "rss_before_mib": base, "step_s": times[-1]}
     if device.type == "cuda":
         out["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return out

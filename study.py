@@ -785,6 +785,12 @@ def write_report(cfg: StudyConfig, real: RealData, synth: dict, memo: dict, dist
                  f"{_num(clf.get('fd'), '.4g')} | {_num(clf.get('kid_mean'), '.4g')} |")
     L += ["", "![image distances](distances.png)", "", "## Samples", ""]
     L += [f"![{c}: real and synthetic](samples_{c}.png)" for c in data.CLASSES]
+    # training warnings (the GAN's collapse check) belong next to the pictures they explain
+    warned = [(p.parent.name, line.strip()) for p in sorted((cfg.out / "generators").glob("*/warnings.log"))
+              for line in p.read_text().splitlines() if line.strip()]
+    if warned:
+        L += ["", "Warnings raised while training the generators:", ""]
+        L += [f"- `{name}`: {line}" for name, line in warned]
     L += ["", "## Memorisation", "",
           "For every synthetic image, the distance to its nearest training image: RMS pixel difference at "
           f"{cfg.size} px, and cosine distance between reference-classifier features. Yardstick: the same distance "
