@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import main
+import report
 import study
 from data import make_phantom
 
@@ -80,23 +81,23 @@ def test_bootstrap_auroc_matches_classify_auroc():
     labels = np.array([1] * 30 + [0] * 50)
     scores = rng.normal(size=80) + labels
     scores[:5] = scores[30:35]  # ties across the classes
-    idx = study.bootstrap_indices(labels, 20)
-    boot = study.bootstrap_aurocs(scores, idx, 30)
+    idx = report.bootstrap_indices(labels, 20)
+    boot = report.bootstrap_aurocs(scores, idx, 30)
     for b in range(3):
         assert boot[b] == pytest.approx(classify.auroc(scores[idx[b]], labels[idx[b]]))
     identity = np.arange(80)[None]  # positives first, as bootstrap_indices orders them
-    assert study.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
+    assert report.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
 
 
 def _setting(gen, diff, lo, hi):
-    return study.Setting("aug", gen, 1.0, 1.0, [0, 1, 2], 0.8, 0.7, 0.9, 0.01, 100, 100, diff, lo, hi)
+    return report.Setting("aug", gen, 1.0, 1.0, [0, 1, 2], 0.8, 0.7, 0.9, 0.01, 100, 100, diff, lo, hi)
 
 
 def test_headline_wording_follows_the_intervals():
-    none = study.headline([_setting("ddpm", 0.01, -0.01, 0.03), _setting("gan", -0.002, -0.02, 0.01)])
+    none = report.headline([_setting("ddpm", 0.01, -0.01, 0.03), _setting("gan", -0.002, -0.02, 0.01)])
     assert "+0.010 (95% CI -0.010 to +0.030) for the DDPM" in none and "no clear benefit or harm" in none
     assert none.count(".") - none.count("0.") <= 1  # one sentence
-    good = study.headline([_setting("ddpm", 0.03, 0.01, 0.05), _setting("gan", -0.04, -0.07, -0.01)])
+    good = report.headline([_setting("ddpm", 0.03, 0.01, 0.05), _setting("gan", -0.04, -0.07, -0.01)])
     assert "clear benefit from the DDPM" in good and "clear harm from the GAN" in good
 
 
