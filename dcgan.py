@@ -386,6 +386,8 @@ def _train(args, info) -> None:
         # statistics a single process has at the per-rank batch size.
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G_train, D_train = wrap_ddp(G, info), wrap_ddp(D, info)
+    if args.compile:  # torch.compile the networks the step runs; state dicts still come from G and D
+        G_train, D_train = torch.compile(G_train), torch.compile(D_train)
 
     # Fixed noise for the per-epoch grids and the collapse check: its own generator,
     # so drawing it never moves the training RNG (resume stays bit-exact).
@@ -444,6 +446,7 @@ def add_commands(sub) -> None:
                    help="keep only OUT/checkpoint.pt, not a copy per epoch (runs of many tiny epochs)")
     p.add_argument("--collapse-window", type=int, default=200, help="steps D must win for before a warning")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D (worth it on GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     p.add_argument("--device", default="auto")
