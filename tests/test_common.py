@@ -108,3 +108,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_epoch_order_depends_on_seed_and_epoch_only():
     assert torch.equal(common.epoch_order(7, 1, 2), common.epoch_order(7, 1, 2))
     assert not torch.equal(common.epoch_order(50, 1, 2), common.epoch_order(50, 1, 3))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path):
+    import os
+    import signal
+
+    model = torch.nn.Linear(5, 1)
+    steps = []
+
+    def step(batch):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends, mid-step
+        return {"loss": 1.0}
+
+    cfg = LoopConfig(epochs=10, batch_size=2, seed=0, out=tmp_path)
+    with pytest.raises(CLIError, match="interrupted at step 3"):
+        common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo())
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # the finished step is kept
+    assert len(steps) == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
