@@ -114,7 +114,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle refusing a global, truncated zip, not a checkpoint at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"cannot read checkpoint {path}: {first}") from e
+        raise CLIError(f"cannot read checkpoint {path} ({first}); expected a .pt file written by this project") from e
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:

@@ -690,6 +690,7 @@ def cmd_memorization(a) -> None:
 
     if a.size < 1:
         raise CLIError("--size must be at least 1")
+    data.list_images(a.synthetic)  # a missing or empty --synthetic fails now, before the training set is read
     if (a.train / data.SPLIT_DIRS["train"]).is_dir():  # extract layout: train split vs the test split's patients
         train = data.load_split(a.train, "train", a.size).images
         reference = data.load_split(a.train, "test", a.size).images
