@@ -288,18 +288,6 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
-def resume_checkpoint(out: str | os.PathLike) -> dict:
-    """Load OUT/checkpoint.pt for --resume and restore the RNG state it saved.
-    The caller restores model and optimiser from the returned dict and passes
-    its "step" to train_loop as start_step."""
-    path = Path(out) / "checkpoint.pt"
-    if not path.is_file():
-        raise CLIError(f"--resume: no checkpoint at {path}")
-    ckpt = load_checkpoint(path)
-    set_rng_state(ckpt["rng"])
-    return ckpt
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of an epoch, a pure function of (seed, epoch), so that a
     resumed run sees exactly the batches the uninterrupted run would have."""
@@ -325,6 +313,11 @@ def train_loop(
     model-specific part of the checkpoint; the loop adds step, epoch and RNG
     state. Each rank takes every world_size-th sample of the epoch's order, so
     the global batch is cfg.batch_size * world_size. Returns the final step.
+
+    To resume, the caller loads OUT/checkpoint.pt, builds its networks, restores
+    their and the optimisers' states, then set_rng_state(ckpt["rng"]) (after the
+    networks, whose initialisation would otherwise move the RNG), and passes
+    ckpt["step"] as start_step: the loop skips what that step already covered.
     """
     from tqdm import tqdm  # imported here so that plain imports of common stay light
 
@@ -335,7 +328,7 @@ def train_loop(
         data = data.to(dist_info.device)
     n = data.shape[0]
     per_rank = n // dist_info.world_size
-    steps_per_epoch = max(1, per_rank // cfg.batch_size) if per_rank >= cfg.batch_size else 1
+    steps_per_epoch = max(1, per_rank // cfg.batch_size)  # a set smaller than a batch is one short step
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     log = CSVLog(out / "loss.csv", list(log_fields) + ["images_per_s"], resume_step=start_step) if dist_info.is_main else None
     step = start_step

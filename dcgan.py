@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import (CLIError, LoopConfig, cleanup_distributed, load_checkpoint, resume_checkpoint, save_image_grid,
+from common import (CLIError, LoopConfig, cleanup_distributed, load_checkpoint, save_image_grid, set_rng_state,
                     seed_everything, setup_distributed, train_loop, unwrap, wrap_ddp)
 
 SIZES = (32, 64, 128, 256)
@@ -368,7 +368,8 @@ def _train(args, info) -> None:
     opt_d = torch.optim.Adam(D.parameters(), lr=tcfg.lr_d, betas=tcfg.betas)
     start = 0
     if args.resume:
-        ckpt = resume_checkpoint(out)  # restores the RNG state
+        ckpt = peek
+        set_rng_state(ckpt["rng"])  # now that the networks are built, so their init does not move it
         G.load_state_dict(ckpt["generator"])
         D.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["opt_g"])

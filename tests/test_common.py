@@ -65,7 +65,8 @@ def _run(out, max_steps, resume=False, data=None, nan_at=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     start = 0
     if resume:
-        ckpt = common.resume_checkpoint(out)
+        ckpt = common.load_checkpoint(out / "checkpoint.pt")
+        common.set_rng_state(ckpt["rng"])
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
