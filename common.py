@@ -20,9 +20,9 @@ import signal
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +32,44 @@ from PIL import Image
 
 class CLIError(Exception):
     """A problem the user can fix; main.py prints it as one line and exits 2."""
+
+
+# --------------------------------------------------------------------------- typed configurations
+
+
+def flag(default: Any = MISSING, help: str = "", **meta) -> Any:
+    """A dataclass field that is also a command-line option. main.py builds
+    `--field-name` from it, with this default and help, so a default and its
+    help are written once, beside the code that reads them. meta keys:
+      flag: another option name ("--class"); short: a short alias ("-n");
+      choices; min / above: the smallest allowed number (>= / >);
+      positional: an argument without "--"; metavar.
+    A field without help is not an option (set by the caller in Python only)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def option_name(f) -> str:
+    """The command-line name of a config field, as error messages should say it."""
+    return f.metadata.get("flag") or ("" if f.metadata.get("positional") else "--") + f.name.replace("_", "-")
+
+
+def check_config(cfg) -> None:
+    """Check a config against its fields' metadata: numbers finite and within
+    min / above, values among choices. A config validates itself this way in
+    __post_init__, so a study that builds one in Python is checked like the CLI."""
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is None or isinstance(v, bool):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise CLIError(f"{option_name(f)} must be a finite number, got {v}")
+            if "min" in meta and isinstance(v, (int, float)) and v < meta["min"]:
+                raise CLIError(f"{option_name(f)} must be at least {meta['min']}, got {v}")
+            if "above" in meta and isinstance(v, (int, float)) and not v > meta["above"]:
+                raise CLIError(f"{option_name(f)} must be greater than {meta['above']}, got {v}")
+            if meta.get("choices") and v not in meta["choices"]:
+                raise CLIError(f"{option_name(f)} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
 
 
 # --------------------------------------------------------------------------- devices and seeds
