@@ -12,9 +12,11 @@ the last good checkpoint.
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -83,6 +85,10 @@ def pick_device(name: str | None = None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise CLIError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)") from e
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: MPS (Apple GPU) is not available on this machine (use --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {name}: only cpu, cuda and mps are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -121,20 +127,80 @@ def _as_tuple(x):
 # --------------------------------------------------------------------------- atomic files
 
 
+TEMP_PREFIX = "."  # atomic writes go to ".NAME.XXXXXXXX.SUFFIX" beside NAME
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the
-    block finishes, so a crash never leaves a half-written file."""
+    block finishes, so a crash never leaves a half-written file. The file gets
+    the mode a plain open() would give (mkstemp's 0600 would otherwise survive
+    the rename), and a full disk is one clear error, with no temporary left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=path.suffix or ".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CLIError(f"no space left on the device holding {path.parent} while writing {path.name}") from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete what an atomic write killed mid-way (SIGKILL, power loss) left in
+    `folder`: only files named like atomic_path's temporaries of a file that the
+    project writes there. Returns how many were removed."""
+    removed = 0
+    for tmp in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        m = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}(\.[^.]+)", tmp.name)
+        if m and tmp.is_file() and m.group(2) == (Path(m.group(1)).suffix or ".tmp"):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on a run folder for the whole run, so that two runs
+    never write into one folder. The OS releases the lock when the process ends,
+    however it ends, so a lock left by a killed run is never in the way; the file
+    names the holder's pid for the message. Also clears stale temporaries."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    f = open(lock, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise CLIError(f"{folder} is in use by another {what} (pid {holder}); wait for it or choose another --out") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        remove_stale_temporaries(folder)
+        yield folder
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
@@ -153,6 +219,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     except Exception as e:  # pickle refusing a global, truncated zip, not a checkpoint at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"cannot read checkpoint {path} ({first}); expected a .pt file written by this project") from e
+
+
+def first_nonfinite(state, prefix: str = "") -> str | None:
+    """The name of the first floating tensor in a (nested) state dict that holds
+    NaN or infinity, or None. A checkpoint with such weights samples black images."""
+    if torch.is_tensor(state):
+        return prefix or "tensor" if state.is_floating_point() and not torch.isfinite(state).all() else None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        bad = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if bad:
+            return bad
+    return None
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
@@ -370,12 +449,32 @@ def train_loop(
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     log = CSVLog(out / "loss.csv", list(log_fields) + ["images_per_s"], resume_step=start_step) if dist_info.is_main else None
     step = start_step
+    saved_step = start_step if start_step else None  # the step OUT/checkpoint.pt holds, if any
 
-    def checkpoint(epoch_done: int, name: str = "checkpoint.pt") -> None:
+    def stop_message(what: str) -> str:
+        kept = (f"{out / 'checkpoint.pt'} keeps the last good state (step {saved_step})" if saved_step is not None
+                else "no checkpoint was written")
+        return f"{what}; stopped, {kept} (try a lower --lr)"
+
+    def checkpoint(epoch_done: int) -> None:
+        nonlocal saved_step
         if dist_info.is_main:
             state = state_fn()
+            bad = first_nonfinite(state)
+            if bad:  # never save weights that would sample black images
+                raise CLIError(stop_message(f"{bad} became non-finite by step {step}"))
             state.update(step=step, epoch=epoch_done, rng=rng_state())
-            save_checkpoint(state, out / name)
+            save_checkpoint(state, out / "checkpoint.pt")
+        saved_step = step
+
+    def finish_epoch(epoch: int) -> None:
+        """The epoch's pictures and (optionally) its checkpoint copy, once per finished epoch."""
+        if dist_info.is_main:
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+            if cfg.keep_epoch_checkpoints:
+                with atomic_path(out / f"checkpoint_epoch{epoch + 1:03d}.pt") as tmp:
+                    shutil.copyfile(out / "checkpoint.pt", tmp)
 
     bar = tqdm(total=total, initial=min(step, total), disable=not dist_info.is_main, desc="train", dynamic_ncols=True)
 
@@ -388,9 +487,9 @@ def train_loop(
                 t0 = time.perf_counter()
                 metrics = step_fn(data[idx.to(data.device)])
                 rate = len(idx) * dist_info.world_size / max(time.perf_counter() - t0, 1e-9)
-                if not math.isfinite(metrics[log_fields[0]]):
-                    raise CLIError(f"{log_fields[0]} became {metrics[log_fields[0]]} at step {step + 1}; "
-                                   f"stopped, {out / 'checkpoint.pt'} keeps the last good state (try a lower --lr)")
+                bad = next((k for k in log_fields if k in metrics and not math.isfinite(metrics[k])), None)
+                if bad:
+                    raise CLIError(stop_message(f"{bad} became {metrics[bad]} at step {step + 1}"))
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"img/s": f"{rate:.1f}"})
@@ -403,7 +502,10 @@ def train_loop(
                         with open(out / "warnings.log", "a") as f:
                             f.write(f"step {step}: {warning}\n")
                 if stop.requested:
-                    checkpoint(epoch)
+                    epoch_done = epoch + 1 if step % steps_per_epoch == 0 else epoch
+                    checkpoint(epoch_done)
+                    if epoch_done > epoch:  # Ctrl-C on an epoch's last step still leaves that epoch's pictures
+                        finish_epoch(epoch)
                     bar.close()
                     raise CLIError(f"interrupted at step {step}; saved {out / 'checkpoint.pt'} (continue with --resume)")
                 if step >= total:
@@ -411,12 +513,7 @@ def train_loop(
             epoch_done = epoch + 1 if step % steps_per_epoch == 0 else epoch
             checkpoint(epoch_done)
             if epoch_done > epoch:
-                if dist_info.is_main:
-                    if on_epoch_end is not None:
-                        on_epoch_end(epoch)
-                    if cfg.keep_epoch_checkpoints:
-                        with atomic_path(out / f"checkpoint_epoch{epoch + 1:03d}.pt") as tmp:
-                            shutil.copyfile(out / "checkpoint.pt", tmp)
+                finish_epoch(epoch)
             elif step >= total and dist_info.is_main and on_epoch_end is not None:
                 on_epoch_end(epoch)  # a run stopped mid-epoch by --max-steps still leaves its pictures
     bar.close()

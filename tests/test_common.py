@@ -2,6 +2,7 @@
 resume, NaN and logging behaviour, on a model small enough to reason about."""
 
 import csv
+from pathlib import Path
 import pickle
 
 import pytest
@@ -129,3 +130,110 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path):
         common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo())
     assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # the finished step is kept
     assert len(steps) == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --------------------------------------------------------------------------- reliability (issue 10)
+
+
+def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        common.save_checkpoint({"a": torch.zeros(1)}, tmp_path / "c.pt")
+        common.save_png(torch.zeros(4, 4, dtype=torch.uint8).numpy(), tmp_path / "x.png")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"old")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(CLIError, match="no space left on the device holding .* while writing checkpoint.pt"):
+        common.save_checkpoint({"a": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"old"
+
+
+def test_stale_temporaries_are_removed_but_nothing_else(tmp_path):
+    for name in (".checkpoint.pt.ab12cd_9.pt", ".loss.csv.zzzzzzzz.csv"):  # what a SIGKILL leaves
+        (tmp_path / name).write_bytes(b"x")
+    keep = [".hidden", ".notes.txt", "checkpoint.pt", ".checkpoint.pt.short.pt", ".a.b.abcdefgh.png"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"x")
+    assert common.remove_stale_temporaries(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_run_lock_refuses_a_second_run_and_is_released(tmp_path):
+    with common.run_lock(tmp_path, "ddpm run"):
+        with pytest.raises(CLIError, match=r"in use by another ddpm run \(pid \d+\)"):
+            with common.run_lock(tmp_path, "ddpm run"):
+                pass
+    with common.run_lock(tmp_path):  # released on exit
+        pass
+
+
+def test_run_lock_of_a_killed_process_is_not_in_the_way(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import common, os; l = common.run_lock(r'%s'); l.__enter__(); os._exit(0)" % tmp_path
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(common.__file__).parent)
+    with common.run_lock(tmp_path):  # the dead holder's lock went with its process
+        pass
+
+
+def test_first_nonfinite_names_the_tensor():
+    assert common.first_nonfinite({"model": {"w": torch.ones(2)}, "step": 3}) is None
+    state = {"model": {"w": torch.ones(2), "b": torch.tensor([float("inf")])}, "opt": [torch.zeros(1)]}
+    assert common.first_nonfinite(state) == "model.b"
+
+
+def test_nonfinite_weights_are_never_saved_even_with_a_finite_loss(tmp_path):
+    model = torch.nn.Linear(5, 1)
+
+    def step(batch):
+        with torch.no_grad():
+            model.weight.fill_(float("nan"))  # diverged weights, yet the loss it returned was finite
+        return {"loss": 1.0}
+
+    cfg = LoopConfig(epochs=1, batch_size=2, max_steps=1, seed=0, out=tmp_path)
+    with pytest.raises(CLIError, match="model.weight became non-finite by step 1; stopped, no checkpoint was written"):
+        common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo())
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_on_an_epochs_last_step_still_writes_its_pictures(tmp_path):
+    import os
+    import signal
+
+    model = torch.nn.Linear(5, 1)
+    steps, pictures = [], []
+
+    def step(batch):
+        steps.append(1)
+        if len(steps) == 4:  # the last step of epoch 0 (8 rows, batch 2)
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"loss": 1.0}
+
+    cfg = LoopConfig(epochs=10, batch_size=2, seed=0, out=tmp_path, keep_epoch_checkpoints=True)
+    with pytest.raises(CLIError, match="interrupted at step 4"):
+        common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo(),
+                          on_epoch_end=pictures.append)
+    assert pictures == [0] and (tmp_path / "checkpoint_epoch001.pt").is_file()
+
+
+def test_pick_device_refuses_missing_mps():
+    if not torch.backends.mps.is_available():
+        with pytest.raises(CLIError, match="MPS"):
+            common.pick_device("mps")
