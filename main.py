@@ -180,7 +180,10 @@ def cmd_sample(args) -> None:
 def gan_commands(sub) -> None:
     import dcgan
 
-    dcgan.add_commands(sub)
+    def cmd_gan(args) -> None:
+        dcgan.train(config_from_args(dcgan.TrainConfig, args))
+
+    _add(sub, "gan", "train the DCGAN baseline (Radford et al. 2016) on a folder of X-rays", dcgan.TrainConfig, cmd_gan)
 
 
 # --------------------------------------------------------------------------- commands: evaluation (fid, classify)
