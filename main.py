@@ -201,9 +201,33 @@ def eval_commands(sub) -> None:
 
 
 def study_commands(sub) -> None:
+    import json
+
+    import memorization
     import study
 
-    study.add_commands(sub)
+    def cmd_experiment(args) -> None:
+        study.run_study(study.study_config(config_from_args(study.ExperimentOptions, args)))
+
+    def cmd_demo(args) -> None:
+        cfg = config_from_args(study.DemoConfig, args)
+        study.run_demo(cfg.out, cfg.quick, cfg.device)
+
+    def cmd_memorization(args) -> None:
+        res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
+        print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are closer "
+              f"to a training image than the {res['percentile']:g}st percentile of real held-out images (pixel "
+              f"threshold {res['pixel']['threshold']:.4f}; {res['train']})", file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps(res))
+
+    _add(sub, "experiment", "the whole study: generators per class, classifier grid, memorisation, report.md",
+         study.ExperimentOptions, cmd_experiment)
+    _add(sub, "demo", "the experiment end to end on phantom X-rays with small models (about 5-10 min on a CPU)",
+         study.DemoConfig, cmd_demo)
+    p = _add(sub, "memorization", "are synthetic images closer to training images than real held-out images are?",
+             memorization.MemorizationConfig, cmd_memorization)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+import data
 from common import atomic_path
 
 
@@ -232,8 +233,6 @@ def write_report(cfg, real, synth: dict, memo: dict, dist: dict, rows: list[dict
                  memorization_percentile: float) -> Path:
     """OUT/report.md and its figures. cfg is study.StudyConfig, real study.RealData,
     rows the rows of results.csv."""
-    import data
-
     settings = summarise(rows, cfg.out / "scores", cfg.bootstrap)
     plot_auroc(settings, cfg.out / "auroc_vs_ratio.png")
     plot_distances(dist, cfg.out / "distances.png")
@@ -246,8 +245,8 @@ def write_report(cfg, real, synth: dict, memo: dict, dist: dict, rows: list[dict
           f"at {cfg.size}x{cfg.size} px, {cfg.classifier_epochs} epochs at most, model and threshold chosen on the "
           f"real validation split. Generators: {', '.join(g.upper() for g in cfg.generators)}, one per class, "
           f"trained on the train split only; {synth[cfg.generators[0]][0].shape[0] // 2} samples per class "
-          f"({cfg.gen.sampler.upper()} with {cfg.gen.sample_steps} steps for the DDPM; GAN samples made at "
-          f"{cfg.gen.gan_size} px and resized to {cfg.size} px). {n_seeds} seed(s); {len(rows)} classifier runs; "
+          f"({cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM; GAN samples made at "
+          f"{cfg.gan.network().size} px and resized to {cfg.size} px). {n_seeds} seed(s); {len(rows)} classifier runs; "
           f"this invocation took {elapsed / 60:.1f} min.", ""]
     L += ["## Test AUROC per setting", "",
           "Mean over seeds. *95% CI*: percentile interval of the seed-mean AUROC over "
