@@ -120,9 +120,26 @@ def _add(sub, name: str, help: str, cls=None, func=None, description: str | None
 
 
 def data_commands(sub) -> None:
-    import data
+    import extract
 
-    data.add_commands(sub)
+    _add(sub, "extract", "build the two-class data set (NIH ChestX-ray14 or synthetic phantoms)",
+         extract.ExtractConfig, cmd_extract,
+         description="NIH mode: select Infiltration vs No Finding images from the NIH metadata CSV, split them "
+                     "70/10/20 by patient, balance each split by random sampling, and write "
+                     "OUT/{train,validation,test}_data/{infiltration,no_finding}/*.png resized to --size, with "
+                     "OUT/manifest.csv and OUT/summary.json. Phantom mode (--phantoms N): write N synthetic chest "
+                     "X-ray phantoms (a stand-in for trying the pipeline, not medical data) in the same layout.")
+
+
+def cmd_extract(args) -> None:
+    import json
+
+    import extract
+
+    summary = extract.run(config_from_args(extract.ExtractConfig, args, progress=not args.json))
+    print(extract.format_summary(summary), flush=True)
+    if args.json:
+        print(json.dumps(summary, separators=(",", ":")))
 
 
 # --------------------------------------------------------------------------- commands: generators (ddpm, sample)
