@@ -116,7 +116,8 @@ class TrainConfig:
     lr_d: float = flag(1e-4, "discriminator Adam learning rate", above=0)
     g_steps: int = flag(2, "generator updates per discriminator update", min=1)
     num_samples: int = flag(64, "fixed-noise samples in each epoch's grid", min=1)
-    no_epoch_checkpoints: bool = flag(False, "keep only OUT/checkpoint.pt, not a copy per epoch (runs of many tiny epochs)")
+    no_epoch_checkpoints: bool = flag(False, "keep only OUT/checkpoint.pt, not a copy per epoch "
+                                             "(runs of many tiny epochs)")
     collapse_window: int = flag(200, "steps D must win for before a warning", min=1)
     amp: bool = flag(False, "bfloat16 autocast")
     compile: bool = flag(False, "torch.compile G and D (worth it on GPUs)")
@@ -421,7 +422,8 @@ def _train(tcfg: TrainConfig, info) -> Path:
         save_image_grid(fixed_samples().cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=8)
 
     def state() -> dict:
-        train = {"lr_g": tcfg.lr_g, "lr_d": tcfg.lr_d, "betas": list(tcfg.betas), "g_steps": tcfg.g_steps, "amp": tcfg.amp}
+        train = {"lr_g": tcfg.lr_g, "lr_d": tcfg.lr_d, "betas": list(tcfg.betas), "g_steps": tcfg.g_steps,
+                 "amp": tcfg.amp}
         return {"kind": "dcgan", "config": asdict(cfg), "train": train,
                 "generator": G.state_dict(), "discriminator": D.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "seed": tcfg.seed}

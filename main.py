@@ -234,7 +234,8 @@ def study_commands(sub) -> None:
         res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
         print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are closer "
               f"to a training image than the {res['percentile']:g}st percentile of real held-out images (pixel "
-              f"threshold {res['pixel']['threshold']:.4f}; {res['train']})", file=sys.stderr if args.json else sys.stdout)
+              f"threshold {res['pixel']['threshold']:.4f}; {res['train']})",
+              file=sys.stderr if args.json else sys.stdout)
         if args.json:
             print(json.dumps(res))
 

@@ -239,14 +239,18 @@ def write_report(cfg, real, synth: dict, memo: dict, dist: dict, rows: list[dict
     for cls in data.CLASSES:
         plot_samples(real, synth, cls, data.LABELS[cls], cfg.out / f"samples_{cls}.png")
     n_seeds = cfg.seeds
+    made = []  # how each generator's samples were made
+    if "ddpm" in cfg.generators:
+        made.append(f"{cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM")
+    if "gan" in cfg.generators:
+        made.append(f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px")
     L = [headline(settings), "", f"# Does synthetic data help? Report of {cfg.title}", ""]
     L += [f"Data: `{cfg.data}` ({len(real.train_y)} train, {len(real.val_y)} validation, {len(real.test_y)} test "
           f"images; {int(real.test_y.sum())} of the test images show infiltration). Classifier: `{cfg.classifier}` "
           f"at {cfg.size}x{cfg.size} px, {cfg.classifier_epochs} epochs at most, model and threshold chosen on the "
           f"real validation split. Generators: {', '.join(g.upper() for g in cfg.generators)}, one per class, "
           f"trained on the train split only; {synth[cfg.generators[0]][0].shape[0] // 2} samples per class "
-          f"({cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM; GAN samples made at "
-          f"{cfg.gan.network().size} px and resized to {cfg.size} px). {n_seeds} seed(s); {len(rows)} classifier runs; "
+          f"({'; '.join(made)}). {n_seeds} seed(s); {len(rows)} classifier runs; "
           f"this invocation took {elapsed / 60:.1f} min.", ""]
     L += ["## Test AUROC per setting", "",
           "Mean over seeds. *95% CI*: percentile interval of the seed-mean AUROC over "

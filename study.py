@@ -53,6 +53,7 @@ import dcgan
 import ddpm
 import fid
 import memorization
+import phantoms
 import report
 from common import CLIError, atomic_path, check_config, flag, load_checkpoint, pick_device, save_png, to_uint8
 
@@ -94,12 +95,12 @@ def gan_recipe(**settings) -> dcgan.TrainConfig:
 @dataclass
 class StudyConfig:
     """One study. `ddpm` and `gan` are the generators' own training configs,
-    used for every class (their data and out are set per class)."""
+    used for every class (train_generator sets their data, out, class and resume)."""
 
     data: Path
     out: Path
-    ddpm: ddpm.TrainConfig
-    gan: dcgan.TrainConfig
+    ddpm: ddpm.TrainConfig | None = None  # needed when "ddpm" is among the generators
+    gan: dcgan.TrainConfig | None = None  # needed when "gan" is
     generators: tuple[str, ...] = GENERATORS
     ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real training image, per class
     real_fractions: tuple[float, ...] = (1.0, 0.25, 0.1)
@@ -118,6 +119,11 @@ class StudyConfig:
     sample_steps: int = 50
     n_synthetic: int | None = None  # per class; None = enough for the largest ratio at the full real fraction
     title: str = "the augmentation experiment"
+
+    def __post_init__(self):
+        missing = [g for g in self.generators if getattr(self, g) is None]
+        if missing:
+            raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
 
 
 @dataclass
@@ -143,7 +149,7 @@ class ExperimentOptions:
                                          "else small)", choices=tuple(ddpm.PRESETS))
     ddpm_epochs: int = flag(20, "DDPM training epochs per class", min=1)
     ddpm_max_steps: int | None = flag(None, "stop each DDPM after this many steps", min=1)
-    gan_size: int = flag(64, "GAN resolution (samples are resized to --size)")
+    gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
     gan_epochs: int = flag(20, "GAN training epochs per class", min=1)
     gan_max_steps: int | None = flag(None, "stop each GAN after this many steps", min=1)
     sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=("ddim", "ddpm"))
@@ -186,8 +192,9 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
         raise CLIError(f"--data: folder not found: {o.data}")
     return StudyConfig(
         o.data, o.out,
-        ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=o.ddpm_max_steps),
-        gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=o.gan_max_steps),
+        ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=o.ddpm_max_steps)
+        if "ddpm" in gens else None,
+        gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=o.gan_max_steps) if "gan" in gens else None,
         generators=gens, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size, classifier=o.classifier,
         classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, patience=o.patience, tstr=o.tstr,
         bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
@@ -266,8 +273,8 @@ def train_generator(cfg: StudyConfig, gen: str, cls: str) -> tuple[Path, bool]:
                               device=cfg.device, resume=ckpt.is_file())  # the train split: no validation/test patient
     ckpt = train(run)
     with atomic_path(done) as tmp:
-        tmp.write_text(json.dumps({"config": dataclasses.asdict(run), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")},
-                                  default=str))
+        finished = time.strftime("%Y-%m-%d %H:%M:%S")
+        tmp.write_text(json.dumps({"config": dataclasses.asdict(run), "finished_at": finished}, default=str))
     return ckpt, True
 
 
@@ -585,7 +592,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> Path:
     cfg, n_phantoms = demo_config(out, quick, device)
     if not (cfg.data / "manifest.csv").is_file():
         print(f"\n== writing {n_phantoms} phantom X-rays to {cfg.data}", flush=True)
-        data.write_phantoms(n_phantoms, cfg.data, size=64, seed=0, workers=2)
+        phantoms.write_phantoms(n_phantoms, cfg.data, size=64, seed=0)
     path = run_study(cfg)
     lines = path.read_text().splitlines()
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; {path} begins:\n\n" + "\n".join(lines[:1]), flush=True)

@@ -18,7 +18,7 @@ import main
 import memorization
 import report
 import study
-from data import make_phantom
+from phantoms import make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 
