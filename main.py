@@ -145,50 +145,67 @@ def cmd_extract(args) -> None:
 # --------------------------------------------------------------------------- commands: generators (ddpm, sample)
 
 
+@dataclasses.dataclass(kw_only=True)
+class SampleConfig:
+    """The `sample` command. It reads checkpoints of both generators, so it lives here
+    rather than in ddpm.py or dcgan.py; in Python, call ddpm.generate or dcgan.generate."""
+
+    checkpoint: Path = common.flag(help="checkpoint.pt written by `ddpm` or `gan`")
+    out: Path = common.flag(help="folder for the PNGs and grid.png")
+    n: int = common.flag(64, "number of images", flag="-n", min=1)
+    sampler: str = common.flag("ddpm", "DDPM only: ancestral or DDIM", choices=("ddpm", "ddim"))
+    steps: int | None = common.flag(None, "DDPM only: sampling steps (default 1000 ddpm, 50 ddim); ddpm with "
+                                    "fewer than 1000 is ancestral sampling on a strided chain (DDIM, eta 1)", min=1)
+    eta: float = common.flag(0.0, "DDIM only: 0 deterministic, 1 DDPM-like noise")
+    seed: int = common.flag(0, "the same seed gives the same images")
+    batch_size: int = common.flag(64, "images per forward pass", min=1)
+    device: str = common.flag("auto", "auto, cpu, cuda, cuda:1")
+    amp: bool = common.flag(False, "DDPM only: bf16 autocast for the network")
+    compile: bool = common.flag(False, "DDPM only: torch.compile the network")
+
+    def __post_init__(self):
+        common.check_config(self)
+
+
 def ddpm_commands(sub) -> None:
     import ddpm
 
-    ddpm.add_commands(sub)
-    p = sub.add_parser("sample", help="write N images from a DDPM or GAN checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by `ddpm` or `gan`")
-    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs and grid.png")
-    p.add_argument("-n", type=int, default=64, help="number of images")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="DDPM only: ancestral or DDIM")
-    p.add_argument("--steps", type=int, default=None, help="DDPM only: sampling steps (default 1000 ddpm, 50 ddim)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true", help="DDPM only: bf16 autocast for the network")
-    p.add_argument("--compile", action="store_true", help="DDPM only: torch.compile the network")
-    p.set_defaults(func=cmd_sample)
+    _add(sub, "ddpm", "fine-tune google/ddpm-cifar10-32 (--finetune) or train a DDPM from scratch",
+         ddpm.TrainConfig, cmd_ddpm)
+    _add(sub, "sample", "write N images from a DDPM or GAN checkpoint", SampleConfig, cmd_sample)
+
+
+def cmd_ddpm(args) -> None:
+    import ddpm
+
+    ddpm.train(config_from_args(ddpm.TrainConfig, args))
 
 
 def cmd_sample(args) -> None:
     """Sample from a checkpoint of either generator; PNGs are grey, like the data."""
-    import importlib
-
     from common import load_checkpoint, pick_device, save_image_grid, save_png, to_uint8
 
-    if args.n < 1 or args.batch_size < 1:
-        raise CLIError("-n and --batch-size must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError("--steps must be at least 1")
-    ckpt = load_checkpoint(args.checkpoint)
+    cfg = config_from_args(SampleConfig, args)
+    ckpt = load_checkpoint(cfg.checkpoint)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if kind not in ("ddpm", "dcgan"):
-        raise CLIError(f"{args.checkpoint} is not a DDPM or GAN checkpoint of this project (kind={kind!r})")
-    module = importlib.import_module(kind)
-    images = module.generate(ckpt, args.n, seed=args.seed, batch_size=args.batch_size,
-                             device=pick_device(args.device), sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             amp=args.amp, compile=args.compile)
+    device = pick_device(cfg.device)
+    if kind == "ddpm":
+        import ddpm
+
+        images = ddpm.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device, sampler=cfg.sampler,
+                               steps=cfg.steps, eta=cfg.eta, amp=cfg.amp, compile=cfg.compile)
+    elif kind == "dcgan":
+        import dcgan
+
+        images = dcgan.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device)
+    else:
+        raise CLIError(f"{cfg.checkpoint} is not a DDPM or GAN checkpoint of this project (kind={kind!r})")
     grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey
-    args.out.mkdir(parents=True, exist_ok=True)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(grey)):
-        save_png(img, args.out / f"sample_{i:05d}.png")
-    save_image_grid(grey[:64], args.out / "grid.png")
-    print(f"wrote {args.n} images and grid.png to {args.out}")
+        save_png(img, cfg.out / f"sample_{i:05d}.png")
+    save_image_grid(grey[:64], cfg.out / "grid.png")
+    print(f"wrote {cfg.n} images and grid.png to {cfg.out}")
 
 
 # --------------------------------------------------------------------------- commands: the GAN baseline
