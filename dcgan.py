@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,8 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import (CLIError, LoopConfig, check_config, cleanup_distributed, flag, load_checkpoint, save_image_grid,
-                    set_rng_state, seed_everything, setup_distributed, train_loop, unwrap, wrap_ddp)
+from common import (CLIError, LoopConfig, autocast, check_config, cleanup_distributed, flag, load_checkpoint,
+                    save_image_grid, set_rng_state, seed_everything, setup_distributed, train_loop, unwrap, wrap_ddp)
 
 SIZES = (32, 64, 128, 256)
 INIT_STD = 0.02  # Radford et al. 2016, section 4: "initialized from a zero-centered Normal with std 0.02"
@@ -309,7 +308,6 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
     D step:  maximise log D(x) + log(1 - D(G(z)))   (Goodfellow et al. 2014, Eq. 1)
     G step:  maximise log D(G(z)), the non-saturating loss of the same paper.
     """
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tcfg.amp else nullcontext
     D_plain = unwrap(D)
 
     def step(real: torch.Tensor) -> dict:
@@ -320,9 +318,9 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
         # Real and fake go through D as two batches, so BatchNorm normalises each
         # on its own statistics (as in Radford et al.'s code); mixing them would let
         # D tell them apart by the batch statistics alone.
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(device, tcfg.amp):
             fake = G(sample_noise(b, cfg, device=device))
-        with autocast():
+        with autocast(device, tcfg.amp):
             logits_real, logits_fake = D(real), D(fake)
         loss_d = (F.binary_cross_entropy_with_logits(logits_real.float(), ones)
                   + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros))
@@ -334,7 +332,7 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
         # computed for D, and under DDP no all-reduce is started for it.
         D_plain.requires_grad_(False)
         for _ in range(tcfg.g_steps):
-            with autocast():
+            with autocast(device, tcfg.amp):
                 logits = D_plain(G(sample_noise(b, cfg, device=device)))
             loss_g = F.binary_cross_entropy_with_logits(logits.float(), ones)
             opt_g.zero_grad(set_to_none=True)
