@@ -1,7 +1,7 @@
 """Chest X-ray data: robust image loading, the class-folder layout, and a
 resized-tensor cache that keeps PNG decoding out of the training loop.
 
-Layout (the seed's, written by `main.py extract`):
+Layout (the original experiment's, written by `main.py extract`):
     DIR/{train_data,validation_data,test_data}/{infiltration,no_finding}/*.png
 Every loader here searches a folder recursively, so a single class folder, a
 split folder or the whole tree all work.

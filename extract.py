@@ -121,7 +121,7 @@ def read_metadata(path: str | os.PathLike) -> tuple[list[Row], dict[str, int]]:
     `OriginalImage[Width,Height]` and `OriginalImagePixelSpacing[x,y]` are
     unquoted; a plain CSV reader splits header and rows alike, and the columns
     used here come first, so positions agree. Without a Patient ID column (the
-    seed's final_data.csv) the patient comes from the image name.
+    original experiment's final_data.csv) the patient comes from the image name.
     """
     path = Path(path)
     if not path.is_file():

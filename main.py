@@ -227,8 +227,51 @@ def eval_commands(sub) -> None:
     import classify
     import fid
 
-    fid.add_commands(sub)
-    classify.add_commands(sub)
+    _add(sub, "fid", "FID, KID and Inception Score of FAKE against REAL", fid.FIDConfig, cmd_fid,
+         description="REAL and FAKE are image folders (searched recursively) or .npz statistics "
+                     "(pytorch-fid's format: mu, sigma). Folder statistics are cached.")
+    _add(sub, "classify", "train and test the Infiltration vs No Finding classifier", classify.RunConfig, cmd_classify,
+         description="Train on DIR/train_data (plus --synthetic images, training only), select the epoch and "
+                     "threshold on DIR/validation_data, report AUROC with a bootstrap 95%% interval on DIR/test_data.")
+
+
+def cmd_fid(args) -> None:
+    import json
+
+    import fid
+
+    res = fid.run(config_from_args(fid.FIDConfig, args))
+    if res["fid"] is not None:
+        print(f"FID  {res['fid']:.4f}   (n_real={res['n_real']}, n_fake={res['n_fake']})")
+        if res["kid_mean"] is not None:
+            print(f"KID  {res['kid_mean']:.6f} +- {res['kid_std']:.6f}   (100 subsets of {res['kid_subset_size']})")
+        else:
+            print("KID  n/a (an .npz without features)")
+    if res["is_mean"] is not None:
+        print(f"IS   {res['is_mean']:.4f} +- {res['is_std']:.4f}   (FAKE, 10 splits)")
+    if "cxr_fd" in res:
+        print(f"chest X-ray classifier features (not comparable with FID): FD {res['cxr_fd']:.4f}, "
+              f"KID {res['cxr_kid_mean']:.6f} +- {res['cxr_kid_std']:.6f}")
+    if args.json:
+        print(json.dumps(res))
+
+
+def cmd_classify(args) -> None:
+    import json
+
+    import classify
+
+    m = classify.run(config_from_args(classify.RunConfig, args))
+    print(f"{m['model']} classifier at {m['size']}px: trained on {m['n_train']} real + {m['n_synthetic']} synthetic "
+          f"images, best epoch {m['best_epoch']} (validation AUROC {m['val_auroc']:.4f} on {m['n_val']} images)")
+    print(f"test ({m['n_test']} real images): AUROC {m['auroc']:.4f} "
+          f"[95% CI {m['auroc_ci_low']:.4f}, {m['auroc_ci_high']:.4f}]; at threshold {m['threshold']:.4f} "
+          f"(chosen on validation): accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
+          f"specificity {m['specificity']:.4f}")
+    if args.save is not None:
+        print(f"saved {args.save}")
+    if args.json:
+        print(json.dumps(m))
 
 
 # --------------------------------------------------------------------------- commands: the study (experiment, demo, memorization)

@@ -110,7 +110,8 @@ def make_phantom(rng: np.random.Generator, size: int, infiltration: bool) -> np.
         floor = top + 2 * lung_h - (0.05 if side > 0 else 0.0)  # the diaphragm at the lateral edge
         t = np.clip((y - top) / (floor - top), 0, 1)  # 0 at the apex, 1 at the base
         medial = 0.10 + 0.03 * t  # the mediastinal border, widening downwards
-        lateral = 0.16 + 2 * lung_w * (0.5 + 0.5 * np.sin(np.pi / 2 * np.sqrt(t)))  # the rib cage: narrow apex, wide base
+        # the rib cage: narrow at the apex, wide at the base
+        lateral = 0.16 + 2 * lung_w * (0.5 + 0.5 * np.sin(np.pi / 2 * np.sqrt(t)))
         rel = (sx - 0.5 * (medial + lateral)) / (lateral - medial)  # -0.5 medial .. 0.5 lateral
         apex = top + 0.6 * (rel + 0.1) ** 2  # a rounded apex, highest just medial of centre
         dome = floor - 0.12 + 0.5 * rel ** 2 + 0.1 * rel  # diaphragm: lowest at the costophrenic angle
