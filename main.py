@@ -214,10 +214,13 @@ def cmd_sample(args) -> None:
 def gan_commands(sub) -> None:
     import dcgan
 
-    def cmd_gan(args) -> None:
-        dcgan.train(config_from_args(dcgan.TrainConfig, args))
-
     _add(sub, "gan", "train the DCGAN baseline (Radford et al. 2016) on a folder of X-rays", dcgan.TrainConfig, cmd_gan)
+
+
+def cmd_gan(args) -> None:
+    import dcgan
+
+    dcgan.train(config_from_args(dcgan.TrainConfig, args))
 
 
 # --------------------------------------------------------------------------- commands: evaluation (fid, classify)
@@ -278,26 +281,8 @@ def cmd_classify(args) -> None:
 
 
 def study_commands(sub) -> None:
-    import json
-
     import memorization
     import study
-
-    def cmd_experiment(args) -> None:
-        study.run_study(study.study_config(config_from_args(study.ExperimentOptions, args)))
-
-    def cmd_demo(args) -> None:
-        cfg = config_from_args(study.DemoConfig, args)
-        study.run_demo(cfg.out, cfg.quick, cfg.device)
-
-    def cmd_memorization(args) -> None:
-        res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
-        print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are closer "
-              f"to a training image than the {res['percentile']:g}st percentile of real held-out images (pixel "
-              f"threshold {res['pixel']['threshold']:.4f}; {res['train']})",
-              file=sys.stderr if args.json else sys.stdout)
-        if args.json:
-            print(json.dumps(res))
 
     _add(sub, "experiment", "the whole study: generators per class, classifier grid, memorisation, report.md",
          study.ExperimentOptions, cmd_experiment)
@@ -306,6 +291,32 @@ def study_commands(sub) -> None:
     p = _add(sub, "memorization", "are synthetic images closer to training images than real held-out images are?",
              memorization.MemorizationConfig, cmd_memorization)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
+
+
+def cmd_experiment(args) -> None:
+    import study
+
+    study.run_study(study.study_config(config_from_args(study.ExperimentOptions, args)))
+
+
+def cmd_demo(args) -> None:
+    import study
+
+    cfg = config_from_args(study.DemoConfig, args)
+    study.run_demo(cfg.out, cfg.quick, cfg.device)
+
+
+def cmd_memorization(args) -> None:
+    import json
+
+    import memorization
+
+    res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
+    print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are closer "
+          f"to a training image than the {res['percentile']:g}st percentile of real held-out images (pixel "
+          f"threshold {res['pixel']['threshold']:.4f}; {res['train']})", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(res))
 
 
 # --------------------------------------------------------------------------- entry point

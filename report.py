@@ -17,31 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+import classify
 import data
 from common import atomic_path
 
 
 # --------------------------------------------------------------------------- the report: paired bootstrap
-
-
-def bootstrap_indices(labels: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
-    """(B, n) resampled test indices, positives first then negatives, each class
-    resampled within itself (a stratified bootstrap: every resample keeps the
-    class counts, so AUROC is always defined). The SAME resamples score every
-    run, which is what makes the differences paired."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    return np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
-
-
-def bootstrap_aurocs(scores: np.ndarray, idx: np.ndarray, n_pos: int) -> np.ndarray:
-    """AUROC of each resample (B,), by the Mann-Whitney rank formula
-    AUROC = (R_pos - P(P+1)/2) / (P N), ties given average ranks."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores[idx], axis=1)  # (B, n)
-    n_neg = idx.shape[1] - n_pos
-    return (ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 @dataclass
@@ -66,13 +47,14 @@ class Setting:
 
 def summarise(rows: list[dict], scores_dir: Path, n_boot: int) -> list[Setting]:
     labels = np.load(scores_dir / "test_labels.npy")
-    idx = bootstrap_indices(labels, n_boot)
+    idx = classify.stratified_bootstrap_indices(labels, n_boot)  # one set of resamples scores every run
     n_pos = int((labels == 1).sum())
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["mode"], r["generator"], float(r["ratio"]), float(r["real_fraction"])), []).append(r)
     boots: dict[tuple, dict[int, np.ndarray]] = {
-        key: {int(r["seed"]): bootstrap_aurocs(np.load(scores_dir / f"{r['run']}.npy"), idx, n_pos) for r in rs}
+        key: {int(r["seed"]): classify.bootstrap_aurocs(np.load(scores_dir / f"{r['run']}.npy"), idx, n_pos)
+              for r in rs}
         for key, rs in groups.items()}
     fractions = sorted({k[3] for k in groups})
     settings = []

@@ -154,7 +154,7 @@ class ExperimentOptions:
     gan_max_steps: int | None = flag(None, "stop each GAN after this many steps", min=1)
     sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=("ddim", "ddpm"))
     sample_steps: int = flag(50, "DDPM sampling steps", min=1)
-    tstr: bool = flag(True, "run train-on-synthetic / test-on-real (TSTR); --no-tstr skips it", flag="--no-tstr")
+    tstr: bool = flag(True, "train on synthetic, test on real (TSTR); --no-tstr skips it", flag="--no-tstr")
     bootstrap: int = flag(1000, "bootstrap resamples for the report's intervals", min=1)
     device: str = flag("auto", "auto, cpu, cuda, cuda:1")
 

@@ -84,12 +84,12 @@ def test_bootstrap_auroc_matches_classify_auroc():
     labels = np.array([1] * 30 + [0] * 50)
     scores = rng.normal(size=80) + labels
     scores[:5] = scores[30:35]  # ties across the classes
-    idx = report.bootstrap_indices(labels, 20)
-    boot = report.bootstrap_aurocs(scores, idx, 30)
+    idx = classify.stratified_bootstrap_indices(labels, 20)
+    boot = classify.bootstrap_aurocs(scores, idx, 30)
     for b in range(3):
         assert boot[b] == pytest.approx(classify.auroc(scores[idx[b]], labels[idx[b]]))
-    identity = np.arange(80)[None]  # positives first, as bootstrap_indices orders them
-    assert report.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
+    identity = np.arange(80)[None]  # positives first, as stratified_bootstrap_indices orders them
+    assert classify.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
 
 
 def _setting(gen, diff, lo, hi):
