@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,12 +87,6 @@ def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 1) 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def amp_context(device: torch.device, enabled: bool):
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 # --------------------------------------------------------------------------- 1. UNet vs diffusers
 
 
@@ -131,7 +124,7 @@ def bench_unet(device, args, rows: list[Row]) -> None:
 
     def fwd(model, unwrap_sample):
         def f():
-            with torch.inference_mode(), amp_context(device, args.amp):
+            with torch.inference_mode(), common.autocast(device, args.amp):
                 y = model(x, t)
                 return y.sample if unwrap_sample else y
         return f
@@ -148,7 +141,7 @@ def bench_unet(device, args, rows: list[Row]) -> None:
         target = torch.randn_like(x)
 
         def f():
-            with amp_context(device, args.amp):
+            with common.autocast(device, args.amp):
                 y = model(x, t)
                 y = y.sample if unwrap_sample else y
             loss = torch.nn.functional.mse_loss(y.float(), target)
@@ -257,7 +250,8 @@ def bench_dcgan(device, args, rows: list[Row]) -> None:
         G, D = dcgan.Generator(cfg).to(device), dcgan.Discriminator(cfg).to(device)
         opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(D.parameters(), 1e-4, betas=(0.5, 0.999))
-        step = dcgan.make_step(G, D, opt_g, opt_d, cfg, dcgan.TrainConfig(amp=args.amp), device)
+        tcfg = dcgan.TrainConfig(data=Path(), out=Path(), amp=args.amp)  # the step reads g_steps and amp
+        step = dcgan.make_step(G, D, opt_g, opt_d, cfg, tcfg, device)
         real = torch.rand(32, cfg.channels, size, size, device=device) * 2 - 1
         s = median_time(lambda: step(real), device, repeats=max(1, args.repeats - (2 if size == 256 else 0)))
         rows.append(Row(f"DCGAN training step {size}x{size}, batch 32", s, None, "s/step", "1 D + 2 G updates"))
@@ -324,7 +318,7 @@ def finetune_step_memory(device_name: str, amp: bool) -> dict:
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        with amp_context(device, amp):
+        with common.autocast(device, amp):
             loss = diffusion.training_loss(model, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,22 +12,24 @@ test images. So the protocol matters more than the network:
   since accuracy depends on the class balance and on a threshold.
 
 Two networks: ResNet-18 (He et al. 2016, torchvision's layout) with a
-one-channel stem, optionally from ImageNet weights (the seed's choice), and a
+one-channel stem, optionally from ImageNet weights (the original experiment's choice), and a
 small CNN cheap enough to train many times on a CPU at 32-64 px.
 
 AUROC is the Mann-Whitney U statistic divided by n_pos * n_neg (Hanley and
 McNeil 1982), written out below with mid-ranks for ties; it is checked in the
-tests against the brute-force pairwise definition.
+tests against the brute-force pairwise definition. Its bootstrap (one stratified
+resampling of the test cases, every model scored on the same resamples) is
+shared with report.py.
+
+`run(RunConfig)` is the `classify` command: load the splits, train, test, save.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CLIError, epoch_order, load_checkpoint, pick_device, save_checkpoint, seed_everything
+import data
+from common import (CLIError, check_config, epoch_order, flag, load_checkpoint, pick_device, save_checkpoint,
+                    seed_everything)
 
 MODELS = ("small", "resnet18")
 DEFAULT_LR = {"small": 1e-3, "resnet18": 3e-4}
@@ -43,22 +47,46 @@ DEFAULT_LR = {"small": 1e-3, "resnet18": 3e-4}
 
 @dataclass
 class ClassifyConfig:
-    model: str = "small"  # "small" (CPU-friendly CNN) or "resnet18"
-    size: int = 64  # images are size x size; real and synthetic at the same resolution
-    epochs: int = 20  # at most; early stopping usually ends sooner
-    batch_size: int = 64
-    lr: float | None = None  # AdamW learning rate; None: DEFAULT_LR[model]
+    """The classifier and how it is trained. Fields with help are `classify` options."""
+
+    model: str = flag("small", "small CNN (CPU) or ResNet-18", choices=MODELS)
+    size: int = flag(64, "image size in pixels (real and synthetic alike)")
+    epochs: int = flag(20, "maximum epochs (early stopping on validation AUROC)", min=1)
+    batch_size: int = flag(64, "training images per step", min=2)
+    lr: float | None = flag(None, "AdamW learning rate (default 1e-3 small, 3e-4 resnet18)", above=0)
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay (Loshchilov and Hutter 2019)
-    patience: int = 5  # stop after this many epochs without a better validation AUROC; 0 = never
-    seed: int = 0
-    device: str = "auto"
-    pretrained: bool = False  # resnet18 only: start from ImageNet weights (needs a download or a cached file)
+    patience: int = flag(5, "epochs without validation improvement before stopping; 0 = never", min=0)
+    seed: int = flag(0, "seed of the initial weights, the batch order and the augmentation")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1, ...")
+    pretrained: bool = flag(False, "resnet18: start from ImageNet weights (downloads once)")
     width: int = 32  # small CNN: channels of the first stage (doubled per stage)
     augment: bool = True  # light random affine + brightness/contrast on training batches
     balance: bool = True  # class-balanced loss: each class contributes half of the loss
 
+    def __post_init__(self):
+        check_config(self)
+        if not 16 <= self.size <= 1024:
+            raise CLIError(f"--size must be between 16 and 1024, got {self.size}")
+        if self.pretrained and self.model != "resnet18":
+            raise CLIError("--pretrained needs --model resnet18")
+
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.model]
+
+
+@dataclass(kw_only=True)
+class RunConfig(ClassifyConfig):
+    """The `classify` command: a ClassifyConfig plus where the images come from and go."""
+
+    data: Path = flag(MISSING, "folder in the extract layout (train_data/, validation_data/, test_data/)")
+    synthetic: Path | None = flag(None, "folder of synthetic images in infiltration/ and no_finding/ subfolders, "
+                                  "added to training only")
+    save: Path | None = flag(None, "write the selected model to this checkpoint")
+    json: bool = flag(False, "print the metrics as one JSON object on the last line")
+
+    def classifier(self) -> ClassifyConfig:
+        """The classifier's own settings, as a checkpoint stores them."""
+        return ClassifyConfig(**{f.name: getattr(self, f.name) for f in fields(ClassifyConfig)})
 
 
 # --------------------------------------------------------------------------- networks
@@ -198,14 +226,26 @@ def auroc(scores, labels) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def _stratified_resamples(y: np.ndarray, n_boot: int, seed: int):
-    """Yield n_boot index arrays, each drawing positives from positives and negatives
-    from negatives with replacement: every resample keeps the test set's class counts,
-    so its AUROC is always defined (pROC's `stratified = TRUE`, its default)."""
+def stratified_bootstrap_indices(labels, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(B, n) resampled test indices, positives first then negatives, each class
+    resampled within itself with replacement (a stratified bootstrap, pROC's
+    default: every resample keeps the class counts, so AUROC is always defined).
+    Scoring several models on the SAME resamples makes their differences paired.
+    report.py resamples a study's test set with this too."""
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    for _ in range(n_boot):
-        yield np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    return np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
+
+
+def bootstrap_aurocs(scores, idx: np.ndarray, n_pos: int) -> np.ndarray:
+    """AUROC of each resample (B,) of stratified_bootstrap_indices, whose first n_pos
+    columns are positives: the rank formula of `auroc`, all resamples at once."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.asarray(scores, dtype=np.float64)[idx], axis=1)  # (B, n), ties averaged
+    n_neg = idx.shape[1] - n_pos
+    return (ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def bootstrap_auroc_ci(scores, labels, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
@@ -215,7 +255,7 @@ def bootstrap_auroc_ci(scores, labels, n_boot: int = 1000, seed: int = 0, alpha:
     s, y = _as_binary(scores, labels)
     if y.all() or not y.any():
         return float("nan"), float("nan")
-    stats = np.array([auroc(s[i], y[i]) for i in _stratified_resamples(y, n_boot, seed)])
+    stats = bootstrap_aurocs(s, stratified_bootstrap_indices(y, n_boot, seed), int(y.sum()))
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
@@ -231,7 +271,8 @@ def paired_bootstrap_diff(scores_a, scores_b, labels, n_boot: int = 1000, seed: 
     diff = auroc(a, y) - auroc(b, y)
     if y.all() or not y.any():
         return float("nan"), float("nan"), float("nan")
-    stats = np.array([auroc(a[i], y[i]) - auroc(b[i], y[i]) for i in _stratified_resamples(y, n_boot, seed)])
+    idx, n_pos = stratified_bootstrap_indices(y, n_boot, seed), int(y.sum())
+    stats = bootstrap_aurocs(a, idx, n_pos) - bootstrap_aurocs(b, idx, n_pos)
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(diff), float(low), float(high)
 
@@ -300,7 +341,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _to_model_input(images: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W) -> float (B, 1, size, size) in [-1, 1] on device."""
-    x = images.to(device).unsqueeze(1).float().div_(127.5).sub_(1.0)  # data.to_unit_range, on the device
+    x = data.to_unit_range(images.to(device))
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
@@ -473,13 +514,11 @@ def load_classifier(path) -> tuple[nn.Module, dict]:
     return model.eval(), ckpt["config"]
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- the `classify` command
 
 
 def _load_split(root: Path, split: str, size: int):
     """One split of the extract layout as (images, labels), every image in a class folder."""
-    import data
-
     s = data.load_split(root, split, size)  # a missing split folder is a CLIError there
     _check_labelled(s, f"{split} split of {root}")
     return s.images, s.labels
@@ -497,67 +536,25 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents or a in b.parents
 
 
-def cmd_classify(args) -> None:
-    import data
-
-    if not 16 <= args.size <= 1024:
-        raise CLIError(f"--size must be between 16 and 1024, got {args.size}")
-    if args.epochs < 1 or args.batch_size < 2 or args.patience < 0:
-        raise CLIError("--epochs must be >= 1, --batch-size >= 2 and --patience >= 0")
-    if args.lr is not None and not args.lr > 0:
-        raise CLIError(f"--lr must be positive, got {args.lr}")
-    if args.pretrained and args.model != "resnet18":
-        raise CLIError("--pretrained needs --model resnet18")
-    if not args.data.is_dir():
-        raise CLIError(f"data folder not found: {args.data}")
-    cfg = ClassifyConfig(model=args.model, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, patience=args.patience, seed=args.seed, device=args.device,
-                         pretrained=args.pretrained)
+def run(cfg: RunConfig) -> dict:
+    """Train on cfg.data's train split (+ cfg.synthetic), select on validation, test
+    once, save to cfg.save if given. Returns model, size, seed and the test metrics."""
+    if not cfg.data.is_dir():
+        raise CLIError(f"data folder not found: {cfg.data}")
     pick_device(cfg.device)  # a bad --device fails before any image is decoded
-    splits = {s: _load_split(args.data, s, cfg.size) for s in ("train", "validation", "test")}
+    splits = {s: _load_split(cfg.data, s, cfg.size) for s in ("train", "validation", "test")}
     syn_x = syn_y = None
-    if args.synthetic is not None:
+    if cfg.synthetic is not None:
         for split in ("validation", "test"):
-            if _inside(args.synthetic, args.data / data.SPLIT_DIRS[split]):
-                raise CLIError(f"--synthetic {args.synthetic} overlaps the {split} split; synthetic images may only train")
-        syn = data.load_folder(args.synthetic, cfg.size, progress=not args.json)
-        _check_labelled(syn, f"synthetic folder {args.synthetic}")
+            if _inside(cfg.synthetic, cfg.data / data.SPLIT_DIRS[split]):
+                raise CLIError(f"--synthetic {cfg.synthetic} overlaps the {split} split; "
+                               "synthetic images may only train")
+        syn = data.load_folder(cfg.synthetic, cfg.size, progress=not cfg.json)
+        _check_labelled(syn, f"synthetic folder {cfg.synthetic}")
         syn_x, syn_y = syn.images, syn.labels
-    metrics, model = train_and_evaluate(*splits["train"], *splits["validation"], *splits["test"], cfg,
+    model_cfg = cfg.classifier()
+    metrics, model = train_and_evaluate(*splits["train"], *splits["validation"], *splits["test"], model_cfg,
                                         synthetic_x=syn_x, synthetic_y=syn_y, progress=True)
-    if args.save is not None:
-        save_classifier(model, cfg, args.save, metrics)
-    m = metrics
-    print(f"{cfg.model} classifier at {cfg.size}px: trained on {m['n_train']} real + {m['n_synthetic']} synthetic "
-          f"images, best epoch {m['best_epoch']} (validation AUROC {m['val_auroc']:.4f} on {m['n_val']} images)")
-    print(f"test ({m['n_test']} real images): AUROC {m['auroc']:.4f} "
-          f"[95% CI {m['auroc_ci_low']:.4f}, {m['auroc_ci_high']:.4f}]; at threshold {m['threshold']:.4f} "
-          f"(chosen on validation): accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
-          f"specificity {m['specificity']:.4f}")
-    if args.save is not None:
-        print(f"saved {args.save}")
-    if args.json:
-        print(json.dumps({"model": cfg.model, "size": cfg.size, "seed": cfg.seed, **metrics}))
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("classify", help="train and test the Infiltration vs No Finding classifier",
-                       description="Train on DIR/train_data (plus --synthetic images, training only), select the "
-                                   "epoch and threshold on DIR/validation_data, report AUROC with a bootstrap 95%% "
-                                   "interval on DIR/test_data.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="folder in the extract layout (train_data/, validation_data/, test_data/)")
-    p.add_argument("--synthetic", type=Path, default=None,
-                   help="folder of synthetic images in infiltration/ and no_finding/ subfolders, added to training only")
-    p.add_argument("--model", choices=MODELS, default="small", help="small CNN (CPU) or ResNet-18")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels (real and synthetic alike)")
-    p.add_argument("--epochs", type=int, default=20, help="maximum epochs (early stopping on validation AUROC)")
-    p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement before stopping; 0 = never")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 small, 3e-4 resnet18)")
-    p.add_argument("--pretrained", action="store_true", help="resnet18: start from ImageNet weights (downloads once)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--save", type=Path, default=None, help="write the selected model to this checkpoint")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
-    p.set_defaults(func=cmd_classify)
+    if cfg.save is not None:
+        save_classifier(model, model_cfg, cfg.save, metrics)
+    return {"model": cfg.model, "size": cfg.size, "seed": cfg.seed, **metrics}

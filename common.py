@@ -124,6 +124,12 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast where it is supported (CPU, CUDA with bf16), else a no-op context."""
+    ok = enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
+
+
 # --------------------------------------------------------------------------- atomic files
 
 

@@ -1,4 +1,4 @@
-"""DCGAN: the baseline generator, a clean version of the seed experiment's.
+"""DCGAN: the baseline generator, a clean version of the original experiment's.
 
 Radford, Metz and Chintala, "Unsupervised Representation Learning with Deep
 Convolutional Generative Adversarial Networks", ICLR 2016. The architecture
@@ -8,8 +8,8 @@ the generator's output and the discriminator's input layer, ReLU in the
 generator with Tanh at the output, LeakyReLU(0.2) in the discriminator, weights
 drawn from N(0, 0.02), Adam with beta1 = 0.5.
 
-The default network is the seed's 256x256 one (see ../shared/REFERENCE.md,
-section 3), layer for layer; B is the batch, C the image channels:
+The default network is the original experiment's 256x256 one (README, "DCGAN
+baseline"), layer for layer; B is the batch, C the image channels:
 
     Generator                                      Discriminator
     (B, 100, 1, 1)    -> (B, 1024, 4, 4)   4x4 s1  (B, C, 256, 256)   -> (B, 64, 128, 128)
@@ -20,7 +20,7 @@ section 3), layer for layer; B is the batch, C the image channels:
     (B, 64, 64, 64)   -> (B, 32, 128, 128) 4x4 s2  (B, 1024, 8, 8)    -> (B, 1, 1, 1)  8x8 conv
     (B, 32, 128, 128) -> (B, C, 256, 256)  4x4 s2, Tanh
 
-Every 4x4 stride-2 layer halves (D) or doubles (G) the side, so the seed's D
+Every 4x4 stride-2 layer halves (D) or doubles (G) the side, so the original's D
 takes five halvings from 256 to 8 and then one 8x8 convolution, with no
 padding, over what is left. Other sizes (powers of two, 32..256) add or remove
 stride-2 stages at the image end: channel widths are counted from the image
@@ -28,13 +28,13 @@ stride-2 stages at the image end: channel widths are counted from the image
 per stage away from the image, as in Radford et al.'s own code), so a 64 px
 net is G 256-128-64-32 and D 64-128-256, and D always ends at 8x8.
 
-What differs from the seed, and why:
-- one grey channel by default (X-rays are grey; `--channels 3` gives the seed's RGB),
+What differs from the original experiment, and why:
+- one grey channel by default (X-rays are grey; `--channels 3` gives the original's RGB),
 - D outputs a logit and the loss is BCE-with-logits: log(sigmoid(x)) computed
   as one fused, stable expression, where sigmoid + BCE saturates to log(0) and
   clamps the very gradient that tells G how badly it is losing,
-- a checkpoint per epoch (the seed's run lost its state when interrupted),
-- a warning when the discriminator wins outright or G collapses (the seed's
+- a checkpoint per epoch (the original run lost its state when interrupted),
+- a warning when the discriminator wins outright or G collapses (the original
   run diverged, D winning within a few epochs, unnoticed).
 
 `python main.py gan --help` trains; `python main.py sample --checkpoint ...` samples.
@@ -42,10 +42,8 @@ What differs from the seed, and why:
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,8 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import (CLIError, LoopConfig, cleanup_distributed, load_checkpoint, save_image_grid, set_rng_state,
-                    seed_everything, setup_distributed, train_loop, unwrap, wrap_ddp)
+from common import (CLIError, LoopConfig, autocast, check_config, cleanup_distributed, flag, load_checkpoint,
+                    save_image_grid, set_rng_state, seed_everything, setup_distributed, train_loop, unwrap, wrap_ddp)
 
 SIZES = (32, 64, 128, 256)
 INIT_STD = 0.02  # Radford et al. 2016, section 4: "initialized from a zero-centered Normal with std 0.02"
@@ -68,10 +66,10 @@ LEAK = 0.2  # slope of the discriminator's LeakyReLU (Radford et al. 2016, secti
 
 @dataclass
 class DCGANConfig:
-    """The two networks' shape; the defaults are the seed's 256x256 DCGAN, grey."""
+    """The two networks' shape; the defaults are the original experiment's 256x256 DCGAN, grey."""
 
     size: int = 256  # image side, a power of two from 32 to 256
-    channels: int = 1  # 1 grey, 3 the seed's RGB
+    channels: int = 1  # 1 grey, 3 the original's RGB
     latent_dim: int = 100  # z ~ N(0, I) of this many dimensions
     g_width: int = 32  # channels of G's last hidden layer; doubles per stage toward z
     d_width: int = 64  # channels of D's first layer; doubles per stage toward the logit
@@ -99,13 +97,49 @@ class DCGANConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation settings; defaults are the seed's."""
+    """Everything `python main.py gan` sets; the defaults are the original experiment's.
+    size, channels, g_width and d_width None mean 256, 1, 32, 64, or the
+    checkpoint's on resume."""
 
-    lr_g: float = 2e-4
-    lr_d: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.999)  # beta1 = 0.5: Radford et al. found 0.9 oscillates
-    g_steps: int = 2  # generator updates per discriminator update
-    amp: bool = False  # bfloat16 autocast
+    data: Path = flag(help="folder of images (searched recursively)")
+    out: Path = flag(help="run folder: checkpoint.pt, samples_epochNNN.png, loss.csv")
+    class_name: str | None = flag(None, "train on one class folder only, e.g. infiltration", flag="--class")
+    size: int | None = flag(None, "image side, 32/64/128/256 (default 256; on --resume the checkpoint's)")
+    channels: int | None = flag(None, "1 grey, 3 the original experiment's RGB (default 1)", choices=(1, 3))
+    g_width: int | None = flag(None, "channels of G's last hidden layer (default 32)", min=1)
+    d_width: int | None = flag(None, "channels of D's first layer (default 64)", min=1)
+    epochs: int = flag(20, "passes over the training images", min=1)
+    max_steps: int | None = flag(None, "stop after this many steps in total", min=1)
+    batch_size: int = flag(32, "per process", min=1)
+    lr_g: float = flag(2e-4, "generator Adam learning rate", above=0)
+    lr_d: float = flag(1e-4, "discriminator Adam learning rate", above=0)
+    g_steps: int = flag(2, "generator updates per discriminator update", min=1)
+    num_samples: int = flag(64, "fixed-noise samples in each epoch's grid", min=1)
+    no_epoch_checkpoints: bool = flag(False, "keep only OUT/checkpoint.pt, not a copy per epoch "
+                                             "(runs of many tiny epochs)")
+    collapse_window: int = flag(200, "steps D must win for before a warning", min=1)
+    amp: bool = flag(False, "bfloat16 autocast")
+    compile: bool = flag(False, "torch.compile G and D (worth it on GPUs)")
+    seed: int = flag(0, "seed of the initialisation, the noise and the data order")
+    resume: bool = flag(False, "continue OUT/checkpoint.pt")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam's; beta1 = 0.5: Radford et al. found 0.9 oscillates
+
+    def __post_init__(self):
+        check_config(self)
+        if self.size is not None and self.size not in SIZES:
+            raise CLIError(f"--size {self.size}: must be a power of two from 32 to 256 ({', '.join(map(str, SIZES))})")
+
+    def network(self, saved: dict | None = None) -> DCGANConfig:
+        """The networks' shape: the options given, else the checkpoint's (`saved`), else the defaults."""
+        given = {name: getattr(self, name) for name in ("size", "channels", "g_width", "d_width")}
+        if saved is None:
+            return DCGANConfig(**{k: v for k, v in given.items() if v is not None})
+        for name, value in given.items():
+            if value is not None and value != saved[name]:
+                raise CLIError(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, "
+                               f"not {value}")
+        return DCGANConfig(**saved)
 
 
 # --------------------------------------------------------------------------- the networks
@@ -166,8 +200,8 @@ class Discriminator(nn.Module):
         # (B, w[i], r, r) -> (B, w[i+1], r/2, r/2), down to 8x8; at 256 px:
         # 64@128 -> 128@64 -> 256@32 -> 512@16 -> 1024@8
         self.body = nn.Sequential(*[down(a, b) for a, b in zip(w, w[1:])])
-        # (B, w[-1], 8, 8) -> (B, 1, 1, 1): the seed's 8x8 conv over the whole remaining extent.
-        # Patch: the seed put a sigmoid here; we return the logit and use BCE-with-logits.
+        # (B, w[-1], 8, 8) -> (B, 1, 1, 1): the original's 8x8 conv over the whole remaining extent.
+        # Patch: the original put a sigmoid here; we return the logit and use BCE-with-logits.
         self.to_logit = nn.Conv2d(w[-1], 1, 8, 1, 0, bias=False)
         self.apply(init_weights)
 
@@ -189,8 +223,8 @@ def sample_noise(n: int, cfg: DCGANConfig, generator: torch.Generator | None = N
 
 
 @torch.no_grad()
-def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64, device: torch.device | str = "cpu",
-             **unused) -> torch.Tensor:
+def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64,
+             device: torch.device | str = "cpu") -> torch.Tensor:
     """n images (n, C, size, size) in [-1, 1] from a `gan` checkpoint, the same for the same seed.
 
     The generator runs in eval mode: BatchNorm uses the running statistics it
@@ -220,7 +254,7 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
 
 
 class CollapseMonitor:
-    """Watches the training metrics for the two failures the seed's run showed.
+    """Watches the training metrics for the two failures the original run showed.
 
     1. The discriminator wins: loss_d < `loss_d_floor` on every one of the last
        `window` steps, or D(x) - D(G(z)) > `gap_ceiling` on all of them. G then
@@ -269,12 +303,11 @@ class CollapseMonitor:
 
 def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
               cfg: DCGANConfig, tcfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], dict]:
-    """One discriminator update followed by `g_steps` generator updates (the seed's 1:2).
+    """One discriminator update followed by `g_steps` generator updates (the original's 1:2).
 
     D step:  maximise log D(x) + log(1 - D(G(z)))   (Goodfellow et al. 2014, Eq. 1)
     G step:  maximise log D(G(z)), the non-saturating loss of the same paper.
     """
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tcfg.amp else nullcontext
     D_plain = unwrap(D)
 
     def step(real: torch.Tensor) -> dict:
@@ -285,9 +318,9 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
         # Real and fake go through D as two batches, so BatchNorm normalises each
         # on its own statistics (as in Radford et al.'s code); mixing them would let
         # D tell them apart by the batch statistics alone.
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(device, tcfg.amp):
             fake = G(sample_noise(b, cfg, device=device))
-        with autocast():
+        with autocast(device, tcfg.amp):
             logits_real, logits_fake = D(real), D(fake)
         loss_d = (F.binary_cross_entropy_with_logits(logits_real.float(), ones)
                   + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros))
@@ -299,7 +332,7 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
         # computed for D, and under DDP no all-reduce is started for it.
         D_plain.requires_grad_(False)
         for _ in range(tcfg.g_steps):
-            with autocast():
+            with autocast(device, tcfg.amp):
                 logits = D_plain(G(sample_noise(b, cfg, device=device)))
             loss_g = F.binary_cross_entropy_with_logits(logits.float(), ones)
             opt_g.zero_grad(set_to_none=True)
@@ -313,62 +346,43 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
     return step
 
 
-def train(args) -> None:
-    """`python main.py gan`: train on a folder, one checkpoint and sample grid per epoch."""
-    info = setup_distributed(args.device)
+def train(tcfg: TrainConfig) -> Path:
+    """Train on a folder, one checkpoint and sample grid per epoch (torchrun: DDP);
+    returns the checkpoint's path."""
+    info = setup_distributed(tcfg.device)
     try:
-        _train(args, info)
+        return _train(tcfg, info)
     finally:
         cleanup_distributed()
 
 
-def _train(args, info) -> None:
-    out = Path(args.out)
-    for name in ("epochs", "batch_size", "g_steps", "num_samples", "collapse_window"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise CLIError("--max-steps must be at least 1")
-    if args.lr_g <= 0 or args.lr_d <= 0:
-        raise CLIError("--lr-g and --lr-d must be positive")
-    if not args.resume and (out / "checkpoint.pt").exists():
+def _train(tcfg: TrainConfig, info) -> Path:
+    out = Path(tcfg.out)
+    if not tcfg.resume and (out / "checkpoint.pt").exists():
         raise CLIError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue it, or choose another --out")
-
     ckpt = None
-    if args.resume:
-        # Peek at the config first (the RNG is restored below, after the networks are built).
-        peek = load_checkpoint(out / "checkpoint.pt") if (out / "checkpoint.pt").is_file() else None
-        if peek is None:
+    if tcfg.resume:  # read the config now; the RNG is restored below, after the networks are built
+        if not (out / "checkpoint.pt").is_file():
             raise CLIError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
-        if peek.get("kind") != "dcgan":
-            raise CLIError(f"--resume: {out / 'checkpoint.pt'} is not a GAN checkpoint (kind={peek.get('kind')!r})")
-        saved = peek["config"]
-        for name in ("size", "channels", "g_width", "d_width"):
-            given = getattr(args, name)
-            if given is not None and given != saved[name]:
-                raise CLIError(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, "
-                               f"not {given}")
-        cfg = DCGANConfig(**saved)
-    else:
-        cfg = DCGANConfig(size=args.size or 256, channels=args.channels or 1,
-                          g_width=args.g_width or 32, d_width=args.d_width or 64)
-    tcfg = TrainConfig(lr_g=args.lr_g, lr_d=args.lr_d, g_steps=args.g_steps, amp=args.amp)
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        if ckpt.get("kind") != "dcgan":
+            raise CLIError(f"--resume: {out / 'checkpoint.pt'} is not a GAN checkpoint (kind={ckpt.get('kind')!r})")
+    cfg = tcfg.network(ckpt["config"] if ckpt else None)
 
-    images = data.load_folder(args.data, cfg.size, args.class_name).images  # (N, S, S) uint8
+    images = data.load_folder(tcfg.data, cfg.size, tcfg.class_name).images  # (N, S, S) uint8
     real = data.to_unit_range(images)  # (N, 1, S, S) in [-1, 1]
     if cfg.channels == 3:
-        real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the seed's input
+        real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the original's input
 
     # Every rank seeds differently so that each draws its own noise; DDP copies
     # rank 0's initial weights to all ranks, and rank 0 matches a single-process run.
-    seed_everything(args.seed + info.rank)
+    seed_everything(tcfg.seed + info.rank)
     device = info.device
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=tcfg.lr_g, betas=tcfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=tcfg.lr_d, betas=tcfg.betas)
     start = 0
-    if args.resume:
-        ckpt = peek
+    if ckpt is not None:
         set_rng_state(ckpt["rng"])  # now that the networks are built, so their init does not move it
         G.load_state_dict(ckpt["generator"])
         D.load_state_dict(ckpt["discriminator"])
@@ -376,23 +390,23 @@ def _train(args, info) -> None:
         opt_d.load_state_dict(ckpt["opt_d"])
         start = ckpt["step"]
         if info.rank > 0:  # the saved RNG is rank 0's; give the other ranks their own noise again
-            torch.manual_seed(args.seed + info.rank + 1_000_003 * start)
+            torch.manual_seed(tcfg.seed + info.rank + 1_000_003 * start)
     if info.is_main:
         print(f"DCGAN {cfg.size}x{cfg.size}x{cfg.channels}: generator {count_parameters(G):,} parameters, "
               f"discriminator {count_parameters(D):,}; {real.shape[0]} training images"
-              + (f", resuming at step {start}" if args.resume else ""))
+              + (f", resuming at step {start}" if ckpt else ""))
     if info.world_size > 1 and device.type == "cuda":
         # One batch statistic over all GPUs, as a single-GPU run of the global batch would see.
         # On CPU (gloo) plain BatchNorm normalises each rank's own batch: the same per-batch
         # statistics a single process has at the per-rank batch size.
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G_train, D_train = wrap_ddp(G, info), wrap_ddp(D, info)
-    if args.compile:  # torch.compile the networks the step runs; state dicts still come from G and D
+    if tcfg.compile:  # torch.compile the networks the step runs; state dicts still come from G and D
         G_train, D_train = torch.compile(G_train), torch.compile(D_train)
 
     # Fixed noise for the per-epoch grids and the collapse check: its own generator,
     # so drawing it never moves the training RNG (resume stays bit-exact).
-    fixed_z = sample_noise(args.num_samples, cfg, torch.Generator().manual_seed(args.seed)).to(device)
+    fixed_z = sample_noise(tcfg.num_samples, cfg, torch.Generator().manual_seed(tcfg.seed)).to(device)
     real_spread = mean_pairwise_distance(real[:64])
 
     @torch.no_grad()
@@ -406,14 +420,16 @@ def _train(args, info) -> None:
         save_image_grid(fixed_samples().cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=8)
 
     def state() -> dict:
-        return {"kind": "dcgan", "config": asdict(cfg), "train": {**asdict(tcfg), "betas": list(tcfg.betas)},
+        train = {"lr_g": tcfg.lr_g, "lr_d": tcfg.lr_d, "betas": list(tcfg.betas), "g_steps": tcfg.g_steps,
+                 "amp": tcfg.amp}
+        return {"kind": "dcgan", "config": asdict(cfg), "train": train,
                 "generator": G.state_dict(), "discriminator": D.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "seed": args.seed}
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "seed": tcfg.seed}
 
-    monitor = CollapseMonitor(window=args.collapse_window, every=100,
+    monitor = CollapseMonitor(window=tcfg.collapse_window, every=100,
                               diversity=lambda: mean_pairwise_distance(fixed_samples()[:64]) / max(real_spread, 1e-8))
-    loop = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed,
-                      out=out, keep_epoch_checkpoints=not args.no_epoch_checkpoints)
+    loop = LoopConfig(epochs=tcfg.epochs, batch_size=tcfg.batch_size, max_steps=tcfg.max_steps, seed=tcfg.seed,
+                      out=out, keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints)
     step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, loop, info,
                       start_step=start, on_epoch_end=on_epoch_end, log_fields=("loss_d", "loss_g", "d_real", "d_fake"),
                       monitor=monitor)
@@ -421,34 +437,4 @@ def _train(args, info) -> None:
         save_image_grid(fixed_samples().cpu(), out / "samples_latest.png", nrow=8)
         print(f"step {step}: checkpoint {out / 'checkpoint.pt'}, samples {out / 'samples_latest.png'}, "
               f"log {out / 'loss.csv'}")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("gan", help="train the DCGAN baseline (Radford et al. 2016) on a folder of X-rays",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint.pt, samples_epochNNN.png, loss.csv")
-    p.add_argument("--class", dest="class_name", default=None, help="train on one class folder only, e.g. infiltration")
-    p.add_argument("--size", type=int, default=None, help="image side, 32/64/128/256 (default 256; on --resume the checkpoint's)")
-    p.add_argument("--channels", type=int, default=None, choices=(1, 3), help="1 grey, 3 the seed's RGB (default 1)")
-    p.add_argument("--g-width", type=int, default=None, help="channels of G's last hidden layer (default 32)")
-    p.add_argument("--d-width", type=int, default=None, help="channels of D's first layer (default 64)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--lr-g", type=float, default=2e-4)
-    p.add_argument("--lr-d", type=float, default=1e-4)
-    p.add_argument("--g-steps", type=int, default=2, help="generator updates per discriminator update")
-    p.add_argument("--num-samples", type=int, default=64, help="fixed-noise samples in each epoch's grid")
-    p.add_argument("--no-epoch-checkpoints", action="store_true",
-                   help="keep only OUT/checkpoint.pt, not a copy per epoch (runs of many tiny epochs)")
-    p.add_argument("--collapse-window", type=int, default=200, help="steps D must win for before a warning")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile G and D (worth it on GPUs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=train)
+    return out / "checkpoint.pt"

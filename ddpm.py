@@ -19,7 +19,6 @@ reverse step is taken at code t = 0, where no noise is added.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import urllib.request
@@ -35,6 +34,9 @@ from common import CLIError
 
 # --------------------------------------------------------------------------- schedule and diffusion process
 
+NUM_TIMESTEPS = 1000  # T of the released model
+BETA_SCHEDULES = ("linear", "cosine")
+VARIANCE_TYPES = ("fixed_large", "fixed_small")
 
 def make_betas(schedule: str, T: int) -> torch.Tensor:
     """beta_t for t = 0..T-1 in float64.
@@ -60,10 +62,10 @@ class GaussianDiffusion(nn.Module):
     process p(x_{t-1} | x_t) of DDPM, plus the DDIM sampler. The model predicts
     the noise eps that was added (Ho et al. Eq. 11)."""
 
-    def __init__(self, num_timesteps: int = 1000, beta_schedule: str = "linear",
+    def __init__(self, num_timesteps: int = NUM_TIMESTEPS, beta_schedule: str = "linear",
                  variance_type: str = "fixed_large", clip_sample: bool = True):
         super().__init__()
-        if variance_type not in ("fixed_large", "fixed_small"):
+        if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r} (fixed_large or fixed_small)")
         self.num_timesteps, self.beta_schedule = num_timesteps, beta_schedule
         self.variance_type, self.clip_sample = variance_type, clip_sample
@@ -573,88 +575,87 @@ def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True
 
 # --------------------------------------------------------------------------- training: `main.py ddpm`
 
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("ddpm", help="fine-tune google/ddpm-cifar10-32 (--finetune) or train a DDPM from scratch",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--finetune", action="store_true", help="start from the pretrained CIFAR-10 UNet")
-    p.add_argument("--pretrained", type=Path, default=DEFAULT_PRETRAINED,
-                   help="diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin) or a weights file; "
-                        "downloaded from the Hugging Face Hub when missing")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="cifar10", help="UNet size when training from scratch")
-    p.add_argument("--data", type=Path, required=True, help="folder searched recursively for images")
-    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
-    p.add_argument("--class", dest="class_name", default=None, help="train on one class folder only, e.g. infiltration")
-    p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the model's, 32)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in total")
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up, in steps")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights used for sampling; warms up as min(decay, (1+step)/(10+step))")
-    p.add_argument("--num-samples", type=int, default=16, help="images in the per-epoch sample grid")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the per-epoch sample grid")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU, or CUDA with bf16 support)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.set_defaults(func=cmd_train)
+flag = common.flag
 
 
-def _check_args(args) -> None:
-    for name in ("epochs", "batch_size", "num_samples", "sample_steps"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise CLIError("--max-steps must be at least 1")
-    if not args.lr > 0 or args.warmup < 0 or args.grad_clip < 0:
-        raise CLIError("--lr must be positive, --warmup and --grad-clip not negative")
-    if not 0 <= args.ema_decay < 1:
-        raise CLIError("--ema-decay must be in [0, 1)")
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything `ddpm.train` needs; `main.py ddpm` builds one option per field."""
+
+    finetune: bool = flag(False, "start from the pretrained CIFAR-10 UNet")
+    pretrained: Path = flag(DEFAULT_PRETRAINED, "diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin) "
+                            "or a weights file; downloaded from the Hugging Face Hub when missing")
+    preset: str = flag("cifar10", "UNet size when training from scratch", choices=tuple(PRESETS))
+    data: Path = flag(help="folder searched recursively for images")
+    out: Path = flag(help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
+    class_name: str | None = flag(None, "train on one class folder only, e.g. infiltration", flag="--class")
+    image_size: int | None = flag(None, "training resolution (default: the model's, 32)")
+    epochs: int = flag(20, "passes over the data", min=1)
+    max_steps: int | None = flag(None, "stop after this many optimiser steps in total", min=1)
+    batch_size: int = flag(32, "per process", min=1)
+    lr: float = flag(1e-5, "AdamW learning rate", above=0)
+    warmup: int = flag(0, "linear learning-rate warm-up, in steps", min=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm (0: off)", min=0)
+    ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling, in [0, 1); warms up as "
+                            "min(decay, (1+step)/(10+step))", min=0)
+    beta_schedule: str = flag("linear", "noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal); "
+                              "--resume keeps the checkpoint's", choices=BETA_SCHEDULES)
+    variance: str = flag("fixed_large", "reverse-step variance sigma_t^2: beta_t (fixed_large) or beta~_t "
+                         "(fixed_small); --resume keeps the checkpoint's", choices=VARIANCE_TYPES)
+    num_samples: int = flag(16, "images in the per-epoch sample grid", min=1)
+    sample_steps: int = flag(50, f"DDIM steps for the per-epoch sample grid (1..{NUM_TIMESTEPS})", min=1)
+    seed: int = flag(0, "seed of the data order, initialisation and noise")
+    resume: bool = flag(False, "continue OUT/checkpoint.pt")
+    amp: bool = flag(False, "bfloat16 autocast (CPU, or CUDA with bf16 support)")
+    compile: bool = flag(False, "torch.compile the UNet")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+
+    def __post_init__(self):
+        self.data, self.out, self.pretrained = Path(self.data), Path(self.out), Path(self.pretrained)
+        common.check_config(self)
+        if not self.ema_decay < 1:
+            raise CLIError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.sample_steps > NUM_TIMESTEPS:
+            raise CLIError(f"--sample-steps must be in 1..{NUM_TIMESTEPS} (the schedule's length), got {self.sample_steps}")
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast where it is supported (CPU, CUDA with bf16), else a no-op context."""
-    ok = enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
-
-
-def cmd_train(args) -> None:
+def train(cfg: TrainConfig) -> Path:
     """Fine-tune or train with DDPM Alg. 1 through common.train_loop (which owns data order,
-    logging, checkpoints, --resume, Ctrl-C and NaN handling)."""
+    logging, checkpoints, --resume, Ctrl-C and NaN handling). Returns OUT/checkpoint.pt."""
     import data
 
-    _check_args(args)
-    info = common.setup_distributed(args.device)
+    info = common.setup_distributed(cfg.device)
+    ckpt_path = cfg.out / "checkpoint.pt"
     try:
         device = info.device
-        common.seed_everything(args.seed)
-        if not args.resume and (args.out / "checkpoint.pt").exists():
-            raise CLIError(f"{args.out / 'checkpoint.pt'} exists: pass --resume to continue it, or choose another --out")
-        resumed = common.load_checkpoint(args.out / "checkpoint.pt") if args.resume else None
+        common.seed_everything(cfg.seed)
+        if not cfg.resume and ckpt_path.exists():
+            raise CLIError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        resumed = common.load_checkpoint(ckpt_path) if cfg.resume else None
         if resumed is not None:
             if resumed.get("kind") != "ddpm":
-                raise CLIError(f"{args.out / 'checkpoint.pt'} is not a DDPM checkpoint")
+                raise CLIError(f"{ckpt_path} is not a DDPM checkpoint")
             model = UNet(UNetConfig(**resumed["config"]))
-        elif args.finetune:
-            model = load_pretrained(args.pretrained)
+        elif cfg.finetune:
+            model = load_pretrained(cfg.pretrained)
         else:
-            model = UNet(PRESETS[args.preset])
-        cfg = model.config
-        size = args.image_size or (resumed or {}).get("image_size") or cfg.sample_size
-        if size < 8 or size % 2 ** (len(cfg.block_out_channels) - 1):
-            raise CLIError(f"--image-size {size} must be divisible by {2 ** (len(cfg.block_out_channels) - 1)}")
-        images = data.load_folder(args.data, size, args.class_name).images  # (N, S, S) uint8, decoded once
-        if len(images) < args.batch_size * info.world_size:
-            raise CLIError(f"{len(images)} images under {args.data} but the batch needs {args.batch_size * info.world_size}"
+            model = UNet(PRESETS[cfg.preset])
+        ucfg = model.config
+        size = cfg.image_size or (resumed or {}).get("image_size") or ucfg.sample_size
+        if size < 8 or size % 2 ** (len(ucfg.block_out_channels) - 1):
+            raise CLIError(f"--image-size {size} must be divisible by {2 ** (len(ucfg.block_out_channels) - 1)}")
+        images = data.load_folder(cfg.data, size, cfg.class_name).images  # (N, S, S) uint8, decoded once
+        if len(images) < cfg.batch_size * info.world_size:
+            raise CLIError(f"{len(images)} images under {cfg.data} but the batch needs {cfg.batch_size * info.world_size}"
                            " (lower --batch-size)")
 
         model.to(device)
-        diffusion = GaussianDiffusion(**(resumed["diffusion"] if resumed else {})).to(device)
-        ema = common.EMA(model, args.ema_decay)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+        schedule = dict(beta_schedule=cfg.beta_schedule, variance_type=cfg.variance)
+        diffusion = GaussianDiffusion(**(resumed["diffusion"] if resumed else schedule)).to(device)
+        if resumed is not None and info.is_main and schedule.items() - diffusion.config().items():
+            print(f"note: --resume keeps the checkpoint's schedule ({diffusion.beta_schedule}, {diffusion.variance_type})")
+        ema = common.EMA(model, cfg.ema_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
         start_step = 0
         if resumed is not None:
             model.load_state_dict(resumed["model"])
@@ -663,45 +664,46 @@ def cmd_train(args) -> None:
             start_step = resumed["step"]
             common.set_rng_state(resumed["rng"])
         if info.rank:  # other ranks draw other t and noise (DDP already shares the weights)
-            torch.manual_seed(args.seed * 7919 + info.rank * 1_000_003 + start_step)
+            torch.manual_seed(cfg.seed * 7919 + info.rank * 1_000_003 + start_step)
         net = common.wrap_ddp(model, info)
-        net = torch.compile(net) if args.compile else net
+        net = torch.compile(net) if cfg.compile else net
         step = start_step
 
         def step_fn(batch: torch.Tensor) -> dict:
             nonlocal step
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for group in opt.param_groups:
                 group["lr"] = lr
             x0 = data.to_rgb_range(batch).to(device, non_blocking=True)  # (B, S, S) uint8 -> (B, 3, S, S) in [-1, 1]
-            with autocast(device, args.amp):
+            with common.autocast(device, cfg.amp):
                 loss = diffusion.training_loss(net, x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             opt.step()
             ema.update(model, step)  # decay warm-up: see common.EMA
             step += 1
             return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
 
         def state_fn() -> dict:
-            return {"kind": "ddpm", "config": asdict(cfg), "diffusion": diffusion.config(), "image_size": size,
+            return {"kind": "ddpm", "config": asdict(ucfg), "diffusion": diffusion.config(), "image_size": size,
                     "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
+                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
 
         # fixed noise, own generator: the grids of successive epochs are comparable and the training RNG is untouched
-        x_T = torch.randn((args.num_samples, cfg.in_channels, size, size), generator=torch.Generator().manual_seed(args.seed))
+        x_T = torch.randn((cfg.num_samples, ucfg.in_channels, size, size), generator=torch.Generator().manual_seed(cfg.seed))
 
         def on_epoch_end(epoch: int) -> None:
-            images = diffusion.sample(ema.model, x_T.shape, "ddim", args.sample_steps, x_T=x_T.to(device), progress=False)
-            common.save_image_grid(images, args.out / f"samples_epoch{epoch + 1:03d}.png")
+            images = diffusion.sample(ema.model, x_T.shape, "ddim", cfg.sample_steps, x_T=x_T.to(device), progress=False)
+            common.save_image_grid(images, cfg.out / f"samples_epoch{epoch + 1:03d}.png")
 
-        loop = common.LoopConfig(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
-                                 seed=args.seed, out=args.out)
+        loop = common.LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+                                 seed=cfg.seed, out=cfg.out)
         final = common.train_loop(images, step_fn, state_fn, loop, info, start_step, on_epoch_end,
                                   log_fields=("loss", "grad_norm", "lr"))
         if info.is_main:
-            print(f"trained to step {final}; checkpoint {args.out / 'checkpoint.pt'}")
+            print(f"trained to step {final}; checkpoint {ckpt_path}")
+        return ckpt_path
     finally:
         common.cleanup_distributed()
 
@@ -728,10 +730,13 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
     unet, diffusion, size = model_from_checkpoint(ckpt, device)
     if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
         raise CLIError(f"--steps must be in 1..{diffusion.num_timesteps}")
+    if sampler == "ddpm" and steps not in (None, diffusion.num_timesteps):
+        print(f"note: --sampler ddpm with --steps {steps} < {diffusion.num_timesteps} samples ancestrally on a "
+              "strided chain, which is DDIM with eta 1 (--eta is ignored)")
     net = torch.compile(unet) if compile else unet
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp):
+        with common.autocast(device, amp):
             return net(x, t).float()
 
     generator = torch.Generator(device).manual_seed(seed)

@@ -1,12 +1,12 @@
 """NIH ChestX-ray14 -> the two-class layout, split by patient.
 
-Wang et al., "ChestX-ray8", CVPR 2017 (NIH Clinical Center). The seed
+Wang et al., "ChestX-ray8", CVPR 2017 (NIH Clinical Center). The original
 experiment split at image level and balanced its classes by dropping the first
-40,000 "No Finding" rows in CSV order (REFERENCE.md section 3): patients leaked
-across splits, and the label tracked the patient id range. Here, in order:
+40,000 "No Finding" rows in CSV order (README, Data): patients leaked across
+splits, and the label tracked the patient id range. Here, in order:
 
 1. read the metadata CSV (Data_Entry_2017.csv, its _v2020 version, gzipped or
-   not, or the seed's final_data.csv) into (image, labels, patient) rows;
+   not, or the original experiment's final_data.csv) into (image, labels, patient) rows;
 2. candidates: `infiltration` = "Infiltration" among the |-separated labels
    (or the only label, --infiltration-only), `no_finding` = exactly "No Finding";
 3. rows whose file is not under the image root are skipped (most users download
@@ -19,7 +19,9 @@ across splits, and the label tracked the patient id range. Here, in order:
 6. each image is centre-cropped, resized and written as 8-bit grey PNG
    (data.render_entries), then manifest.csv and summary.json.
 
-Every step's losses are counted in the summary's "skipped".
+Every step's losses are counted in the summary's "skipped". `run(ExtractConfig)`
+does all of it, or, with `phantoms` set, writes synthetic phantoms
+(phantoms.py) in the same layout instead.
 """
 
 from __future__ import annotations
@@ -33,26 +35,58 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CLIError
+import phantoms
+from common import CLIError, check_config, flag
 from data import (CLASSES, IMAGE_EXTENSIONS, SPLIT_FRACTIONS, SPLITS, Entry, count_layout, entry_path,
-                  finish_layout, prepare_out_dir, render_entries)
+                  finish_layout, prepare_out_dir, read_resized, render_entries)
 
 IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
 
 
 @dataclass
 class ExtractConfig:
-    csv: Path
-    images: Path | None  # may be None only for a dry run
-    out: Path | None     # may be None only for a dry run
-    per_class: int | None = None
-    seed: int = 0
-    size: int = 256
-    infiltration_only: bool = False
-    official_test_list: Path | None = None
-    dry_run: bool = False
-    workers: int = 2
-    progress: bool = True
+    """The `extract` command's options: NIH mode (csv, images, ...) or phantom mode (phantoms)."""
+
+    csv: Path | None = flag(None, "NIH Data_Entry_2017(_v2020).csv[.gz] or the original experiment's "
+                            "final_data.csv", metavar="FILE")
+    images: Path | None = flag(None, "image root, searched recursively (images_001/images/*.png ...); "
+                               "optional with --dry-run", metavar="DIR")
+    out: Path | None = flag(None, "output folder (optional with --dry-run)", metavar="DIR")
+    per_class: int | None = flag(None, "at most N images per class, spread 70/10/20 over the splits "
+                                 "(None: all that balance allows)", min=1, metavar="N")
+    seed: int = flag(0, "seed of the patient split and the balancing sample", min=0, metavar="S")
+    size: int = flag(256, "output images are SIZE x SIZE, 8-bit grey", min=8, metavar="N")
+    infiltration_only: bool = flag(False, "infiltration = Infiltration as the only label, instead of anywhere "
+                                   "among the labels")
+    official_test_list: Path | None = flag(None, "NIH test_list.txt: these images form the test split; the rest "
+                                           "is split 70:10 by patient", metavar="FILE")
+    dry_run: bool = flag(False, "select and split from the CSV alone (and --images, if given, to drop files not "
+                         "on disk); write nothing")
+    json: bool = flag(False, "print the summary as one JSON object on the last line")
+    phantoms: int | None = flag(None, "write N synthetic phantoms in total, split evenly between the two classes "
+                                "(odd N: one more no_finding) instead of reading NIH data", min=2, metavar="N")
+    workers: int = flag(2, "processes that decode and resize", min=1, metavar="N")
+    progress: bool = True  # a progress bar on stderr (main.py turns it off with --json)
+
+    def __post_init__(self):
+        check_config(self)
+        if self.phantoms is not None:
+            clash = [name for name, value in (("--csv", self.csv), ("--images", self.images),
+                                              ("--per-class", self.per_class),
+                                              ("--infiltration-only", self.infiltration_only),
+                                              ("--official-test-list", self.official_test_list),
+                                              ("--dry-run", self.dry_run)) if value]
+            if clash:
+                raise CLIError(f"--phantoms cannot be combined with {', '.join(clash)}")
+            if self.out is None:
+                raise CLIError("--out is required")
+            return
+        if self.csv is None:
+            raise CLIError("--csv is required (or --phantoms N for synthetic data)")
+        if not self.dry_run and self.images is None:
+            raise CLIError("--images is required (unless --dry-run)")
+        if not self.dry_run and self.out is None:
+            raise CLIError("--out is required (unless --dry-run)")
 
 
 @dataclass(frozen=True)
@@ -87,7 +121,7 @@ def read_metadata(path: str | os.PathLike) -> tuple[list[Row], dict[str, int]]:
     `OriginalImage[Width,Height]` and `OriginalImagePixelSpacing[x,y]` are
     unquoted; a plain CSV reader splits header and rows alike, and the columns
     used here come first, so positions agree. Without a Patient ID column (the
-    seed's final_data.csv) the patient comes from the image name.
+    original experiment's final_data.csv) the patient comes from the image name.
     """
     path = Path(path)
     if not path.is_file():
@@ -282,9 +316,10 @@ def rebalance(entries: list[Entry], failed: list[Entry], rng: np.random.Generato
 
 
 def run(cfg: ExtractConfig) -> dict:
-    """Extract (or, with cfg.dry_run, only plan) the data set; returns the summary."""
-    if cfg.size < 8:
-        raise CLIError(f"--size must be at least 8, got {cfg.size}")
+    """Extract (or, with cfg.dry_run, only plan) the data set, or write cfg.phantoms
+    phantoms; returns the summary (also written to OUT/summary.json)."""
+    if cfg.phantoms is not None:
+        return phantoms.write_phantoms(cfg.phantoms, cfg.out, cfg.size, cfg.seed, cfg.workers, cfg.progress)
     rows, bad_rows = read_metadata(cfg.csv)
     test_list = read_test_list(cfg.official_test_list) if cfg.official_test_list is not None else None
     out = prepare_out_dir(cfg.out, create=False) if cfg.out is not None else None  # fail early if it's a file
@@ -293,7 +328,7 @@ def run(cfg: ExtractConfig) -> dict:
     summary["skipped"] = {**bad_rows, **summary["skipped"], "unreadable": 0}
     entries = [Entry(entry_path(split, cls, Path(r.image).stem), cls, split, r.patient,
                      str(on_disk[r.image]) if on_disk else r.image,
-                     ("file", str(on_disk[r.image]) if on_disk else r.image))
+                     (read_resized, str(on_disk[r.image]) if on_disk else r.image))
                for r, cls, split in selected]
     if cfg.dry_run:
         return {**summary, **count_layout(entries)}
@@ -307,3 +342,24 @@ def run(cfg: ExtractConfig) -> dict:
         summary["unreadable_files"] = [e.source for e, _ in failed]
     summary.update(count_layout(entries), written=status["written"], reused=status["reused"])
     return finish_layout(out, entries, summary)
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few human-readable lines."""
+    lines = []
+    cand = summary.get("candidates")
+    if cand:
+        lines.append("candidates: " + ", ".join(f"{c} {n:,}" for c, n in cand.items()))
+    lines.append(f"{'split':<12}{'infiltration':>14}{'no_finding':>12}{'patients':>10}")
+    for s in SPLITS:
+        c = summary["counts"][s]
+        lines.append(f"{s:<12}{c['infiltration']:>14,}{c['no_finding']:>12,}{summary['patients'][s]:>10,}")
+    skipped = {k: v for k, v in summary.get("skipped", {}).items() if v}
+    if skipped:
+        lines.append("skipped rows: " + "; ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in skipped.items()))
+    if summary.get("dry_run"):
+        lines.append(f"dry run: {summary['total']:,} images selected, nothing written")
+    else:
+        lines.append(f"{summary['total']:,} images in {summary['out']} ({summary.get('written', 0):,} written, "
+                     f"{summary.get('reused', 0):,} reused, {summary.get('removed_stale', 0):,} stale removed)")
+    return "\n".join(lines)

@@ -18,12 +18,12 @@ in tests/test_fid.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
-from common import CLIError, atomic_path, pick_device
+import data
+from common import CLIError, atomic_path, check_config, flag, pick_device
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -317,13 +318,12 @@ def _as_unit_batch(images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def extract(model: FIDInceptionV3, images, batch_size: int = 50, progress: bool = True,
-            desc: str = "inception") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def inception_features(model: FIDInceptionV3, images, batch_size: int = 50, progress: bool = True,
+                       desc: str = "inception") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Pool features (N, 2048) and bias-free logits (N, 1008), float64, of
     - a folder (searched recursively, images at their stored resolution), or
     - a tensor: uint8 (N, H, W) / (N, C, H, W) in 0..255, or float (N, C, H, W) in [0, 1].
     Returns (features, logits, skipped paths)."""
-    import data
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -359,21 +359,15 @@ def extract(model: FIDInceptionV3, images, batch_size: int = 50, progress: bool 
     return torch.cat(feats).numpy(), torch.cat(logits).numpy(), skipped
 
 
-def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mean_and_covariance(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """mu (D,) and sigma (D, D) as pytorch-fid computes them (np.cov, rowvar False)."""
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def _stats_cache_file(folder: Path, weights: Path) -> Path:
-    import data
-
-    h = hashlib.sha256(b"fid-stats v1")
-    st = weights.stat()
-    h.update(f"{weights.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # other weights, other stats
-    for p in data.list_images(folder):
-        s = p.stat()
-        h.update(f"{p.resolve()}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
-    return data.default_cache_dir() / "fid" / f"{h.hexdigest()[:20]}.npz"
+    st = weights.stat()  # other weights, other statistics
+    key = data.files_key(data.list_images(folder), f"fid-stats v2\0{weights.resolve()}\0{st.st_size}\0{st.st_mtime_ns}")
+    return data.default_cache_dir() / "fid" / f"{key}.npz"
 
 
 def load_stats(path: str | os.PathLike) -> dict:
@@ -400,15 +394,16 @@ def _check_count(n: int, name) -> None:
         raise CLIError(f"{name}: {n} image(s); FID and KID need at least 2 per side (and 2,048 for a reliable FID)")
 
 
-def embed(source, model: FIDInceptionV3, weights: Path, batch_size: int = 50, progress: bool = True) -> dict:
+def feature_statistics(source, model: FIDInceptionV3, weights: Path, batch_size: int = 50,
+                       progress: bool = True) -> dict:
     """Statistics (and, where available, features and logits) of a folder, an .npz,
     or a tensor. A folder's result is cached, keyed by its contents and the weights."""
     if _is_npz(source):
         return load_stats(source)
     if torch.is_tensor(source):
         _check_count(source.shape[0], "image tensor")
-        f, l, _ = extract(model, source, batch_size, progress)
-        mu, sigma = statistics(f)
+        f, l, _ = inception_features(model, source, batch_size, progress)
+        mu, sigma = mean_and_covariance(f)
         return dict(mu=mu, sigma=sigma, features=f, logits=l, n=np.asarray(len(f)))
     path = Path(source)
     cache = _stats_cache_file(path, weights)
@@ -417,9 +412,9 @@ def embed(source, model: FIDInceptionV3, weights: Path, batch_size: int = 50, pr
             return load_stats(cache)
         except CLIError:
             pass  # a damaged cache is rebuilt
-    f, l, skipped = extract(model, path, batch_size, progress, desc=f"inception {path.name}")
+    f, l, skipped = inception_features(model, path, batch_size, progress, desc=f"inception {path.name}")
     _check_count(len(f), path)
-    mu, sigma = statistics(f)
+    mu, sigma = mean_and_covariance(f)
     out = dict(mu=mu, sigma=sigma, features=f.astype(np.float32), logits=l.astype(np.float32), n=np.asarray(len(f)))
     if not skipped:  # a folder with unreadable files is re-examined next time
         try:
@@ -519,14 +514,12 @@ def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 
     """FID, KID and IS (of `fake`) with the FID Inception. real/fake: folders, .npz
     statistics, or uint8 tensors (N, H, W). Values that need features an .npz lacks are None."""
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    if batch_size < 1:
-        raise CLIError("--batch-size must be at least 1")
     weights = model = None
     if not (_is_npz(real) and _is_npz(fake)):  # two .npz files need no network
         weights = resolve_weights(inception_weights)
         model = load_inception(weights, device)
-    r = embed(real, model, weights, batch_size, progress)
-    f = embed(fake, model, weights, batch_size, progress)
+    r = feature_statistics(real, model, weights, batch_size, progress)
+    f = feature_statistics(fake, model, weights, batch_size, progress)
     n_real, n_fake = (int(s["n"]) if int(s["n"]) >= 0 else None for s in (r, f))  # None: an .npz that does not say
     _warn_few(n_real or FID_MIN_IMAGES, n_fake or FID_MIN_IMAGES)
     out = dict(fid=frechet_distance(r["mu"], r["sigma"], f["mu"], f["sigma"]), kid_mean=None, kid_std=None,
@@ -546,8 +539,8 @@ def feature_distance(f_real: np.ndarray, f_fake: np.ndarray) -> dict:
     KID, so the same caveats about sample counts; the values live on another scale."""
     if min(len(f_real), len(f_fake)) < 2:
         raise CLIError(f"need at least 2 images per side (got {len(f_real)} and {len(f_fake)})")
-    mu1, s1 = statistics(np.asarray(f_real, np.float64))
-    mu2, s2 = statistics(np.asarray(f_fake, np.float64))
+    mu1, s1 = mean_and_covariance(np.asarray(f_real, np.float64))
+    mu2, s2 = mean_and_covariance(np.asarray(f_fake, np.float64))
     k_mean, k_std, m = kid(f_real, f_fake)
     return dict(cxr_fd=frechet_distance(mu1, s1, mu2, s2), cxr_kid_mean=k_mean, cxr_kid_std=k_std,
                 cxr_kid_subset_size=m, cxr_n_real=len(f_real), cxr_n_fake=len(f_fake), cxr_dim=int(f_real.shape[1]))
@@ -561,8 +554,6 @@ def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None
 
     real/fake: folders or uint8 tensors (N, S, S). features_fn(uint8 (N, S, S)) -> (N, D)
     replaces the classifier (a seam for tests); then `size` must be given."""
-    import data
-
     if features_fn is None:
         import classify
 
@@ -579,52 +570,42 @@ def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None
                             np.asarray(features_fn(u8(fake)), np.float64))
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- the `fid` command
 
 
-def cmd_fid(args) -> None:
-    for p in (args.real, args.fake):
+@dataclass
+class FIDConfig:
+    """The `fid` command's options (main.py); `run` does the work and returns the numbers."""
+
+    real: str = flag(MISSING, "folder of real images, or .npz statistics", positional=True)
+    fake: str = flag(MISSING, "folder of generated images, or .npz statistics", positional=True)
+    inception_weights: Path | None = flag(None, f"{WEIGHTS_FILE} (default: models/, downloaded when absent)")
+    batch_size: int = flag(50, "images per Inception forward pass", min=1)
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1, ...")
+    json: bool = flag(False, "print the results as one JSON object on the last line")
+    classifier: Path | None = flag(None, "classifier checkpoint: also report the Frechet distance and KID on "
+                                   "its features")
+
+    def __post_init__(self):
+        check_config(self)
+
+
+def run(cfg: FIDConfig) -> dict:
+    """FID, KID and IS of cfg.fake against cfg.real, plus the classifier feature
+    distance with cfg.classifier. Without Inception weights and with a classifier,
+    the Inception numbers are None (with a warning) instead of an error."""
+    for p in (cfg.real, cfg.fake):
         if not Path(p).exists():
             raise CLIError(f"not found: {p}")
     try:
-        res = evaluate(args.real, args.fake, args.inception_weights, args.device, args.batch_size)
+        res = evaluate(cfg.real, cfg.fake, cfg.inception_weights, cfg.device, cfg.batch_size)
     except InceptionWeightsMissing as e:
-        if args.classifier is None:
+        if cfg.classifier is None:
             raise
         print(f"warning: {e}; reporting the classifier feature distance only", file=sys.stderr)
         res = dict(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None, n_real=None, n_fake=None)
-    if res["fid"] is not None:
-        print(f"FID  {res['fid']:.4f}   (n_real={res['n_real']}, n_fake={res['n_fake']})")
-        if res["kid_mean"] is not None:
-            print(f"KID  {res['kid_mean']:.6f} +- {res['kid_std']:.6f}   (100 subsets of {res['kid_subset_size']})")
-        else:
-            print("KID  n/a (an .npz without features)")
-    if res["is_mean"] is not None:
-        print(f"IS   {res['is_mean']:.4f} +- {res['is_std']:.4f}   (FAKE, 10 splits)")
-    if args.classifier is not None:
-        res.update(classifier_feature_distance(args.real, args.fake, args.classifier))
+    if cfg.classifier is not None:
+        res.update(classifier_feature_distance(cfg.real, cfg.fake, cfg.classifier))
         if res["n_real"] is None:
             res["n_real"], res["n_fake"] = res["cxr_n_real"], res["cxr_n_fake"]
-        print(f"chest X-ray classifier features (not comparable with FID): FD {res['cxr_fd']:.4f}, "
-              f"KID {res['cxr_kid_mean']:.6f} +- {res['cxr_kid_std']:.6f}")
-    if args.json:
-        print(json.dumps(res))
-
-
-def add_commands(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("fid", help="FID, KID and Inception Score of FAKE against REAL",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="REAL and FAKE are image folders (searched recursively) or .npz statistics "
-                                   "(pytorch-fid's format: mu, sigma). Folder statistics are cached.")
-    p.add_argument("real", help="folder of real images, or .npz statistics")
-    p.add_argument("fake", help="folder of generated images, or .npz statistics")
-    p.add_argument("--inception-weights", type=Path, default=None,
-                   help=f"{WEIGHTS_FILE} (default: models/, downloaded when absent)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
-    p.add_argument("--classifier", type=Path, default=None,
-                   help="classifier checkpoint: also report the Frechet distance and KID on its features")
-    p.set_defaults(func=cmd_fid)
+    return res

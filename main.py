@@ -120,58 +120,92 @@ def _add(sub, name: str, help: str, cls=None, func=None, description: str | None
 
 
 def data_commands(sub) -> None:
-    import data
+    import extract
 
-    data.add_commands(sub)
+    _add(sub, "extract", "build the two-class data set (NIH ChestX-ray14 or synthetic phantoms)",
+         extract.ExtractConfig, cmd_extract,
+         description="NIH mode: select Infiltration vs No Finding images from the NIH metadata CSV, split them "
+                     "70/10/20 by patient, balance each split by random sampling, and write "
+                     "OUT/{train,validation,test}_data/{infiltration,no_finding}/*.png resized to --size, with "
+                     "OUT/manifest.csv and OUT/summary.json. Phantom mode (--phantoms N): write N synthetic chest "
+                     "X-ray phantoms (a stand-in for trying the pipeline, not medical data) in the same layout.")
+
+
+def cmd_extract(args) -> None:
+    import json
+
+    import extract
+
+    summary = extract.run(config_from_args(extract.ExtractConfig, args, progress=not args.json))
+    print(extract.format_summary(summary), flush=True)
+    if args.json:
+        print(json.dumps(summary, separators=(",", ":")))
 
 
 # --------------------------------------------------------------------------- commands: generators (ddpm, sample)
 
 
+@dataclasses.dataclass(kw_only=True)
+class SampleConfig:
+    """The `sample` command. It reads checkpoints of both generators, so it lives here
+    rather than in ddpm.py or dcgan.py; in Python, call ddpm.generate or dcgan.generate."""
+
+    checkpoint: Path = common.flag(help="checkpoint.pt written by `ddpm` or `gan`")
+    out: Path = common.flag(help="folder for the PNGs and grid.png")
+    n: int = common.flag(64, "number of images", flag="-n", min=1)
+    sampler: str = common.flag("ddpm", "DDPM only: ancestral or DDIM", choices=("ddpm", "ddim"))
+    steps: int | None = common.flag(None, "DDPM only: sampling steps (default 1000 ddpm, 50 ddim); ddpm with "
+                                    "fewer than 1000 is ancestral sampling on a strided chain (DDIM, eta 1)", min=1)
+    eta: float = common.flag(0.0, "DDIM only: 0 deterministic, 1 DDPM-like noise")
+    seed: int = common.flag(0, "the same seed gives the same images")
+    batch_size: int = common.flag(64, "images per forward pass", min=1)
+    device: str = common.flag("auto", "auto, cpu, cuda, cuda:1")
+    amp: bool = common.flag(False, "DDPM only: bf16 autocast for the network")
+    compile: bool = common.flag(False, "DDPM only: torch.compile the network")
+
+    def __post_init__(self):
+        common.check_config(self)
+
+
 def ddpm_commands(sub) -> None:
     import ddpm
 
-    ddpm.add_commands(sub)
-    p = sub.add_parser("sample", help="write N images from a DDPM or GAN checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by `ddpm` or `gan`")
-    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs and grid.png")
-    p.add_argument("-n", type=int, default=64, help="number of images")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="DDPM only: ancestral or DDIM")
-    p.add_argument("--steps", type=int, default=None, help="DDPM only: sampling steps (default 1000 ddpm, 50 ddim)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true", help="DDPM only: bf16 autocast for the network")
-    p.add_argument("--compile", action="store_true", help="DDPM only: torch.compile the network")
-    p.set_defaults(func=cmd_sample)
+    _add(sub, "ddpm", "fine-tune google/ddpm-cifar10-32 (--finetune) or train a DDPM from scratch",
+         ddpm.TrainConfig, cmd_ddpm)
+    _add(sub, "sample", "write N images from a DDPM or GAN checkpoint", SampleConfig, cmd_sample)
+
+
+def cmd_ddpm(args) -> None:
+    import ddpm
+
+    ddpm.train(config_from_args(ddpm.TrainConfig, args))
 
 
 def cmd_sample(args) -> None:
     """Sample from a checkpoint of either generator; PNGs are grey, like the data."""
-    import importlib
-
     from common import load_checkpoint, pick_device, save_image_grid, save_png, to_uint8
 
-    if args.n < 1 or args.batch_size < 1:
-        raise CLIError("-n and --batch-size must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError("--steps must be at least 1")
-    ckpt = load_checkpoint(args.checkpoint)
+    cfg = config_from_args(SampleConfig, args)
+    ckpt = load_checkpoint(cfg.checkpoint)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if kind not in ("ddpm", "dcgan"):
-        raise CLIError(f"{args.checkpoint} is not a DDPM or GAN checkpoint of this project (kind={kind!r})")
-    module = importlib.import_module(kind)
-    images = module.generate(ckpt, args.n, seed=args.seed, batch_size=args.batch_size,
-                             device=pick_device(args.device), sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             amp=args.amp, compile=args.compile)
+    device = pick_device(cfg.device)
+    if kind == "ddpm":
+        import ddpm
+
+        images = ddpm.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device, sampler=cfg.sampler,
+                               steps=cfg.steps, eta=cfg.eta, amp=cfg.amp, compile=cfg.compile)
+    elif kind == "dcgan":
+        import dcgan
+
+        images = dcgan.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device)
+    else:
+        raise CLIError(f"{cfg.checkpoint} is not a DDPM or GAN checkpoint of this project (kind={kind!r})")
     grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey
-    args.out.mkdir(parents=True, exist_ok=True)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(grey)):
-        save_png(img, args.out / f"sample_{i:05d}.png")
-    save_image_grid(grey[:64], args.out / "grid.png")
-    print(f"wrote {args.n} images and grid.png to {args.out}")
+        save_png(img, cfg.out / f"sample_{i:05d}.png")
+    save_image_grid(grey[:64], cfg.out / "grid.png")
+    print(f"wrote {cfg.n} images and grid.png to {cfg.out}")
 
 
 # --------------------------------------------------------------------------- commands: the GAN baseline
@@ -180,7 +214,13 @@ def cmd_sample(args) -> None:
 def gan_commands(sub) -> None:
     import dcgan
 
-    dcgan.add_commands(sub)
+    _add(sub, "gan", "train the DCGAN baseline (Radford et al. 2016) on a folder of X-rays", dcgan.TrainConfig, cmd_gan)
+
+
+def cmd_gan(args) -> None:
+    import dcgan
+
+    dcgan.train(config_from_args(dcgan.TrainConfig, args))
 
 
 # --------------------------------------------------------------------------- commands: evaluation (fid, classify)
@@ -190,17 +230,93 @@ def eval_commands(sub) -> None:
     import classify
     import fid
 
-    fid.add_commands(sub)
-    classify.add_commands(sub)
+    _add(sub, "fid", "FID, KID and Inception Score of FAKE against REAL", fid.FIDConfig, cmd_fid,
+         description="REAL and FAKE are image folders (searched recursively) or .npz statistics "
+                     "(pytorch-fid's format: mu, sigma). Folder statistics are cached.")
+    _add(sub, "classify", "train and test the Infiltration vs No Finding classifier", classify.RunConfig, cmd_classify,
+         description="Train on DIR/train_data (plus --synthetic images, training only), select the epoch and "
+                     "threshold on DIR/validation_data, report AUROC with a bootstrap 95%% interval on DIR/test_data.")
+
+
+def cmd_fid(args) -> None:
+    import json
+
+    import fid
+
+    res = fid.run(config_from_args(fid.FIDConfig, args))
+    if res["fid"] is not None:
+        print(f"FID  {res['fid']:.4f}   (n_real={res['n_real']}, n_fake={res['n_fake']})")
+        if res["kid_mean"] is not None:
+            print(f"KID  {res['kid_mean']:.6f} +- {res['kid_std']:.6f}   (100 subsets of {res['kid_subset_size']})")
+        else:
+            print("KID  n/a (an .npz without features)")
+    if res["is_mean"] is not None:
+        print(f"IS   {res['is_mean']:.4f} +- {res['is_std']:.4f}   (FAKE, 10 splits)")
+    if "cxr_fd" in res:
+        print(f"chest X-ray classifier features (not comparable with FID): FD {res['cxr_fd']:.4f}, "
+              f"KID {res['cxr_kid_mean']:.6f} +- {res['cxr_kid_std']:.6f}")
+    if args.json:
+        print(json.dumps(res))
+
+
+def cmd_classify(args) -> None:
+    import json
+
+    import classify
+
+    m = classify.run(config_from_args(classify.RunConfig, args))
+    print(f"{m['model']} classifier at {m['size']}px: trained on {m['n_train']} real + {m['n_synthetic']} synthetic "
+          f"images, best epoch {m['best_epoch']} (validation AUROC {m['val_auroc']:.4f} on {m['n_val']} images)")
+    print(f"test ({m['n_test']} real images): AUROC {m['auroc']:.4f} "
+          f"[95% CI {m['auroc_ci_low']:.4f}, {m['auroc_ci_high']:.4f}]; at threshold {m['threshold']:.4f} "
+          f"(chosen on validation): accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
+          f"specificity {m['specificity']:.4f}")
+    if args.save is not None:
+        print(f"saved {args.save}")
+    if args.json:
+        print(json.dumps(m))
 
 
 # --------------------------------------------------------------------------- commands: the study (experiment, demo, memorization)
 
 
 def study_commands(sub) -> None:
+    import memorization
     import study
 
-    study.add_commands(sub)
+    _add(sub, "experiment", "the whole study: generators per class, classifier grid, memorisation, report.md",
+         study.ExperimentOptions, cmd_experiment)
+    _add(sub, "demo", "the experiment end to end on phantom X-rays with small models (about 5-10 min on a CPU)",
+         study.DemoConfig, cmd_demo)
+    p = _add(sub, "memorization", "are synthetic images closer to training images than real held-out images are?",
+             memorization.MemorizationConfig, cmd_memorization)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+
+
+def cmd_experiment(args) -> None:
+    import study
+
+    study.run_study(study.study_config(config_from_args(study.ExperimentOptions, args)))
+
+
+def cmd_demo(args) -> None:
+    import study
+
+    cfg = config_from_args(study.DemoConfig, args)
+    study.run_demo(cfg.out, cfg.quick, cfg.device)
+
+
+def cmd_memorization(args) -> None:
+    import json
+
+    import memorization
+
+    res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
+    print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are closer "
+          f"to a training image than the {res['percentile']:g}st percentile of real held-out images (pixel "
+          f"threshold {res['pixel']['threshold']:.4f}; {res['train']})", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(res))
 
 
 # --------------------------------------------------------------------------- entry point

@@ -17,30 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+import classify
+import data
 from common import atomic_path
 
 
 # --------------------------------------------------------------------------- the report: paired bootstrap
-
-
-def bootstrap_indices(labels: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
-    """(B, n) resampled test indices, positives first then negatives, each class
-    resampled within itself (a stratified bootstrap: every resample keeps the
-    class counts, so AUROC is always defined). The SAME resamples score every
-    run, which is what makes the differences paired."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    return np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
-
-
-def bootstrap_aurocs(scores: np.ndarray, idx: np.ndarray, n_pos: int) -> np.ndarray:
-    """AUROC of each resample (B,), by the Mann-Whitney rank formula
-    AUROC = (R_pos - P(P+1)/2) / (P N), ties given average ranks."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores[idx], axis=1)  # (B, n)
-    n_neg = idx.shape[1] - n_pos
-    return (ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 @dataclass
@@ -65,13 +47,14 @@ class Setting:
 
 def summarise(rows: list[dict], scores_dir: Path, n_boot: int) -> list[Setting]:
     labels = np.load(scores_dir / "test_labels.npy")
-    idx = bootstrap_indices(labels, n_boot)
+    idx = classify.stratified_bootstrap_indices(labels, n_boot)  # one set of resamples scores every run
     n_pos = int((labels == 1).sum())
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["mode"], r["generator"], float(r["ratio"]), float(r["real_fraction"])), []).append(r)
     boots: dict[tuple, dict[int, np.ndarray]] = {
-        key: {int(r["seed"]): bootstrap_aurocs(np.load(scores_dir / f"{r['run']}.npy"), idx, n_pos) for r in rs}
+        key: {int(r["seed"]): classify.bootstrap_aurocs(np.load(scores_dir / f"{r['run']}.npy"), idx, n_pos)
+              for r in rs}
         for key, rs in groups.items()}
     fractions = sorted({k[3] for k in groups})
     settings = []
@@ -232,22 +215,24 @@ def write_report(cfg, real, synth: dict, memo: dict, dist: dict, rows: list[dict
                  memorization_percentile: float) -> Path:
     """OUT/report.md and its figures. cfg is study.StudyConfig, real study.RealData,
     rows the rows of results.csv."""
-    import data
-
     settings = summarise(rows, cfg.out / "scores", cfg.bootstrap)
     plot_auroc(settings, cfg.out / "auroc_vs_ratio.png")
     plot_distances(dist, cfg.out / "distances.png")
     for cls in data.CLASSES:
         plot_samples(real, synth, cls, data.LABELS[cls], cfg.out / f"samples_{cls}.png")
     n_seeds = cfg.seeds
+    made = []  # how each generator's samples were made
+    if "ddpm" in cfg.generators:
+        made.append(f"{cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM")
+    if "gan" in cfg.generators:
+        made.append(f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px")
     L = [headline(settings), "", f"# Does synthetic data help? Report of {cfg.title}", ""]
     L += [f"Data: `{cfg.data}` ({len(real.train_y)} train, {len(real.val_y)} validation, {len(real.test_y)} test "
           f"images; {int(real.test_y.sum())} of the test images show infiltration). Classifier: `{cfg.classifier}` "
           f"at {cfg.size}x{cfg.size} px, {cfg.classifier_epochs} epochs at most, model and threshold chosen on the "
           f"real validation split. Generators: {', '.join(g.upper() for g in cfg.generators)}, one per class, "
           f"trained on the train split only; {synth[cfg.generators[0]][0].shape[0] // 2} samples per class "
-          f"({cfg.gen.sampler.upper()} with {cfg.gen.sample_steps} steps for the DDPM; GAN samples made at "
-          f"{cfg.gen.gan_size} px and resized to {cfg.size} px). {n_seeds} seed(s); {len(rows)} classifier runs; "
+          f"({'; '.join(made)}). {n_seeds} seed(s); {len(rows)} classifier runs; "
           f"this invocation took {elapsed / 60:.1f} min.", ""]
     L += ["## Test AUROC per setting", "",
           "Mean over seeds. *95% CI*: percentile interval of the seed-mean AUROC over "

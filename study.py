@@ -1,10 +1,10 @@
 """Does synthetic data help? The augmentation experiment, the memorisation check
-and the report.
+and the demo; report.py writes the report.
 
-The seed project answered "yes" from one seed, with model selection on folds
-that held synthetic images, patients leaking across splits and no AUROC
-(REFERENCE.md section 3). This file asks the same question so that a reviewer
-could accept the answer:
+The original experiment answered "yes" from one random seed, with model
+selection on folds that held synthetic images, patients leaking across splits
+and no AUROC (README, "Does synthetic data help? The experiment"). This file
+asks the same question so that a reviewer could accept the answer:
 
   * patient-disjoint train / validation / test splits (made by `extract`);
   * one generator per class, trained on that class's TRAIN split only, so a
@@ -24,65 +24,83 @@ could accept the answer:
   * a memorisation check: is a synthetic image closer to a training image than
     real test images ever are?
 
-Everything lands in OUT: generators/, synthetic/, scores/, results.csv (one row
-per classifier run, rewritten atomically after each run, so an interrupted
-study resumes where it stopped) and report.md with its plots (written by report.py).
+The generators are trained by calling ddpm.train / dcgan.train with their own
+config objects (StudyConfig.ddpm, StudyConfig.gan) and sampled with their
+`generate` functions. Everything lands in OUT: generators/, synthetic/, scores/,
+results.csv (one row per classifier run, rewritten atomically after each run, so
+an interrupted study resumes where it stopped) and report.md with its plots.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
-import sys
+import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import classify
+import data
+import dcgan
+import ddpm
+import fid
+import memorization
+import phantoms
 import report
-from common import CLIError, atomic_path, save_image_grid
+from common import CLIError, atomic_path, check_config, flag, load_checkpoint, pick_device, save_png, to_uint8
 
 GENERATORS = ("ddpm", "gan")
 RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "auroc", "auroc_ci_low",
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
                  "n_test", "test_set", "seconds", "finished_at")
-MEMORIZATION_PERCENTILE = 1.0  # flag synthetic images closer than the 1st percentile of real-test NN distances
 
 
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass
-class GeneratorConfig:
-    """How each per-class generator is trained and sampled."""
+def ddpm_recipe(preset: str | None = None, pretrained: Path | None = None, lr: float | None = None,
+                **settings) -> ddpm.TrainConfig:
+    """The DDPM trained for each class: fine-tune google/ddpm-cifar10-32 (the
+    original experiment's recipe, AdamW lr 1e-5) when its weights are given or
+    already on disk, else train a preset from scratch at Ho et al.'s CIFAR-10
+    learning rate, 2e-4. `settings` are other ddpm.TrainConfig fields; data,
+    out, class_name and resume are set per class by train_generator."""
+    if pretrained is None and preset is None:
+        local = Path(ddpm.DEFAULT_PRETRAINED)
+        if (local / "config.json").is_file() or local.is_file():
+            pretrained = local
+        else:
+            print(f"note: no google/ddpm-cifar10-32 weights at {local}; training the 'small' DDPM from scratch "
+                  "(pass --pretrained PATH to fine-tune)", flush=True)
+            preset = "small"
+    plan = (dict(finetune=True, pretrained=pretrained, lr=lr or 1e-5) if pretrained is not None
+            else dict(preset=preset, lr=lr or 2e-4))
+    return ddpm.TrainConfig(data=Path(), out=Path(), **plan, **settings)
 
-    ddpm_preset: str | None = None  # None: fine-tune cifar10-32 when weights are found, else "small" from scratch
-    ddpm_pretrained: Path | None = None
-    ddpm_epochs: int = 20
-    ddpm_max_steps: int | None = None
-    ddpm_batch_size: int = 32
-    ddpm_lr: float | None = None  # None: 1e-5 to fine-tune, 2e-4 from scratch
-    ddpm_grid_steps: int = 50  # DDIM steps of the per-epoch monitoring grid the DDPM trainer draws
-    ddpm_ema_decay: float | None = None  # None: ddpm's default (0.999, warmed up over the first steps)
-    ddpm_warmup: int = 0  # linear learning-rate warm-up steps
-    gan_size: int = 64
-    gan_epochs: int = 20
-    gan_max_steps: int | None = None
-    gan_batch_size: int = 32
-    sampler: str = "ddim"  # DDIM (Song et al. 2021) at 50 steps: ~20x cheaper than 1000 ancestral steps
-    sample_steps: int = 50
-    n_synthetic: int | None = None  # per class; None = enough for the largest ratio at the full real fraction
+
+def gan_recipe(**settings) -> dcgan.TrainConfig:
+    """The DCGAN trained for each class (`settings`: dcgan.TrainConfig fields): a
+    16-image grid per epoch and one checkpoint, not one per epoch."""
+    return dcgan.TrainConfig(data=Path(), out=Path(), **{"num_samples": 16, "no_epoch_checkpoints": True, **settings})
 
 
 @dataclass
 class StudyConfig:
+    """One study. `ddpm` and `gan` are the generators' own training configs,
+    used for every class (train_generator sets their data, out, class and resume)."""
+
     data: Path
     out: Path
+    ddpm: ddpm.TrainConfig | None = None  # needed when "ddpm" is among the generators
+    gan: dcgan.TrainConfig | None = None  # needed when "gan" is
     generators: tuple[str, ...] = GENERATORS
     ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real training image, per class
     real_fractions: tuple[float, ...] = (1.0, 0.25, 0.1)
@@ -97,26 +115,90 @@ class StudyConfig:
     fid_max_images: int = 2000
     inception: bool = True  # try Inception FID/KID/IS (slow on a CPU); the classifier-feature distances always run
     device: str = "auto"
-    gen: GeneratorConfig = field(default_factory=GeneratorConfig)
+    sampler: str = "ddim"  # the DDPM's: DDIM (Song et al. 2021) at 50 steps, ~20x cheaper than 1000 ancestral steps
+    sample_steps: int = 50
+    n_synthetic: int | None = None  # per class; None = enough for the largest ratio at the full real fraction
     title: str = "the augmentation experiment"
 
+    def __post_init__(self):
+        missing = [g for g in self.generators if getattr(self, g) is None]
+        if missing:
+            raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
 
-# --------------------------------------------------------------------------- running other commands in-process
+
+@dataclass
+class ExperimentOptions:
+    """The options of `python main.py experiment`; `study_config` turns them into a StudyConfig."""
+
+    data: Path = flag(help="real data in the extract layout (patient-disjoint splits)")
+    out: Path = flag(help="study folder; re-running skips finished work")
+    generators: str = flag("ddpm,gan", "comma-separated: ddpm, gan")
+    ratios: str = flag("0,0.5,1,2", "synthetic images per real training image (0 = real only)")
+    real_fractions: str = flag("1,0.25,0.1", "fractions of the real train split (stratified)")
+    seeds: int = flag(3, "seeds per setting", min=1)
+    n_synthetic: int | None = flag(None, "samples per class and generator (default: enough for the largest ratio)",
+                                   min=1)
+    classifier: str = flag("resnet18", "the classifier's network", choices=classify.MODELS)
+    size: int = flag(32, "common resolution of real and synthetic images", min=1)
+    epochs: int = flag(20, "classifier epochs (early stopping on validation AUROC)", min=1)
+    batch_size: int = flag(64, "classifier batch size", min=1)
+    patience: int = flag(5, "classifier early-stopping patience (epochs)")
+    ddpm_finetune: bool = flag(False, "fine-tune google/ddpm-cifar10-32 (needs --pretrained)")
+    pretrained: Path | None = flag(None, "google/ddpm-cifar10-32 weights (file or folder)")
+    ddpm_preset: str | None = flag(None, "train this DDPM from scratch (default: fine-tune when weights are found, "
+                                         "else small)", choices=tuple(ddpm.PRESETS))
+    ddpm_epochs: int = flag(20, "DDPM training epochs per class", min=1)
+    ddpm_max_steps: int | None = flag(None, "stop each DDPM after this many steps", min=1)
+    gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
+    gan_epochs: int = flag(20, "GAN training epochs per class", min=1)
+    gan_max_steps: int | None = flag(None, "stop each GAN after this many steps", min=1)
+    sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=("ddim", "ddpm"))
+    sample_steps: int = flag(50, "DDPM sampling steps", min=1)
+    tstr: bool = flag(True, "train on synthetic, test on real (TSTR); --no-tstr skips it", flag="--no-tstr")
+    bootstrap: int = flag(1000, "bootstrap resamples for the report's intervals", min=1)
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+
+    def __post_init__(self):
+        check_config(self)
 
 
-def run_command(argv: list[str], what: str) -> None:
-    """Run `python main.py ARGV` in this process (no second torch import); any
-    failure becomes one CLIError naming the stage (the command's own message is
-    already on stderr)."""
-    import main
-
-    print(f"\n== {what}\n   python main.py {' '.join(argv)}", flush=True)
+def _floats(text: str, name: str) -> tuple[float, ...]:
     try:
-        rc = main.main(argv)
-    except SystemExit as e:  # argparse rejects an argument by exiting
-        rc = e.code if isinstance(e.code, int) else 2
-    if rc != 0:
-        raise CLIError(f"{what} failed (exit {rc}; its message is above): python main.py {' '.join(argv)}")
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CLIError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise CLIError(f"{name} is empty")
+    return vals
+
+
+def study_config(o: ExperimentOptions) -> StudyConfig:
+    """The study the experiment's options describe, each list checked."""
+    gens = tuple(g.strip() for g in o.generators.split(",") if g.strip())
+    bad = [g for g in gens if g not in GENERATORS]
+    if bad or not gens:
+        raise CLIError(f"--generators: unknown {bad or 'empty list'} (choose from {','.join(GENERATORS)})")
+    ratios = tuple(sorted(set(_floats(o.ratios, "--ratios"))))
+    if min(ratios) < 0 or 0 not in ratios or len(ratios) < 2:
+        raise CLIError("--ratios must be >= 0 and include 0 (the real-only baseline) and at least one positive ratio")
+    fracs = tuple(sorted(set(_floats(o.real_fractions, "--real-fractions")), reverse=True))
+    if not all(0 < f <= 1 for f in fracs):
+        raise CLIError("--real-fractions must lie in (0, 1]")
+    if o.ddpm_finetune and o.pretrained is None:
+        raise CLIError("--ddpm-finetune needs --pretrained PATH (google/ddpm-cifar10-32 weights)")
+    if o.pretrained is not None and not o.pretrained.exists():
+        raise CLIError(f"--pretrained: not found: {o.pretrained}")
+    if not o.data.is_dir():
+        raise CLIError(f"--data: folder not found: {o.data}")
+    return StudyConfig(
+        o.data, o.out,
+        ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=o.ddpm_max_steps)
+        if "ddpm" in gens else None,
+        gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=o.gan_max_steps) if "gan" in gens else None,
+        generators=gens, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size, classifier=o.classifier,
+        classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, patience=o.patience, tstr=o.tstr,
+        bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
+        n_synthetic=o.n_synthetic)
 
 
 # --------------------------------------------------------------------------- real data and subsets
@@ -137,8 +219,6 @@ class RealData:
 
 
 def load_real(root: Path, size: int) -> RealData:
-    import data
-
     for split, d in data.SPLIT_DIRS.items():
         if not (root / d).is_dir():
             raise CLIError(f"{root} is not in the extract layout: {root / d} is missing "
@@ -177,84 +257,51 @@ def synthetic_subset(labels: np.ndarray, per_class: dict[int, int], seed: int, s
 # --------------------------------------------------------------------------- generators: train per class, sample
 
 
-def ddpm_plan(g: GeneratorConfig) -> list[str]:
-    """The DDPM arguments: fine-tune google/ddpm-cifar10-32 (the seed's recipe,
-    AdamW lr 1e-5) when its weights are given or already on disk, else train a
-    preset from scratch at Ho et al.'s CIFAR-10 learning rate, 2e-4."""
-    import ddpm
-
-    if g.ddpm_pretrained is None and g.ddpm_preset is None:
-        local = Path(ddpm.DEFAULT_PRETRAINED)
-        if (local / "config.json").is_file() or local.is_file():
-            g = dataclasses.replace(g, ddpm_pretrained=local)
-        else:
-            print(f"note: no google/ddpm-cifar10-32 weights at {local}; training the 'small' DDPM from scratch "
-                  "(pass --pretrained PATH to fine-tune)", flush=True)
-            g = dataclasses.replace(g, ddpm_preset="small")
-    if g.ddpm_pretrained is not None:
-        args = ["--finetune", "--pretrained", str(g.ddpm_pretrained), "--lr", str(g.ddpm_lr or 1e-5)]
-    else:
-        args = ["--preset", g.ddpm_preset, "--lr", str(g.ddpm_lr or 2e-4)]
-    if g.ddpm_ema_decay is not None:
-        args += ["--ema-decay", str(g.ddpm_ema_decay)]
-    if g.ddpm_warmup:
-        args += ["--warmup", str(g.ddpm_warmup)]
-    return args + ["--sample-steps", str(g.ddpm_grid_steps), "--num-samples", "16" if g.ddpm_grid_steps > 5 else "4"]
-
-
 def train_generator(cfg: StudyConfig, gen: str, cls: str) -> tuple[Path, bool]:
     """Train (or reuse) the generator of one class on that class's TRAIN split;
     return its checkpoint and whether it was (re)trained now. A `done.json`
     beside the checkpoint marks a finished run; a checkpoint without it is an
-    interrupted run, continued with --resume."""
-    import data
-
+    interrupted run, continued with resume."""
     out = cfg.out / "generators" / f"{gen}_{cls}"
     done, ckpt = out / "done.json", out / "checkpoint.pt"
     if done.is_file() and ckpt.is_file():
         print(f"reusing {gen} for {cls}: {ckpt}", flush=True)
         return ckpt, False
-    g = cfg.gen
-    train_dir = cfg.data / data.SPLIT_DIRS["train"]  # the train split only: no validation/test patient
-    common = ["--data", str(train_dir), "--class", cls, "--out", str(out), "--device", cfg.device, "--seed", "0"]
-    if gen == "ddpm":
-        argv = ["ddpm", *common, *ddpm_plan(g), "--epochs", str(g.ddpm_epochs), "--batch-size", str(g.ddpm_batch_size)]
-        if g.ddpm_max_steps is not None:
-            argv += ["--max-steps", str(g.ddpm_max_steps)]
-    else:
-        argv = ["gan", *common, "--size", str(g.gan_size), "--epochs", str(g.gan_epochs), "--num-samples", "16",
-                "--batch-size", str(g.gan_batch_size), "--no-epoch-checkpoints"]
-        if g.gan_max_steps is not None:
-            argv += ["--max-steps", str(g.gan_max_steps)]
-    if ckpt.is_file():
-        argv.append("--resume")
-    run_command(argv, f"training the {gen} of class {cls} (train split only)")
+    print(f"\n== training the {gen} of class {cls} (train split only)", flush=True)
+    train = {"ddpm": ddpm.train, "gan": dcgan.train}[gen]
+    run = dataclasses.replace(getattr(cfg, gen), data=cfg.data / data.SPLIT_DIRS["train"], out=out, class_name=cls,
+                              device=cfg.device, resume=ckpt.is_file())  # the train split: no validation/test patient
+    ckpt = train(run)
     with atomic_path(done) as tmp:
-        tmp.write_text(json.dumps({"argv": argv, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        finished = time.strftime("%Y-%m-%d %H:%M:%S")
+        tmp.write_text(json.dumps({"config": dataclasses.asdict(run), "finished_at": finished}, default=str))
     return ckpt, True
 
 
 def sample_generator(cfg: StudyConfig, gen: str, cls: str, ckpt: Path, n: int, fresh: bool) -> Path:
-    """n samples of one class into OUT/synthetic/<gen>/<cls>/, reused when
+    """n grey samples of one class into OUT/synthetic/<gen>/<cls>/, reused when
     already there and the generator was not retrained (`fresh`). They are
     written to a temporary folder and renamed, so a folder under that name is
     always complete."""
-    import shutil
-
     folder = cfg.out / "synthetic" / gen / cls
     if not fresh and folder.is_dir() and len(list(folder.glob("sample_*.png"))) >= n:
         print(f"reusing {n} {gen} samples of {cls}: {folder}", flush=True)
         return folder
+    print(f"\n== sampling {n} {gen} images of class {cls}", flush=True)
+    checkpoint, device = load_checkpoint(ckpt), pick_device(cfg.device)
+    if gen == "ddpm":
+        images = ddpm.generate(checkpoint, n, seed=1, batch_size=64, device=device, sampler=cfg.sampler,
+                               steps=cfg.sample_steps)
+    else:
+        images = dcgan.generate(checkpoint, n, seed=1, batch_size=64, device=device)
+    grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey, as `sample` writes
     tmp = folder.with_name(f".{cls}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    argv = ["sample", "--checkpoint", str(ckpt), "--out", str(tmp), "-n", str(n), "--seed", "1",
-            "--device", cfg.device]
-    if gen == "ddpm":
-        argv += ["--sampler", cfg.gen.sampler, "--steps", str(cfg.gen.sample_steps)]
-    run_command(argv, f"sampling {n} {gen} images of class {cls}")
-    (tmp / "grid.png").unlink(missing_ok=True)  # the grid is not a training image
+    for i, img in enumerate(to_uint8(grey)):
+        save_png(img, tmp / f"sample_{i:05d}.png")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    print(f"wrote {n} images to {folder}", flush=True)
     return folder
 
 
@@ -312,8 +359,6 @@ def plan_runs(cfg: StudyConfig) -> list[Run]:
 
 
 def classifier_config(cfg: StudyConfig, seed: int):
-    import classify
-
     return classify.ClassifyConfig(model=cfg.classifier, size=cfg.size, epochs=cfg.classifier_epochs,
                                    batch_size=cfg.classifier_batch_size, patience=cfg.patience, seed=seed,
                                    device=cfg.device)
@@ -321,8 +366,6 @@ def classifier_config(cfg: StudyConfig, seed: int):
 
 def run_classifier(cfg: StudyConfig, run: Run, real: RealData, synth: dict) -> tuple[dict, np.ndarray, object]:
     """Train one classifier for `run`; return its metrics, its test scores and the model."""
-    import classify
-
     ty = real.train_y.numpy()
     sub = real_subset(ty, run.fraction, run.seed)
     tx, ty_t = real.train_x[sub], real.train_y[sub]
@@ -350,8 +393,6 @@ def run_classifier(cfg: StudyConfig, run: Run, real: RealData, synth: dict) -> t
 
 def run_grid(cfg: StudyConfig, real: RealData, synth: dict) -> None:
     """Train every classifier of the grid not already in results.csv."""
-    import classify
-
     results_path = cfg.out / "results.csv"
     rows = read_results(results_path)
     done = {r["run"] for r in rows if (cfg.out / "scores" / f"{r['run']}.npy").is_file()}
@@ -389,90 +430,12 @@ def reference_run(cfg: StudyConfig) -> Run:
 
 
 def reference_classifier(cfg: StudyConfig):
-    import classify
-
     path = cfg.out / "classifiers" / "reference.pt"
     return classify.load_classifier(path)[0] if path.is_file() else None
 
 
 def _fingerprint(paths: list[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("\n".join(sorted(Path(p).name for p in paths)).encode()).hexdigest()[:12]
-
-
-# --------------------------------------------------------------------------- memorisation check
-
-
-def nearest(query: torch.Tensor, reference: torch.Tensor, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distance from each query row (N, D) to its nearest reference row (M, D), and its index."""
-    dists, idx = [], []
-    for q in query.split(chunk):
-        d = torch.cdist(q.double(), reference.double())  # (n, M)
-        m = d.min(dim=1)
-        dists.append(m.values)
-        idx.append(m.indices)
-    return torch.cat(dists).numpy(), torch.cat(idx).numpy()
-
-
-def _pixels(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, S, S) -> (N, S*S) in [0, 1] divided by sqrt(S*S): distances become RMS pixel differences."""
-    x = u8.reshape(u8.shape[0], -1).double() / 255.0
-    return x / math.sqrt(x.shape[1])
-
-
-def _unit(f: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to length 1: the Euclidean distance d of unit vectors gives cosine distance d^2 / 2."""
-    f = torch.as_tensor(f).double()
-    return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def memorization_check(train: torch.Tensor, synthetic: torch.Tensor, reference: torch.Tensor,
-                       embed=None, percentile: float = MEMORIZATION_PERCENTILE) -> dict:
-    """For each synthetic image, the distance to its nearest TRAINING image, in
-    pixels (RMS difference at a common size) and, when `embed` (uint8 -> (N, D))
-    is given, as cosine distance between classifier features. The yardstick is
-    the same nearest-train distance of real held-out images (`reference`: other
-    patients, so no copies): a synthetic image closer to a training image than
-    the `percentile`-th percentile of those is flagged as a possible copy.
-
-    train, synthetic, reference: uint8 (N, S, S) at one size.
-    """
-    spaces = {"pixel": _pixels}
-    if embed is not None:
-        spaces["feature"] = lambda u8: _unit(embed(u8))
-    out = {"n_synthetic": int(synthetic.shape[0]), "n_train": int(train.shape[0]),
-           "n_reference": int(reference.shape[0]), "percentile": percentile}
-    flagged = np.zeros(synthetic.shape[0], bool)
-    for name, f in spaces.items():
-        t = f(train)
-        d_syn, i_syn = nearest(f(synthetic), t)
-        d_ref, _ = nearest(f(reference), t)
-        if name == "feature":
-            d_syn, d_ref = d_syn**2 / 2, d_ref**2 / 2  # cosine distance 1 - cos
-        threshold = float(np.percentile(d_ref, percentile))
-        hit = d_syn < threshold
-        flagged |= hit
-        out[name] = {"threshold": threshold, "n_flagged": int(hit.sum()), "flagged_fraction": float(hit.mean()),
-                     "synthetic_median": float(np.median(d_syn)), "reference_median": float(np.median(d_ref)),
-                     "synthetic_min": float(d_syn.min()), "reference_min": float(d_ref.min())}
-        if name == "pixel":
-            out["_pixel_distance"], out["_pixel_index"] = d_syn, i_syn
-    # A copy in either space is flagged: for patient privacy a false alarm is cheaper than a miss.
-    out["n_flagged"], out["flagged_fraction"] = int(flagged.sum()), float(flagged.mean())
-    return out
-
-
-def save_closest_pairs(train: torch.Tensor, synthetic: torch.Tensor, result: dict, path: Path, k: int = 8) -> None:
-    """Grid of the k synthetic images closest to a training image (top row) above
-    their nearest training image (bottom row)."""
-    order = np.argsort(result["_pixel_distance"])[:k]
-    pairs = torch.cat([synthetic[order], train[result["_pixel_index"][order]]])  # (2k, S, S)
-    save_image_grid(pairs.unsqueeze(1).float() / 127.5 - 1, path, nrow=len(order))
-
-
-def public(result: dict) -> dict:
-    return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
 # --------------------------------------------------------------------------- image distances (FID, KID)
@@ -483,9 +446,6 @@ def distances(cfg: StudyConfig, real: RealData, synth: dict, model) -> dict:
     weights can be had, and always the Frechet distance and KID on the real-only
     classifier's features (a chest X-ray feature space; Inception was trained
     on photographs). Cached in OUT/distances.json."""
-    import classify
-    import fid
-
     path = cfg.out / "distances.json"
     cache = json.loads(path.read_text()) if path.is_file() else {}
     rng = np.random.default_rng(0)
@@ -545,8 +505,6 @@ def check_same_study(cfg: StudyConfig) -> None:
 
 def run_study(cfg: StudyConfig) -> Path:
     """Generators, samples, classifier grid, memorisation, distances, report."""
-    import data
-
     t_start = time.time()
     cfg.out.mkdir(parents=True, exist_ok=True)
     check_same_study(cfg)
@@ -555,7 +513,7 @@ def run_study(cfg: StudyConfig) -> Path:
         tmp.write_text(json.dumps({"data": str(cfg.data), "size": cfg.size, "validation": real.val_paths,
                                    "test": real.test_paths}, indent=0))
     per_class_train = max(int((real.train_y == c).sum()) for c in (0, 1))
-    n_syn = cfg.gen.n_synthetic or max(1, math.ceil(max(cfg.ratios + (1.0,)) * per_class_train))
+    n_syn = cfg.n_synthetic or max(1, math.ceil(max(cfg.ratios + (1.0,)) * per_class_train))
     print(f"real data at {cfg.size}px: {len(real.train_y)} train, {len(real.val_y)} validation, "
           f"{len(real.test_y)} test; {n_syn} synthetic images per class and generator", flush=True)
 
@@ -574,13 +532,11 @@ def run_study(cfg: StudyConfig) -> Path:
     memo = {}
     embed = None
     if model is not None:
-        import classify
-
         embed = lambda u8: classify.embed(model, u8)  # noqa: E731
     for gen, (s_x, _) in synth.items():
-        res = memorization_check(real.train_x, s_x, real.test_x, embed)
-        save_closest_pairs(real.train_x, s_x, res, cfg.out / f"closest_pairs_{gen}.png")
-        memo[gen] = public(res)
+        res = memorization.memorization_check(real.train_x, s_x, real.test_x, embed)
+        memorization.save_closest_pairs(real.train_x, s_x, res, cfg.out / f"closest_pairs_{gen}.png")
+        memo[gen] = memorization.public(res)
     with atomic_path(cfg.out / "memorization.json") as tmp:
         tmp.write_text(json.dumps(memo, indent=1))
     with warnings.catch_warnings():  # few images per class: FID's singular-covariance warnings, said in the report
@@ -588,7 +544,7 @@ def run_study(cfg: StudyConfig) -> Path:
         dist = distances(cfg, real, synth, model)
 
     path = report.write_report(cfg, real, synth, memo, dist, read_results(cfg.out / "results.csv"),
-                               elapsed=time.time() - t_start, memorization_percentile=MEMORIZATION_PERCENTILE)
+                               elapsed=time.time() - t_start, memorization_percentile=memorization.PERCENTILE)
     print(f"\nwrote {path} and {cfg.out / 'results.csv'} ({time.time() - t_start:.0f}s)", flush=True)
     return path
 
@@ -596,28 +552,38 @@ def run_study(cfg: StudyConfig) -> Path:
 # --------------------------------------------------------------------------- the demo: everything on phantoms, on a CPU
 
 
+@dataclass
+class DemoConfig:
+    """The options of `python main.py demo`."""
+
+    out: Path = flag(Path("runs/demo"), "study folder: phantoms in OUT/data, then everything `experiment` writes")
+    quick: bool = flag(False, "a much smaller smoke test (about a minute)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+
+
 def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
     """The demo's reduced study and its phantom count. Budget: under 10 minutes
     on a 2-core CPU for the full demo, about a minute for --quick (the tests)."""
     if quick:
-        gen = GeneratorConfig(ddpm_preset="tiny", ddpm_epochs=1, ddpm_max_steps=8, ddpm_batch_size=16, ddpm_grid_steps=2,
-                              ddpm_ema_decay=0.5,
-                              gan_size=64, gan_epochs=1, gan_max_steps=8, gan_batch_size=16, sample_steps=4)
-        cfg = StudyConfig(out / "data", out, ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=1,
-                          classifier="small", classifier_epochs=2, classifier_batch_size=32, patience=2,
-                          bootstrap=200, fid_max_images=64, inception=False, device=device, gen=gen,
+        cfg = StudyConfig(out / "data", out,
+                          ddpm=ddpm_recipe("tiny", epochs=1, max_steps=8, batch_size=16, sample_steps=2, num_samples=4,
+                                           ema_decay=0.5),
+                          gan=gan_recipe(size=64, epochs=1, max_steps=8, batch_size=16),
+                          ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=1, classifier="small",
+                          classifier_epochs=2, classifier_batch_size=32, patience=2, bootstrap=200, fid_max_images=64,
+                          inception=False, device=device, sample_steps=4,
                           title="the quick demo (phantoms, tiny models: a smoke test)")
         return cfg, 120
     # Measured on an idle 2-core CPU: the tiny UNet (0.18 M parameters) at lr 2e-3 draws
     # recognisable phantoms after ~700 steps of batch 32 (~0.17 s a step); 400 steps are
     # still mostly noise. The GAN runs at 32 px, the classifier's resolution, 4x cheaper than 64.
-    gen = GeneratorConfig(ddpm_preset="tiny", ddpm_epochs=1000, ddpm_max_steps=700, ddpm_batch_size=32, ddpm_lr=2e-3,
-                          ddpm_warmup=50, ddpm_grid_steps=2, ddpm_ema_decay=0.995, gan_size=32, gan_epochs=1000,
-                          gan_max_steps=500, gan_batch_size=32, sample_steps=20)
-    cfg = StudyConfig(out / "data", out, ratios=(0.0, 0.5, 1.0, 2.0), real_fractions=(1.0, 0.25), seeds=1,
-                      classifier="small", classifier_epochs=8, classifier_batch_size=32, patience=3,
-                      bootstrap=1000, fid_max_images=200, device=device, gen=gen,
-                      title="the demo (embedded phantoms, small models, one seed)")
+    cfg = StudyConfig(out / "data", out,
+                      ddpm=ddpm_recipe("tiny", lr=2e-3, epochs=1000, max_steps=700, batch_size=32, warmup=50,
+                                       sample_steps=2, num_samples=4, ema_decay=0.995),
+                      gan=gan_recipe(size=32, epochs=1000, max_steps=500, batch_size=32),
+                      ratios=(0.0, 0.5, 1.0, 2.0), real_fractions=(1.0, 0.25), seeds=1, classifier="small",
+                      classifier_epochs=8, classifier_batch_size=32, patience=3, bootstrap=1000, fid_max_images=200,
+                      device=device, sample_steps=20, title="the demo (embedded phantoms, small models, one seed)")
     return cfg, 400
 
 
@@ -625,155 +591,9 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> Path:
     t0 = time.time()
     cfg, n_phantoms = demo_config(out, quick, device)
     if not (cfg.data / "manifest.csv").is_file():
-        run_command(["extract", "--phantoms", str(n_phantoms), "--out", str(cfg.data), "--size", "64", "--seed", "0"],
-                    f"writing {n_phantoms} phantom X-rays")
+        print(f"\n== writing {n_phantoms} phantom X-rays to {cfg.data}", flush=True)
+        phantoms.write_phantoms(n_phantoms, cfg.data, size=64, seed=0)
     path = run_study(cfg)
     lines = path.read_text().splitlines()
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; {path} begins:\n\n" + "\n".join(lines[:1]), flush=True)
     return path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _floats(text: str, name: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise CLIError(f"{name} must be comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise CLIError(f"{name} is empty")
-    return vals
-
-
-def config_from_args(a) -> StudyConfig:
-    gens = tuple(g.strip() for g in a.generators.split(",") if g.strip())
-    bad = [g for g in gens if g not in GENERATORS]
-    if bad or not gens:
-        raise CLIError(f"--generators: unknown {bad or 'empty list'} (choose from {','.join(GENERATORS)})")
-    ratios = tuple(sorted(set(_floats(a.ratios, "--ratios"))))
-    if min(ratios) < 0 or 0 not in ratios or len(ratios) < 2:
-        raise CLIError("--ratios must be >= 0 and include 0 (the real-only baseline) and at least one positive ratio")
-    fracs = tuple(sorted(set(_floats(a.real_fractions, "--real-fractions")), reverse=True))
-    if not all(0 < f <= 1 for f in fracs):
-        raise CLIError("--real-fractions must lie in (0, 1]")
-    for name in ("seeds", "size", "epochs", "ddpm_epochs", "gan_epochs", "sample_steps", "batch_size", "bootstrap"):
-        if getattr(a, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    if a.n_synthetic is not None and a.n_synthetic < 1:
-        raise CLIError("--n-synthetic must be at least 1")
-    if a.ddpm_finetune and a.pretrained is None:
-        raise CLIError("--ddpm-finetune needs --pretrained PATH (google/ddpm-cifar10-32 weights)")
-    if a.pretrained is not None and not a.pretrained.exists():
-        raise CLIError(f"--pretrained: not found: {a.pretrained}")
-    if not a.data.is_dir():
-        raise CLIError(f"--data: folder not found: {a.data}")
-    gen = GeneratorConfig(ddpm_preset=a.ddpm_preset, ddpm_pretrained=a.pretrained, ddpm_epochs=a.ddpm_epochs,
-                          ddpm_max_steps=a.ddpm_max_steps, gan_size=a.gan_size, gan_epochs=a.gan_epochs,
-                          gan_max_steps=a.gan_max_steps, sampler=a.sampler, sample_steps=a.sample_steps,
-                          n_synthetic=a.n_synthetic)
-    return StudyConfig(a.data, a.out, gens, ratios, fracs, a.seeds, a.size, a.classifier, a.epochs, a.batch_size,
-                       a.patience, not a.no_tstr, a.bootstrap, device=a.device, gen=gen)
-
-
-def cmd_experiment(a) -> None:
-    run_study(config_from_args(a))
-
-
-def cmd_demo(a) -> None:
-    run_demo(a.out, a.quick, a.device)
-
-
-def cmd_memorization(a) -> None:
-    """`memorization --train DIR --synthetic DIR`: the check on its own."""
-    import data
-
-    if a.size < 1:
-        raise CLIError("--size must be at least 1")
-    data.list_images(a.synthetic)  # a missing or empty --synthetic fails now, before the training set is read
-    if (a.train / data.SPLIT_DIRS["train"]).is_dir():  # extract layout: train split vs the test split's patients
-        train = data.load_split(a.train, "train", a.size).images
-        reference = data.load_split(a.train, "test", a.size).images
-        how = "train split; reference: test split"
-    else:  # a plain folder: a random 20% stands in for the unseen patients
-        images = data.load_folder(a.train, a.size).images
-        if len(images) < 10:
-            raise CLIError(f"--train {a.train}: need at least 10 images to hold out a reference set")
-        perm = torch.from_numpy(np.random.default_rng(0).permutation(len(images)))
-        cut = len(images) // 5
-        train, reference = images[perm[cut:]], images[perm[:cut]]
-        how = "80% of the folder; reference: the held-out 20% (seed 0)"
-    synthetic = data.load_folder(a.synthetic, a.size).images
-    embed = None
-    if a.classifier is not None:
-        import classify
-
-        model, _ = classify.load_classifier(a.classifier)
-        embed = lambda u8: classify.embed(model, u8)  # noqa: E731
-    res = memorization_check(train, synthetic, reference, embed)
-    if a.out is not None:
-        save_closest_pairs(train, synthetic, res, a.out / "closest_pairs.png")
-        with atomic_path(a.out / "memorization.json") as tmp:
-            tmp.write_text(json.dumps(public(res), indent=1))
-    res = public(res)
-    res["train"] = how
-    print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are closer to "
-          f"a training image than the {MEMORIZATION_PERCENTILE:g}st percentile of real held-out images "
-          f"(pixel threshold {res['pixel']['threshold']:.4f}; {how})", file=sys.stderr if a.json else sys.stdout)
-    if a.json:
-        print(json.dumps(res))
-
-
-def add_commands(sub) -> None:
-    import argparse
-
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("experiment", formatter_class=fmt,
-                       help="the whole study: generators per class, classifier grid, memorisation, report.md")
-    p.add_argument("--data", required=True, type=Path, help="real data in the extract layout (patient-disjoint splits)")
-    p.add_argument("--out", required=True, type=Path, help="study folder; re-running skips finished work")
-    p.add_argument("--generators", default="ddpm,gan", help="comma-separated: ddpm, gan")
-    p.add_argument("--ratios", default="0,0.5,1,2", help="synthetic images per real training image (0 = real only)")
-    p.add_argument("--real-fractions", default="1,0.25,0.1", help="fractions of the real train split (stratified)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per setting")
-    p.add_argument("--n-synthetic", type=int, default=None,
-                   help="samples per class and generator (default: enough for the largest ratio)")
-    p.add_argument("--classifier", choices=("small", "resnet18"), default="resnet18")
-    p.add_argument("--size", type=int, default=32, help="common resolution of real and synthetic images")
-    p.add_argument("--epochs", type=int, default=20, help="classifier epochs (early stopping on validation AUROC)")
-    p.add_argument("--batch-size", type=int, default=64, help="classifier batch size")
-    p.add_argument("--patience", type=int, default=5, help="classifier early-stopping patience (epochs)")
-    p.add_argument("--ddpm-finetune", action="store_true", help="fine-tune google/ddpm-cifar10-32 (needs --pretrained)")
-    p.add_argument("--pretrained", type=Path, default=None, help="google/ddpm-cifar10-32 weights (file or folder)")
-    p.add_argument("--ddpm-preset", choices=("cifar10", "small", "tiny"), default=None,
-                   help="train this DDPM from scratch (default: fine-tune when weights are found, else small)")
-    p.add_argument("--ddpm-epochs", type=int, default=20)
-    p.add_argument("--ddpm-max-steps", type=int, default=None)
-    p.add_argument("--gan-size", type=int, default=64, help="GAN resolution (samples are resized to --size)")
-    p.add_argument("--gan-epochs", type=int, default=20)
-    p.add_argument("--gan-max-steps", type=int, default=None)
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDPM sampling steps")
-    p.add_argument("--no-tstr", action="store_true", help="skip train-on-synthetic / test-on-real")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the report's intervals")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_experiment)
-
-    p = sub.add_parser("demo", formatter_class=fmt,
-                       help="the experiment end to end on phantom X-rays with small models (about 5-10 min on a CPU)")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--quick", action="store_true", help="a much smaller smoke test (about a minute)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("memorization", formatter_class=fmt,
-                       help="are synthetic images closer to training images than real held-out images are?")
-    p.add_argument("--train", required=True, type=Path,
-                   help="extract-layout root (train split vs test split) or a plain folder (20%% held out)")
-    p.add_argument("--synthetic", required=True, type=Path, help="folder of synthetic images")
-    p.add_argument("--size", type=int, default=32, help="common resolution for the pixel distance")
-    p.add_argument("--classifier", type=Path, default=None,
-                   help="classifier checkpoint for the feature distance (default: pixels only)")
-    p.add_argument("--out", type=Path, default=None, help="write memorization.json and closest_pairs.png here")
-    p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    p.set_defaults(func=cmd_memorization)

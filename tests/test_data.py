@@ -1,4 +1,4 @@
-"""data.py and extract.py: NIH extraction with patient-level splits, image
+"""data.py, extract.py and phantoms.py: NIH extraction with patient-level splits, image
 decoding, the cache, and the synthetic phantoms.
 
 Tests on the real NIH files use the nih_dir / nih64_dir fixtures (skipped when
@@ -21,6 +21,7 @@ from PIL import Image
 import data
 import extract
 import main
+import phantoms
 from common import CLIError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def fake_release(tmp_path: Path, n_per_class=12, patient_col=True, gz=False) -> 
             k += 1
             lines.append(f"{name},{label},0,{patient},50,M,PA,2500,2048,0.14,0.14" if patient_col
                          else f"{k},{name},{label}")
-            Image.fromarray(data.make_phantom(rng, 80, cls == "infiltration")[:, :70]).save(images / name)
+            Image.fromarray(phantoms.make_phantom(rng, 80, cls == "infiltration")[:, :70]).save(images / name)
     lines.append("00009998_000.png,Effusion,0,9998,50,F,AP,2500,2048,0.14,0.14" if patient_col
                  else f"{k + 1},00009998_000.png,Effusion")
     lines.append("00009999_000.png,Infiltration,0,9999,50,F,AP,2500,2048,0.14,0.14" if patient_col
@@ -316,14 +317,14 @@ def test_cache_key_follows_file_content(tmp_path):
 
 
 def test_phantoms_deterministic_in_range_and_varied():
-    a = data.make_phantom(np.random.default_rng(7), 64, True)
-    b = data.make_phantom(np.random.default_rng(7), 64, True)
+    a = phantoms.make_phantom(np.random.default_rng(7), 64, True)
+    b = phantoms.make_phantom(np.random.default_rng(7), 64, True)
     assert a.dtype == np.uint8 and a.shape == (64, 64) and np.array_equal(a, b)
     assert 20 < a.std() and a.min() < 40 and a.max() > 180  # dark lungs/background, bright bone and abdomen
-    others = [data.make_phantom(np.random.default_rng(s), 64, False) for s in range(3)]
+    others = [phantoms.make_phantom(np.random.default_rng(s), 64, False) for s in range(3)]
     assert not np.array_equal(others[0], others[1])
     for size in (32, 256):
-        assert data.make_phantom(np.random.default_rng(0), size, False).shape == (size, size)
+        assert phantoms.make_phantom(np.random.default_rng(0), size, False).shape == (size, size)
 
 
 def test_write_phantoms_layout_and_rerun(tmp_path, capsys):
@@ -337,18 +338,18 @@ def test_write_phantoms_layout_and_rerun(tmp_path, capsys):
     assert {r["split"] for r in rows} == set(data.SPLITS)
     first = {r["image"]: np.asarray(Image.open(out / r["image"])) for r in rows}
 
-    again = data.write_phantoms(21, tmp_path / "ph2", size=32, seed=2, progress=False)
+    again = phantoms.write_phantoms(21, tmp_path / "ph2", size=32, seed=2, progress=False)
     assert again["counts"] == s["counts"]
     assert all(np.array_equal(first[k], np.asarray(Image.open(tmp_path / "ph2" / k))) for k in first)
-    assert data.write_phantoms(21, out, size=32, seed=2, progress=False)["reused"] == 21
-    smaller = data.write_phantoms(10, out, size=32, seed=2, progress=False)
+    assert phantoms.write_phantoms(21, out, size=32, seed=2, progress=False)["reused"] == 21
+    smaller = phantoms.write_phantoms(10, out, size=32, seed=2, progress=False)
     assert smaller["removed_stale"] > 0 and len(list(out.rglob("*.png"))) == 10
     check_layout(out, 32)
 
 
 def test_phantom_classes_are_linearly_separable_at_32px():
     n = 300  # per class
-    x = np.stack([data.make_phantom(np.random.default_rng([1, i]), 32, i % 2 == 1) for i in range(2 * n)])
+    x = np.stack([phantoms.make_phantom(np.random.default_rng([1, i]), 32, i % 2 == 1) for i in range(2 * n)])
     x = torch.tensor(x.reshape(2 * n, -1), dtype=torch.float32) / 255
     y = torch.arange(2 * n, dtype=torch.float32) % 2
     train, test = slice(0, 400), slice(400, None)
@@ -370,7 +371,7 @@ def test_phantom_classes_are_linearly_separable_at_32px():
 
 
 def test_xray_dataset_gives_each_model_family_its_input(tmp_path):
-    data.write_phantoms(6, tmp_path / "ph", size=32, seed=0, progress=False)
+    phantoms.write_phantoms(6, tmp_path / "ph", size=32, seed=0, progress=False)
     grey = data.XRayDataset(tmp_path / "ph", 32)
     rgb = data.XRayDataset(tmp_path / "ph", 32, rgb=True)
     x, y = grey[0]

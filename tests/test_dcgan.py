@@ -1,4 +1,4 @@
-"""DCGAN baseline: shapes, the seed's structure, training outputs, resume, sampling, collapse warning."""
+"""DCGAN baseline: shapes, the original network, training outputs, resume, sampling, collapse warning."""
 
 import csv
 import functools
@@ -48,8 +48,8 @@ def test_shapes_every_size(size):
     assert size / 2 ** len(cfg.d_widths) == 8 and 4 * 2 ** len(cfg.g_widths) == size
 
 
-def test_default_is_the_seeds_network():
-    cfg = dcgan.DCGANConfig(channels=3)  # the seed's RGB 256x256
+def test_default_is_the_original_network():
+    cfg = dcgan.DCGANConfig(channels=3)  # the original experiment's RGB 256x256
     G, D = dcgan.Generator(cfg), dcgan.Discriminator(cfg)
     g_convs = [(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0]) for m in G.modules()
                if isinstance(m, torch.nn.ConvTranspose2d)]
@@ -65,7 +65,7 @@ def test_default_is_the_seeds_network():
     n_g, n_d = dcgan.count_parameters(G), dcgan.count_parameters(D)
     expect_g = sum(a * b * k * k for a, b, k, _ in g_convs) + 2 * (1024 + 512 + 256 + 128 + 64 + 32)
     expect_d = sum(a * b * k * k for a, b, k, _ in d_convs) + 2 * (128 + 256 + 512 + 1024)
-    print(f"seed DCGAN 256x256x3: generator {n_g:,} parameters, discriminator {n_d:,}")
+    print(f"original DCGAN 256x256x3: generator {n_g:,} parameters, discriminator {n_d:,}")
     assert (n_g, n_d) == (expect_g, expect_d) == (12_817_856, 11_213_568)
     # DCGAN initialisation: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02).
     w = D.body[-1][0].weight
@@ -74,11 +74,7 @@ def test_default_is_the_seeds_network():
 
 
 def embedded_phantoms(root, n, size):
-    """The project's phantoms (`main.py extract --phantoms`), or the local ones if data.py lacks them."""
-    import data
-
-    if not hasattr(data, "write_phantoms"):
-        return write_phantoms(root, n, size)
+    """The project's phantoms (`main.py extract --phantoms`)."""
     assert main.main(["extract", "--phantoms", str(n), "--out", str(root), "--size", str(size)]) == 0
     return root
 
@@ -86,7 +82,7 @@ def embedded_phantoms(root, n, size):
 def test_training_writes_outputs_and_discriminator_learns(tmp_path):
     data = embedded_phantoms(tmp_path / "data", 32, 64)
     out = tmp_path / "run"
-    # --lr-d 1e-3: with the seed's 1e-4 the tiny test discriminator (12k parameters) falls
+    # --lr-d 1e-3: with the original 1e-4 the tiny test discriminator (12k parameters) falls
     # behind its generator within a few steps; a faster D must learn the real/fake split.
     assert gan(data, out, "--size", 64, "--batch-size", 8, "--epochs", 3, "--lr-d", 1e-3, "--num-samples", 16) == 0
     for name in ("checkpoint.pt", "checkpoint_epoch001.pt", "checkpoint_epoch003.pt", "samples_epoch001.png",

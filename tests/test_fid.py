@@ -117,12 +117,12 @@ def test_frechet_equal_covariances_is_squared_mean_distance():
 def test_frechet_identical_sets_is_zero_and_singular_is_finite():
     rng = np.random.default_rng(1)
     f = rng.normal(size=(200, 16))
-    mu, sigma = fid.statistics(f)
+    mu, sigma = fid.mean_and_covariance(f)
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
     few1, few2 = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.5  # 10 samples, 64 dims: rank 9
-    d = fid.frechet_distance(*fid.statistics(few1), *fid.statistics(few2))
+    d = fid.frechet_distance(*fid.mean_and_covariance(few1), *fid.mean_and_covariance(few2))
     assert np.isfinite(d) and d > 0
-    ref = fid_score.calculate_frechet_distance(*fid.statistics(few1), *fid.statistics(few2))
+    ref = fid_score.calculate_frechet_distance(*fid.mean_and_covariance(few1), *fid.mean_and_covariance(few2))
     assert d == pytest.approx(ref, rel=1e-9)
 
 
@@ -189,11 +189,11 @@ def test_fid_matches_pytorch_fid(tmp_path, ref_weights, monkeypatch, capsys):
     acts = [fid_score.get_activations(files, ref, batch_size=4, device="cpu", num_workers=0)
             for files in (good_real, sorted(fake.glob("*.png")))]
     model = fid.load_inception(path)
-    ours = [fid.extract(model, real, batch_size=4, progress=False)[0],
-            fid.embed(fake, model, path, progress=False)["features"]]  # the fake set from the stats cache
+    ours = [fid.inception_features(model, real, batch_size=4, progress=False)[0],
+            fid.feature_statistics(fake, model, path, progress=False)["features"]]  # the fake set from the stats cache
     for a, o in zip(acts, ours):
         assert np.abs(a - o).max() < 1e-4
-    theirs = fid_score.calculate_frechet_distance(*fid.statistics(acts[0]), *fid.statistics(acts[1]))
+    theirs = fid_score.calculate_frechet_distance(*fid.mean_and_covariance(acts[0]), *fid.mean_and_covariance(acts[1]))
     assert res["fid"] == pytest.approx(theirs, rel=1e-3)
     assert res["is_mean"] == pytest.approx(fid.inception_score(ours[1] @ state["fc.weight"].double().numpy().T)[0],
                                            rel=1e-4)
@@ -207,11 +207,11 @@ def test_features_of_tensors_and_mixed_sizes_match_reference(tmp_path, ref_weigh
     Image.fromarray(small).save(tmp_path / "mixed" / "a.png")
     Image.fromarray(large).save(tmp_path / "mixed" / "b.png")
     model = fid.load_inception(path)
-    from_folder, logits, skipped = fid.extract(model, tmp_path / "mixed", batch_size=2, progress=False)
+    from_folder, logits, skipped = fid.inception_features(model, tmp_path / "mixed", batch_size=2, progress=False)
     assert skipped == [] and from_folder.shape == (2, 2048) and logits.shape == (2, 1008)
     ref = _reference_model(monkeypatch, state)
     for i, img in enumerate((small, large)):
-        as_tensor = fid.extract(model, torch.from_numpy(img)[None], progress=False)[0]
+        as_tensor = fid.inception_features(model, torch.from_numpy(img)[None], progress=False)[0]
         with torch.no_grad():
             theirs = ref(torch.from_numpy(img)[None, None].float().div(255).expand(-1, 3, -1, -1))[0].flatten(1)
         assert np.abs(as_tensor[0] - from_folder[i]).max() < 1e-5

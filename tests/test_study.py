@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import dcgan
+import ddpm
 import main
+import memorization
 import report
 import study
-from data import make_phantom
+from phantoms import make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,15 +36,15 @@ def test_memorization_flags_planted_copies_and_not_fresh_samples():
     train, reference, fresh = phantoms(0, 150), phantoms(1, 100), phantoms(2, 80)
     noise = torch.randint(-2, 3, (12, 32, 32), generator=torch.Generator().manual_seed(0))
     copies = (train[:12].int() + noise).clamp(0, 255).to(torch.uint8)  # training images, barely disturbed
-    res_copies = study.memorization_check(train, copies, reference)
-    res_fresh = study.memorization_check(train, fresh, reference)
+    res_copies = memorization.memorization_check(train, copies, reference)
+    res_fresh = memorization.memorization_check(train, fresh, reference)
     assert res_copies["n_flagged"] == 12 and res_copies["flagged_fraction"] == 1.0
     assert res_fresh["flagged_fraction"] <= 0.06  # ~1% expected by construction of the threshold
     # The nearest training image of a planted copy is its source.
     assert (res_copies["_pixel_index"] == np.arange(12)).all()
     # With a feature space too, both spaces are reported and the copies are still all flagged.
     pool = lambda u8: torch.nn.functional.avg_pool2d(u8.float().unsqueeze(1), 4).flatten(1)  # noqa: E731
-    both = study.memorization_check(train, torch.cat([copies, fresh]), reference, embed=pool)
+    both = memorization.memorization_check(train, torch.cat([copies, fresh]), reference, embed=pool)
     assert both["feature"]["n_flagged"] >= 12 and both["pixel"]["n_flagged"] >= 12
     assert set(np.flatnonzero(both["_pixel_distance"] < both["pixel"]["threshold"])) >= set(range(12))
 
@@ -81,12 +84,12 @@ def test_bootstrap_auroc_matches_classify_auroc():
     labels = np.array([1] * 30 + [0] * 50)
     scores = rng.normal(size=80) + labels
     scores[:5] = scores[30:35]  # ties across the classes
-    idx = report.bootstrap_indices(labels, 20)
-    boot = report.bootstrap_aurocs(scores, idx, 30)
+    idx = classify.stratified_bootstrap_indices(labels, 20)
+    boot = classify.bootstrap_aurocs(scores, idx, 30)
     for b in range(3):
         assert boot[b] == pytest.approx(classify.auroc(scores[idx[b]], labels[idx[b]]))
-    identity = np.arange(80)[None]  # positives first, as bootstrap_indices orders them
-    assert report.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
+    identity = np.arange(80)[None]  # positives first, as stratified_bootstrap_indices orders them
+    assert classify.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
 
 
 def _setting(gen, diff, lo, hi):
@@ -159,11 +162,13 @@ def test_rerun_skips_finished_work(demo_dir, monkeypatch):
         calls.append(1)
         return real_train(*args, **kwargs)
 
-    def no_generator(argv, what):
-        raise AssertionError(f"re-run redid: {what}")
+    def no_generator(*args, **kwargs):
+        raise AssertionError("re-run trained or sampled a generator again")
 
     monkeypatch.setattr(classify, "train_and_evaluate", counting)
-    monkeypatch.setattr(study, "run_command", no_generator)
+    for module in (ddpm, dcgan):
+        monkeypatch.setattr(module, "train", no_generator)
+        monkeypatch.setattr(module, "generate", no_generator)
     study.run_demo(demo_dir, quick=True, device="cpu")  # everything done: nothing trains
     assert calls == [] and [r["finished_at"] for r in _rows(demo_dir)] == [r["finished_at"] for r in before]
 
