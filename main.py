@@ -319,6 +319,22 @@ def cmd_memorization(args) -> None:
         print(json.dumps(res))
 
 
+# --------------------------------------------------------------------------- commands: export
+
+
+def export_commands(sub) -> None:
+    import hub
+
+    _add(sub, "export", "write a DDPM checkpoint in the Hugging Face diffusers layout (DDPMPipeline)",
+         hub.ExportConfig, cmd_export)
+
+
+def cmd_export(args) -> None:
+    import hub
+
+    hub.export(config_from_args(hub.ExportConfig, args))
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -326,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="main.py", description="Synthetic chest X-rays (DDPM, DCGAN) and whether they help a classifier.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for register in (data_commands, ddpm_commands, gan_commands, eval_commands, study_commands):
+    for register in (data_commands, ddpm_commands, gan_commands, eval_commands, study_commands, export_commands):
         register(sub)
     return parser
 
