@@ -1,0 +1,155 @@
+"""Is a generator usable? The gate a generator's samples pass before they enter
+the study's grid.
+
+A generator that never learned to draw an X-ray (a DDPM that still outputs
+noise, a GAN collapsed onto one image) would otherwise enter the augmentation
+grid like any other, and its "no benefit" would read as evidence about its
+model family. Two measurements, both on real images the generator never saw:
+
+  * detectability: the test AUROC of a small classifier trained to tell this
+    generator's samples (label 1) from real training images (label 0), its
+    epoch chosen on real validation images vs other samples, evaluated on
+    real test images vs fresh samples. 0.5: indistinguishable; 1.0: trivially
+    fake. (A classifier two-sample test: Lopez-Paz and Oquab, ICLR 2017.)
+  * train-on-synthetic, test-on-real (TSTR): the test AUROC of the
+    Infiltration classifier trained on this generator's samples alone, its
+    epoch chosen on real validation images. Above 0.5: the samples carry
+    the class signal.
+
+The rule (README, "Is a generator usable?"), with 95% bootstrap intervals:
+  unusable    detectability interval above FAKE_FLOOR (0.95) AND the TSTR
+              interval not above chance: trivially fake and no class signal;
+  warning     trivially fake but carrying the class signal (the tiny DDPM on
+              phantoms can be), or realistic with little class signal (on
+              small real data the real-only classifier is weak too, so TSTR
+              alone never condemns a generator), or low diversity.
+Neither measurement touches the augmentation verdict: the gate reads the test
+split but no classifier of the grid is selected or trained with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+import classify
+
+FAKE_FLOOR = 0.95  # detectability interval entirely above this: a classifier tells every sample from real
+CHANCE = 0.5
+COLLAPSE_FLOOR = 0.25  # sample spread below 1/4 of the real images': collapsed (the DCGAN monitor's floor)
+
+
+@dataclass
+class GateConfig:
+    size: int = 32  # the study's common resolution
+    classifier: str = "small"
+    epochs: int = 8
+    batch_size: int = 32
+    patience: int = 3
+    seed: int = 0
+    device: str = "auto"
+
+    def classify_config(self) -> classify.ClassifyConfig:
+        return classify.ClassifyConfig(model=self.classifier, size=self.size, epochs=self.epochs,
+                                       batch_size=self.batch_size, patience=self.patience, seed=self.seed,
+                                       device=self.device)
+
+
+# --------------------------------------------------------------------------- the two measurements
+
+
+def _split_three(n: int, seed: int) -> list[np.ndarray]:
+    """Three disjoint index sets of about n / 3 each: train, validation, test samples."""
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    return np.array_split(order, 3)
+
+
+def detectability(real_train: torch.Tensor, real_val: torch.Tensor, real_test: torch.Tensor,
+                  fakes: torch.Tensor, cfg: GateConfig) -> dict:
+    """Test AUROC (with its 95% interval) of real (0) vs generated (1).
+
+    real_*: uint8 (N, S, S) real images of the three splits; fakes: uint8 (M, S, S)
+    samples, split into three disjoint thirds so that the evaluated samples are
+    fresh to the classifier. Each side is capped at the smaller count so that
+    the classes are balanced."""
+    parts = [fakes[torch.from_numpy(i)] for i in _split_three(len(fakes), cfg.seed)]
+
+    def pair(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = min(len(real), len(fake))
+        x = torch.cat([real[:k], fake[:k]])
+        return x, torch.cat([torch.zeros(k, dtype=torch.long), torch.ones(k, dtype=torch.long)])
+
+    (tx, ty), (vx, vy), (ex, ey) = pair(real_train, parts[0]), pair(real_val, parts[1]), pair(real_test, parts[2])
+    metrics, _ = classify.train_and_evaluate(tx, ty, vx, vy, ex, ey, cfg.classify_config(), progress=False)
+    return {"auroc": metrics["auroc"], "ci_low": metrics["auroc_ci_low"], "ci_high": metrics["auroc_ci_high"],
+            "n_test": int(len(ey))}
+
+
+def train_on_synthetic(fake_x: torch.Tensor, fake_y: torch.Tensor, real_val: tuple, real_test: tuple,
+                       cfg: GateConfig) -> dict:
+    """TSTR: the Infiltration classifier trained on samples alone; AUROC on real test images."""
+    metrics, _ = classify.train_and_evaluate(fake_x[:0], fake_y[:0], *real_val, *real_test, cfg.classify_config(),
+                                             synthetic_x=fake_x, synthetic_y=fake_y, progress=False)
+    return {"auroc": metrics["auroc"], "ci_low": metrics["auroc_ci_low"], "ci_high": metrics["auroc_ci_high"],
+            "n_test": metrics["n_test"]}
+
+
+def diversity(samples: torch.Tensor, real: torch.Tensor, n: int = 64) -> float:
+    """Mean pairwise RMS distance of up to n samples over that of up to n real
+    images: about 1 for a generator as varied as the data, near 0 when collapsed."""
+    def spread(x: torch.Tensor) -> float:
+        flat = x[:n].flatten(1).double() / 255.0
+        return (torch.pdist(flat) / math.sqrt(flat.shape[1])).mean().item() if len(flat) > 1 else 0.0
+    return spread(samples) / max(spread(real), 1e-12)
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+@dataclass
+class GateResult:
+    usable: bool
+    reason: str  # one sentence a reader can act on
+    warnings: list
+    detectability: dict
+    tstr: dict
+    diversity: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def decide(detect: dict, tstr: dict, spread: float) -> GateResult:
+    """The rule in the module docstring, applied to measured intervals."""
+    fake = detect["ci_low"] > FAKE_FLOOR
+    signal = tstr["ci_low"] > CHANCE
+    d = f"detectability AUROC {detect['auroc']:.3f} [{detect['ci_low']:.3f}, {detect['ci_high']:.3f}]"
+    t = f"TSTR AUROC {tstr['auroc']:.3f} [{tstr['ci_low']:.3f}, {tstr['ci_high']:.3f}]"
+    warnings = []
+    if spread < COLLAPSE_FLOOR:
+        warnings.append(f"low diversity: samples spread {spread:.2f} of the real images' (mode collapse)")
+    if fake and not signal:
+        return GateResult(False, f"samples are trivially told apart from real X-rays ({d}) and carry no class "
+                                 f"signal ({t})", warnings, detect, tstr, spread)
+    if fake:
+        warnings.append(f"samples are trivially told apart from real X-rays ({d}) but carry the class signal ({t})")
+        reason = "usable with a warning: trivially fake, but class-bearing"
+    elif not signal:
+        warnings.append(f"samples are not trivially fake ({d}) but carry little class signal ({t})")
+        reason = "usable with a warning: realistic, little class signal"
+    else:
+        reason = f"usable: {d}, {t}"
+    return GateResult(True, reason, warnings, detect, tstr, spread)
+
+
+def check_generator(samples: torch.Tensor, labels: torch.Tensor, real: dict, cfg: GateConfig) -> GateResult:
+    """The whole gate for one generator. samples: uint8 (M, S, S) with labels (M,)
+    (1 = infiltration); real: {"train": (x, y), "validation": (x, y), "test": (x, y)},
+    uint8 images at cfg.size. Detectability pools both classes."""
+    (tx, _), (vx, vy), (ex, ey) = real["train"], real["validation"], real["test"]
+    detect = detectability(tx, vx, ex, samples, cfg)
+    tstr = train_on_synthetic(samples, labels, (vx, vy), (ex, ey), cfg)
+    return decide(detect, tstr, diversity(samples, tx))
