@@ -6,7 +6,7 @@ Every classifier of a study, for every training seed, is scored on the same
 real test split. Two kinds of noise move a measured AUROC difference:
 training noise (another seed trains another classifier) and test sampling
 (another test split holds other patients). The first report resampled test
-IMAGES only (report.bootstrap_indices): it ignored training noise and the fact
+IMAGES only (classify.stratified_bootstrap_indices): it ignored training noise and the fact
 that a patient's ~2.5 images are not independent, and a review found it
 claiming an effect in 37-63% of simulated null studies (20% in the milder
 simulation of tests/test_stats.py, over 80% where training noise dominates).
@@ -26,7 +26,7 @@ This module replaces it:
 
 AUROC is the Mann-Whitney statistic with ties counting one half, as in
 classify.auroc; `batch_auroc` computes it for a whole batch of resamples at
-once and is checked against classify.auroc and report.bootstrap_aurocs in
+once and is checked against classify.auroc and classify.bootstrap_aurocs in
 tests/test_stats.py, where a simulation of null and true-effect studies also
 measures the rule's false-claim rate and power.
 """
@@ -86,7 +86,7 @@ def cluster_bootstrap_counts(labels, patients, n_boot: int, seed: int = 0) -> np
     Strata: patients with at least one positive image, and patients with none;
     each resample draws as many patients from each stratum as it holds. So every
     resample has a positive and a negative image (its AUROC is defined) and the
-    same number of "positive" patients, the analogue of report.bootstrap_indices
+    same number of "positive" patients, the analogue of classify.stratified_bootstrap_indices
     keeping the class counts. With one image per patient it IS that bootstrap,
     draw for draw: the same generator calls, positive stratum first, patients in
     the order of their first image."""

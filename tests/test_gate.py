@@ -52,11 +52,11 @@ def test_pure_noise_is_unusable(real):
 
 
 def test_a_cheat_that_copies_training_images_passes_but_is_flagged_as_memorised(real):
-    import study
+    import memorization
 
     tx, ty = real["train"]
     r = gate.check_generator(tx, ty, real, CFG)
     assert r.usable and r.detectability["ci_low"] < gate.FAKE_FLOOR, r
     assert r.tstr["ci_low"] > gate.CHANCE  # real images carry the class signal
-    memo = study.memorization_check(tx, tx[:40], real["test"][0])
+    memo = memorization.memorization_check(tx, tx[:40], real["test"][0])
     assert memo["n_flagged"] == 40  # every copy is flagged

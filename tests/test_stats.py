@@ -13,7 +13,6 @@ import pytest
 from scipy.stats import binomtest
 
 import classify
-import report
 import stats
 
 N_BOOT = 300  # per simulated study: enough for a standard error, fast enough for 200 studies
@@ -118,16 +117,16 @@ def test_batch_auroc_is_nan_without_a_class():
 
 
 def test_cluster_bootstrap_is_the_image_bootstrap_with_one_image_per_patient():
-    # One image per patient: the patient bootstrap draws exactly report.bootstrap_indices' images.
+    # One image per patient: the patient bootstrap draws exactly classify.stratified_bootstrap_indices' images.
     rng = np.random.default_rng(2)
     labels = (rng.random(60) < 0.3).astype(int)
     scores = rng.standard_normal(60) + labels
     patients = np.array([f"p{i:03d}" for i in rng.permutation(60)])  # ids in no particular order
     counts = stats.cluster_bootstrap_counts(labels, patients, 200, seed=7)
-    idx = report.bootstrap_indices(labels, 200, seed=7)
+    idx = classify.stratified_bootstrap_indices(labels, 200, seed=7)
     assert (counts == np.stack([np.bincount(i, minlength=60) for i in idx])).all()
     np.testing.assert_allclose(stats.batch_auroc(scores, labels, counts),
-                               report.bootstrap_aurocs(scores, idx, int(labels.sum())), atol=1e-12)
+                               classify.bootstrap_aurocs(scores, idx, int(labels.sum())), atol=1e-12)
 
 
 def test_cluster_bootstrap_draws_whole_patients_within_strata():
