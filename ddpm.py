@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import CLIError
+from common import CLIError, flag
 
 # --------------------------------------------------------------------------- 1. the noise schedule
 
@@ -564,8 +564,6 @@ def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True
 
 
 # --------------------------------------------------------------------------- 5. training (DDPM Alg. 1): `main.py ddpm`
-
-flag = common.flag
 
 
 @dataclass(kw_only=True)
