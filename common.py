@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import math
 import os
 import random
@@ -240,6 +241,20 @@ def first_nonfinite(state, prefix: str = "") -> str | None:
     return None
 
 
+def open_run(out: str | os.PathLike, resume: bool, kind: str) -> dict | None:
+    """The checkpoint a run continues (OUT/checkpoint.pt, which must be of this `kind`), or None
+    for a fresh run, which must not overwrite an existing checkpoint."""
+    path = Path(out) / "checkpoint.pt"
+    if not resume:
+        if path.exists():
+            raise CLIError(f"{path} exists: pass --resume to continue it, or choose another --out")
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != kind:
+        raise CLIError(f"{path} is not a {kind} checkpoint (kind={ckpt.get('kind')!r})")
+    return ckpt
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
     """Save (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid, atomically."""
     images = to_uint8(images)  # (N, H, W) or (N, H, W, 3)
@@ -287,6 +302,54 @@ class CSVLog:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The safetensors format: 8-byte little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensors."""
+    raw = Path(path).read_bytes()
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        body = memoryview(raw)[8 + n:]
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+            if not 0 <= begin <= end <= len(body) or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name} has inconsistent offsets")
+            out[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape) if end > begin \
+                else torch.empty(shape, dtype=dtype)
+        return out
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CLIError(f"{path} is not a valid .safetensors file ({e})") from e
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a weights file: .safetensors parsed directly, anything else only
+    through torch.load(weights_only=True), which refuses any pickle that would run code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        for line in str(e).splitlines():  # the refusal names the offending global
+            if "Unsupported global" in line or "Unsupported operand" in line:
+                first = line.strip()
+        raise CLIError(f"refusing to load {path}: not a plain tensor file (a pickle that would run code "
+                       f"or build arbitrary objects): {first}") from e
+    if not isinstance(sd, dict):
+        raise CLIError(f"{path} does not hold a state dict")
+    return sd
 
 
 # --------------------------------------------------------------------------- EMA

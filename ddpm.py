@@ -1,16 +1,14 @@
 """Denoising diffusion: the DDPM of Ho, Jain and Abbeel (NeurIPS 2020) with the
 DDIM sampler of Song, Meng and Ermon (ICLR 2021), the UNet of the released
-CIFAR-10 model, fine-tuning and sampling.
-
-Read top to bottom:
-  1. the noise schedule and the diffusion process (forward q, reverse p, DDIM),
-  2. the UNet, whose default configuration is exactly `google/ddpm-cifar10-32`,
-  3. loading that model's diffusers-format weights (an explicit key map),
-  4. training (the `main.py ddpm` command), 5. sampling (`generate`).
-
-Checked against diffusers 0.42 in tests/test_ddpm.py: UNet2DModel gives the same
-noise prediction for the same weights, and DDPMScheduler / DDIMScheduler the same
-steps. Nothing here imports diffusers.
+CIFAR-10 model, fine-tuning and sampling. Read top to bottom:
+  1. the noise schedule (linear, or the cosine of Nichol & Dhariwal 2021),
+  2. the diffusion process: forward q (Eq. 4), posterior (Eq. 6-7), reverse p
+     (Eq. 11, Alg. 2), one DDIM step (Song et al. Eq. 12, 16) and the loops,
+  3. the UNet, whose default configuration is exactly `google/ddpm-cifar10-32`,
+  4. loading that model's diffusers-format weights (an explicit key map),
+  5. training (Alg. 1; `main.py ddpm`), 6. sampling (`main.py sample`).
+Checked against diffusers 0.42 in tests/test_ddpm.py (UNet2DModel, DDPMScheduler,
+DDIMScheduler give the same numbers); nothing here imports diffusers.
 
 Timestep convention: code t = 0 .. T-1 is the paper's t = 1 .. T. So betas[0] is
 the paper's beta_1, x_0 in code names the data only as "x0", and the last
@@ -30,31 +28,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import CLIError
+from common import CLIError, flag
 
-# --------------------------------------------------------------------------- schedule and diffusion process
+# --------------------------------------------------------------------------- 1. the noise schedule
 
 NUM_TIMESTEPS = 1000  # T of the released model
 BETA_SCHEDULES = ("linear", "cosine")
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
 
+
 def make_betas(schedule: str, T: int) -> torch.Tensor:
     """beta_t for t = 0..T-1 in float64.
-    linear: 1e-4 .. 0.02 (Ho et al. Sec. 4); cosine: Nichol & Dhariwal 2021 Eq. 17,
-    alpha-bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008, beta capped at 0.999."""
+    linear: 1e-4 .. 0.02 (Ho et al. Sec. 4). cosine: Nichol & Dhariwal Eq. 17, alpha-bar = f(t) / f(0) with
+    f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008 (paper t), as beta = 1 - f(t) / f(t-1) capped at
+    0.999 (their Sec. 3.2); the cap bites only at t = T, where f(T) = 0 would make beta 1."""
     if schedule == "linear":
         return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     if schedule == "cosine":
         s = 0.008
-        steps = torch.arange(T + 1, dtype=torch.float64) / T
-        abar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
     raise ValueError(f"unknown beta schedule {schedule!r} (linear or cosine)")
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """a[t] for a batch of timesteps t (B,), shaped (B, 1, 1, 1) to broadcast against x."""
     return a.gather(0, t).reshape(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+# --------------------------------------------------------------------------- 2. the diffusion process
 
 
 class GaussianDiffusion(nn.Module):
@@ -83,9 +85,7 @@ class GaussianDiffusion(nn.Module):
             sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
             sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
             sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
-            posterior_variance=posterior_variance,                    # beta~_t (Eq. 7)
-            # beta~_0 = 0: its log is clipped to beta~_1's (used only in likelihood terms)
-            posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            posterior_variance=posterior_variance,                    # beta~_t (Eq. 7), 0 at t = 0
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
             # sigma_t^2 of the reverse step (Sec. 3.2): beta_t ("fixed_large") or beta~_t ("fixed_small").
@@ -100,58 +100,67 @@ class GaussianDiffusion(nn.Module):
         return dict(num_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule,
                     variance_type=self.variance_type, clip_sample=self.clip_sample)
 
-    # ---- forward process
+    # ---- forward process and its posterior
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps  (DDPM Eq. 4, reparameterised)."""
         return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
 
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)  (DDPM Eq. 6-7):
-        mu~_t = coef1 x_0 + coef2 x_t. Returns (mean, variance, log variance)."""
-        mean = extract(self.posterior_mean_coef1, t, x_t.shape) * x0 + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
-        return mean, extract(self.posterior_variance, t, x_t.shape), extract(self.posterior_log_variance_clipped, t, x_t.shape)
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The mean mu~_t = coef1 x_0 + coef2 x_t of q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)
+        (DDPM Eq. 6-7); its variance beta~_t is the buffer posterior_variance."""
+        return extract(self.posterior_mean_coef1, t, x_t.shape) * x0 + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), Eq. 4 solved for x_0."""
         return extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
 
-    # ---- reverse process
+    def model_predictions(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor):
+        """(eps, x_0): the network's noise and the x_0 it implies, clipped to [-1, 1] as the released sampler does."""
+        eps = model(x_t, t).float()
+        x0 = self.predict_start_from_noise(x_t, t, eps)
+        return eps, (x0.clamp(-1.0, 1.0) if self.clip_sample else x0)
+
+    # ---- reverse process (DDPM)
 
     def p_mean_variance(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of p(x_{t-1} | x_t) (DDPM Eq. 11): the posterior mean at the
         predicted x_0, which is the same as (x_t - beta_t / sqrt(1 - alpha-bar_t) eps) / sqrt(alpha_t)
-        unless x_0 is clipped to [-1, 1], as the released sampler does.
-        Returns (mean, variance, predicted x_0)."""
-        eps = model(x_t, t).float()
-        x0 = self.predict_start_from_noise(x_t, t, eps)
-        if self.clip_sample:
-            x0 = x0.clamp(-1.0, 1.0)
-        mean, _, _ = self.q_posterior(x0, x_t, t)
-        return mean, extract(self.model_variance, t, x_t.shape), x0
+        unless x_0 is clipped. Returns (mean, variance, predicted x_0)."""
+        _, x0 = self.model_predictions(model, x_t, t)
+        return self.q_posterior(x0, x_t, t), extract(self.model_variance, t, x_t.shape), x0
 
-    def p_sample(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def p_sample(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 return_x0: bool = False):
         """One ancestral step x_{t-1} = mean + sigma_t z  (DDPM Alg. 2, line 4) with the given z.
-        No noise is added at t = 0: the last step returns the mean."""
-        mean, var, _ = self.p_mean_variance(model, x_t, t)
+        No noise is added at t = 0: the last step returns the mean, which there is the
+        predicted x_0 (coef1 = 1, coef2 = 0). return_x0: return (x_{t-1}, predicted x_0)."""
+        mean, var, x0 = self.p_mean_variance(model, x_t, t)
         nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))  # a mask, so no host sync
-        return mean + nonzero * var.sqrt() * noise
+        x_prev = mean + nonzero * var.sqrt() * noise
+        return (x_prev, x0) if return_x0 else x_prev
 
     @torch.inference_mode()
-    def p_sample_loop(self, model: nn.Module, shape, x_T=None, generator=None, progress=True) -> torch.Tensor:
+    def p_sample_loop(self, model: nn.Module, shape, x_T=None, generator=None, progress=True, keep=None):
         """DDPM Alg. 2: start from x_T ~ N(0, I) and take all T ancestral steps.
         Noise is drawn from `generator` in the order diffusers' DDPMPipeline draws it
-        (x_T, then one z per step except the last), so the same seed gives the same image."""
+        (x_T, then one z per step except the last), so the same seed gives the same image.
+        keep: timesteps at which to record x_t and the x_0 predicted from it; then returns
+        (x_0, trajectory) with trajectory = {"t": [...], "x": (K, B, C, H, W), "x0": (K, B, C, H, W)}."""
         from tqdm import tqdm
 
-        device = self.betas.device
+        device, record = self.betas.device, []
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)
-            x = self.p_sample(model, x, t, z)
-        return x
+            x_prev, x0 = self.p_sample(model, x, t, z, return_x0=True)
+            record += [(i, x, x0)] if keep is not None and i in keep else []
+            x = x_prev
+        return x if keep is None else (x, _trajectory(record))
+
+    # ---- DDIM (Song et al.): the same network on a shorter, non-Markovian chain
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """The "leading" spacing of diffusers' DDIMScheduler: T // steps apart, starting at 0.
@@ -161,46 +170,58 @@ class GaussianDiffusion(nn.Module):
         ratio = self.num_timesteps // steps
         return [i * ratio for i in range(steps)][::-1]
 
+    def ddim_step(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                  eta: float = 0.0, noise: torch.Tensor | None = None, return_x0: bool = False):
+        """One DDIM update x_t -> x_{t_prev} (Song et al. Eq. 12), with a = alpha-bar:
+            x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+            sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)  (Eq. 16),
+        x0 and eps from model_predictions. eta = 0 is deterministic, eta = 1 ancestral sampling on
+        the strided chain; z is `noise` (None: no noise term). t_prev = -1 ends the chain with
+        a_prev = 1, so the last step returns x0 (diffusers' set_alpha_to_one)."""
+        eps, x0 = self.model_predictions(model, x_t, t)
+        a_t = extract(self.alphas_cumprod, t, x_t.shape)
+        a_prev = extract(self.alphas_cumprod_prev, t_prev + 1, x_t.shape)  # alpha-bar_{t_prev}; 1 at t_prev = -1
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        # the direction uses the unclipped eps, as diffusers does by default
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        x_prev = x_prev if noise is None else x_prev + sigma * noise
+        return (x_prev, x0) if return_x0 else x_prev
+
     @torch.inference_mode()
     def ddim_sample(self, model: nn.Module, shape, steps: int = 50, eta: float = 0.0, x_T=None,
-                    generator=None, progress=True) -> torch.Tensor:
-        """DDIM (Song et al. Eq. 12) on a subsequence tau of the T steps:
-        x_prev = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma^2) eps + sigma z, with a = alpha-bar,
-        sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)  (Eq. 16).
-        eta = 0 is deterministic; eta = 1 is ancestral sampling on the shorter chain.
-        After the last step (t = 0) a_prev = 1, i.e. the output is x0_pred (diffusers' set_alpha_to_one)."""
+                    generator=None, progress=True, keep=None):
+        """DDIM: ddim_step along tau = ddim_timesteps(steps), from x_T ~ N(0, I), drawing noise
+        as diffusers' DDIMScheduler does (x_T, then one z per step when eta > 0).
+        keep: as in p_sample_loop (timesteps of tau)."""
         from tqdm import tqdm
 
-        device = self.betas.device
-        ratio = self.num_timesteps // steps
-        abar = self.alphas_cumprod.tolist()  # host floats, read once: no copies inside the loop
+        device, tau, record = self.betas.device, self.ddim_timesteps(steps), []
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
-        for i in tqdm(self.ddim_timesteps(steps), desc="DDIM", disable=not progress, leave=False):
-            a_t = abar[i]
-            a_prev = abar[i - ratio] if i - ratio >= 0 else 1.0
-            eps = model(x, torch.full((shape[0],), i, device=device, dtype=torch.long)).float()
-            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-            if self.clip_sample:
-                x0 = x0.clamp(-1.0, 1.0)
-            sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-            # the direction uses the unclipped eps, as diffusers does by default
-            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
-            if eta > 0:
-                x = x + sigma * torch.randn(shape, generator=generator, device=device)
-        return x
+        for i, i_prev in tqdm(list(zip(tau, tau[1:] + [-1])), desc="DDIM", disable=not progress, leave=False):
+            t, t_prev = (torch.full((shape[0],), s, device=device, dtype=torch.long) for s in (i, i_prev))
+            z = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            x_prev, x0 = self.ddim_step(model, x, t, t_prev, eta, z, return_x0=True)
+            record += [(i, x, x0)] if keep is not None and i in keep else []
+            x = x_prev
+        return x if keep is None else (x, _trajectory(record))
 
     def sample(self, model: nn.Module, shape, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-               x_T=None, generator=None, progress: bool = True) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1]. "ddpm": T ancestral steps (fewer steps mean DDIM
-        with eta = 1 on the strided chain); "ddim": `steps` (default 50) DDIM steps with `eta`."""
+               x_T=None, generator=None, progress: bool = True, keep=None):
+        """Images (B, C, H, W) in [-1, 1] (with keep: (images, trajectory), see p_sample_loop).
+        "ddim": `steps` (default 50) DDIM steps with `eta`.
+        "ddpm": Alg. 2 over all T steps. Given fewer steps (1 <= steps < T) it is NOT Alg. 2 but ancestral
+        sampling on the strided chain, i.e. DDIM with eta = 1, and `eta` is ignored: what
+        `main.py sample --sampler ddpm --steps N` has always done, kept for the command line."""
         if sampler == "ddpm" and steps in (None, self.num_timesteps):
-            x = self.p_sample_loop(model, shape, x_T, generator, progress)
+            out = self.p_sample_loop(model, shape, x_T, generator, progress, keep)
         elif sampler in ("ddpm", "ddim"):
             eta = 1.0 if sampler == "ddpm" else eta
-            x = self.ddim_sample(model, shape, steps or 50, eta, x_T, generator, progress)
+            out = self.ddim_sample(model, shape, steps or 50, eta, x_T, generator, progress, keep)
         else:
             raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
-        return x.clamp(-1.0, 1.0)
+        return out.clamp(-1.0, 1.0) if keep is None else (out[0].clamp(-1.0, 1.0), out[1])
+
+    # ---- the objective
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor) -> torch.Tensor:
         """DDPM Alg. 1: t ~ Uniform{0..T-1}, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
@@ -209,7 +230,15 @@ class GaussianDiffusion(nn.Module):
         return F.mse_loss(model(self.q_sample(x0, t, noise), t).float(), noise)
 
 
-# --------------------------------------------------------------------------- UNet
+def _trajectory(record: list) -> dict:
+    """[(t, x_t, x0), ...] in the chain's order -> {"t": [...], "x": (K, B, C, H, W), "x0": (K, B, C, H, W)}."""
+    if not record:
+        raise ValueError("keep: none of these timesteps is on the sampler's chain (see ddim_timesteps)")
+    ts, xs, x0s = zip(*record)
+    return {"t": list(ts), "x": torch.stack(xs), "x0": torch.stack(x0s)}
+
+
+# --------------------------------------------------------------------------- 3. the UNet
 
 
 @dataclass
@@ -240,13 +269,22 @@ PRESETS = {
 }
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: float = 1, flip_sin_to_cos: bool = False) -> torch.Tensor:
-    """Sinusoidal embedding of t (Vaswani et al.; DDPM Appendix B): (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+class TimeEmbedding(nn.Module):
+    """t (B,) -> (B, c_time): the sinusoidal embedding of Vaswani et al. (DDPM Appendix B), width c,
+    exponent -ln(10000) i / (c/2 - freq_shift), then Linear, SiLU, Linear."""
+
+    def __init__(self, c: int, c_time: int, cfg: UNetConfig):
+        super().__init__()
+        self.c, self.freq_shift, self.flip_sin_to_cos = c, cfg.freq_shift, cfg.flip_sin_to_cos
+        self.linear_1, self.linear_2 = nn.Linear(c, c_time), nn.Linear(c_time, c_time)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.c // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - self.freq_shift))
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if self.flip_sin_to_cos else emb
+        return self.linear_2(F.silu(self.linear_1(emb)))
 
 
 class ResnetBlock(nn.Module):
@@ -312,30 +350,41 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Level(nn.Module):
-    """One resolution level of the UNet: resnets (each followed by attention at attention
-    levels) and an optional resampler. Module names follow diffusers so that the key map is short."""
+class DownLevel(nn.Module):
+    """A level on the way down: resnets (each followed by attention at attention levels), then a stride-2
+    downsampler except at the lowest level; every output is a skip. Names follow diffusers' DownBlock2D."""
 
-    def __init__(self, resnets: list, attentions: list, resampler: nn.Module | None, up: bool):
+    def __init__(self, resnets: list, attentions: list, downsample: nn.Module | None):
         super().__init__()
         self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
-        resampler_list = nn.ModuleList([resampler] if resampler is not None else [])
-        setattr(self, "upsamplers" if up else "downsamplers", resampler_list)
-        self.up = up
+        self.downsamplers = nn.ModuleList([downsample] if downsample is not None else [])
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
-            if self.up:  # consume the skip connections in reverse order of creation
-                h = torch.cat([h, skips.pop()], dim=1)
             h = resnet(h, emb)
-            if len(self.attentions):
-                h = self.attentions[j](h)
-            if not self.up:
-                skips.append(h)
-        for resample in (self.upsamplers if self.up else self.downsamplers):
-            h = resample(h)
-            if not self.up:
-                skips.append(h)
+            h = self.attentions[j](h) if len(self.attentions) else h
+            skips.append(h)
+        for downsample in self.downsamplers:
+            h = downsample(h)
+            skips.append(h)
+        return h
+
+
+class UpLevel(nn.Module):
+    """A level on the way up: resnets on [h, skip], the skips taken in reverse order of creation (each
+    followed by attention at attention levels), then an upsampler except at the top. Names as UpBlock2D."""
+
+    def __init__(self, resnets: list, attentions: list, upsample: nn.Module | None):
+        super().__init__()
+        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+        self.upsamplers = nn.ModuleList([upsample] if upsample is not None else [])
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
+            h = self.attentions[j](h) if len(self.attentions) else h
+        for upsample in self.upsamplers:
+            h = upsample(h)
         return h
 
 
@@ -351,15 +400,6 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](h, emb)), emb)
 
 
-class TimeEmbedding(nn.Module):
-    def __init__(self, c: int, c_time: int):
-        super().__init__()
-        self.linear_1, self.linear_2 = nn.Linear(c, c_time), nn.Linear(c_time, c_time)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class UNet(nn.Module):
     """eps_theta(x_t, t): the noise-prediction network of DDPM (Ho et al. Appendix B,
     a PixelCNN++-style UNet). For the default config:
@@ -371,7 +411,7 @@ class UNet(nn.Module):
         chs, n = cfg.block_out_channels, len(cfg.block_out_channels)
         c_time = 4 * chs[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
-        self.time_embedding = TimeEmbedding(chs[0], c_time)
+        self.time_embedding = TimeEmbedding(chs[0], c_time, cfg)
 
         skip_chs, c = [chs[0]], chs[0]  # channels of every skip, in order of creation
         self.down_blocks = nn.ModuleList()
@@ -379,18 +419,17 @@ class UNet(nn.Module):
             resnets = [ResnetBlock(c if j == 0 else c_out, c_out, c_time, cfg) for j in range(cfg.layers_per_block)]
             attns = [AttnBlock(c_out, cfg) for _ in resnets] if i in cfg.attention_levels else []
             last = i == n - 1
-            self.down_blocks.append(Level(resnets, attns, None if last else Downsample(c_out, cfg.downsample_padding), up=False))
+            self.down_blocks.append(DownLevel(resnets, attns, None if last else Downsample(c_out, cfg.downsample_padding)))
             skip_chs += [c_out] * (cfg.layers_per_block + (0 if last else 1))
             c = c_out
         self.mid_block = MidBlock(c, c_time, cfg)
         self.up_blocks = nn.ModuleList()
         for i, c_out in reversed(list(enumerate(chs))):
-            resnets = []
-            for _ in range(cfg.layers_per_block + 1):
-                resnets.append(ResnetBlock(c + skip_chs.pop(), c_out, c_time, cfg))
-                c = c_out
+            resnets = [ResnetBlock((c if j == 0 else c_out) + skip_chs.pop(), c_out, c_time, cfg)
+                       for j in range(cfg.layers_per_block + 1)]
+            c = c_out
             attns = [AttnBlock(c_out, cfg) for _ in resnets] if i in cfg.attention_levels else []
-            self.up_blocks.append(Level(resnets, attns, Upsample(c_out) if i > 0 else None, up=True))
+            self.up_blocks.append(UpLevel(resnets, attns, Upsample(c_out) if i > 0 else None))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
         self.channels_last = True  # speed only, see forward; False gives the plain NCHW path
@@ -399,8 +438,7 @@ class UNet(nn.Module):
         """x (B, C, H, W), t int tensor (B,) or scalar -> predicted noise (B, C, H, W)."""
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0],
-                                                     self.config.freq_shift, self.config.flip_sin_to_cos))
+        emb = self.time_embedding(t)  # (B, 4 C0)
         if self.channels_last:
             # Speed, not maths: NHWC activations spare oneDNN/cuDNN their layout conversions
             # (nearest upsampling gets ~10x cheaper on a CPU); outputs agree to ~1e-6.
@@ -415,7 +453,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
 
 
-# --------------------------------------------------------------------------- pretrained weights (diffusers format)
+# --------------------------------------------------------------------------- 4. pretrained weights (diffusers format)
 
 HF_REPO = "google/ddpm-cifar10-32"
 HF_URL = "https://huggingface.co/google/ddpm-cifar10-32/resolve/main/{}"
@@ -424,51 +462,6 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 
 # Attention sub-keys of older diffusers checkpoints -> the current names, which ours follow.
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The safetensors format: 8-byte little-endian header length N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensors."""
-    raw = Path(path).read_bytes()
-    try:
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        body = memoryview(raw)[8 + n:]
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-            if not 0 <= begin <= end <= len(body) or end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {name} has inconsistent offsets")
-            out[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape) if end > begin \
-                else torch.empty(shape, dtype=dtype)
-        return out
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CLIError(f"{path} is not a valid .safetensors file ({e})") from e
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A diffusers weights file: .safetensors read directly, .bin only through
-    torch.load(weights_only=True), which refuses any pickle that would run code."""
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        for line in str(e).splitlines():  # the refusal names the offending global
-            if "Unsupported global" in line or "Unsupported operand" in line:
-                first = line.strip()
-        raise CLIError(f"refusing to load {path}: not a plain tensor file (a pickle that would run code "
-                       f"or build arbitrary objects): {first}") from e
-    if not isinstance(sd, dict):
-        raise CLIError(f"{path} does not hold a state dict")
-    return sd
 
 
 def config_from_diffusers(cfg: dict) -> UNetConfig:
@@ -546,18 +539,15 @@ def download_pretrained(folder: Path) -> None:
 def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True) -> UNet:
     """UNet from a diffusers checkpoint: a folder with config.json and
     diffusion_pytorch_model.{safetensors,bin}, or a lone weights file (implying the
-    cifar10-32 config). A missing folder is downloaded into when `download` is set."""
+    cifar10-32 config). A folder without weights is downloaded into when `download` is set."""
     path = Path(path)
-    if not path.exists() and path.suffix not in (".bin", ".safetensors") and download:
+    is_folder = not path.is_file() and path.suffix not in (".bin", ".safetensors")
+    if is_folder and download and not any((path / f).is_file() for f in WEIGHT_FILES):
         download_pretrained(path)
-    if path.is_dir():
+    if is_folder and path.is_dir():
         weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weights is None:
-            if download:
-                download_pretrained(path)
-                weights = path / WEIGHT_FILES[0]
-            else:
-                raise CLIError(f"{path} holds neither {WEIGHT_FILES[0]} nor {WEIGHT_FILES[1]}")
+            raise CLIError(f"{path} holds neither {WEIGHT_FILES[0]} nor {WEIGHT_FILES[1]}")
         cfg_file = path / "config.json"
         try:
             config = config_from_diffusers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else UNetConfig()
@@ -569,22 +559,20 @@ def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True
         raise CLIError(f"pretrained weights not found: {path} (expected a folder with config.json and "
                        f"{WEIGHT_FILES[0]}, or that file alone)")
     model = UNet(config)
-    model.load_state_dict(convert_diffusers_state_dict(read_weights(weights), model))
+    model.load_state_dict(convert_diffusers_state_dict(common.read_weights(weights), model))
     return model
 
 
-# --------------------------------------------------------------------------- training: `main.py ddpm`
-
-flag = common.flag
+# --------------------------------------------------------------------------- 5. training (DDPM Alg. 1): `main.py ddpm`
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Everything `ddpm.train` needs; `main.py ddpm` builds one option per field."""
+    """Everything `train` needs; `main.py ddpm` makes one option per field (`--class` for class_name)."""
 
     finetune: bool = flag(False, "start from the pretrained CIFAR-10 UNet")
-    pretrained: Path = flag(DEFAULT_PRETRAINED, "diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin) "
-                            "or a weights file; downloaded from the Hugging Face Hub when missing")
+    pretrained: Path = flag(DEFAULT_PRETRAINED, "diffusers folder (config.json + diffusion_pytorch_model.safetensors/"
+                            ".bin) or a weights file; downloaded from the Hugging Face Hub when missing")
     preset: str = flag("cifar10", "UNet size when training from scratch", choices=tuple(PRESETS))
     data: Path = flag(help="folder searched recursively for images")
     out: Path = flag(help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
@@ -596,15 +584,15 @@ class TrainConfig:
     lr: float = flag(1e-5, "AdamW learning rate", above=0)
     warmup: int = flag(0, "linear learning-rate warm-up, in steps", min=0)
     grad_clip: float = flag(1.0, "clip the gradient norm (0: off)", min=0)
-    ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling, in [0, 1); warms up as "
-                            "min(decay, (1+step)/(10+step))", min=0)
+    ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling, in [0, 1); "
+                            "warms up as min(decay, (1+step)/(10+step))", min=0)
     beta_schedule: str = flag("linear", "noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal); "
                               "--resume keeps the checkpoint's", choices=BETA_SCHEDULES)
     variance: str = flag("fixed_large", "reverse-step variance sigma_t^2: beta_t (fixed_large) or beta~_t "
                          "(fixed_small); --resume keeps the checkpoint's", choices=VARIANCE_TYPES)
     num_samples: int = flag(16, "images in the per-epoch sample grid", min=1)
     sample_steps: int = flag(50, f"DDIM steps for the per-epoch sample grid (1..{NUM_TIMESTEPS})", min=1)
-    seed: int = flag(0, "seed of the data order, initialisation and noise")
+    seed: int = flag(0, "seed of the initialisation, data order and noise")
     resume: bool = flag(False, "continue OUT/checkpoint.pt")
     amp: bool = flag(False, "bfloat16 autocast (CPU, or CUDA with bf16 support)")
     compile: bool = flag(False, "torch.compile the UNet")
@@ -615,7 +603,7 @@ class TrainConfig:
         common.check_config(self)
         if not self.ema_decay < 1:
             raise CLIError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.sample_steps > NUM_TIMESTEPS:
+        if self.sample_steps > NUM_TIMESTEPS:  # checked now, not when the first epoch's grid is drawn
             raise CLIError(f"--sample-steps must be in 1..{NUM_TIMESTEPS} (the schedule's length), got {self.sample_steps}")
 
 
@@ -625,49 +613,42 @@ def train(cfg: TrainConfig) -> Path:
     import data
 
     info = common.setup_distributed(cfg.device)
-    ckpt_path = cfg.out / "checkpoint.pt"
+    device = info.device
     try:
-        device = info.device
         common.seed_everything(cfg.seed)
-        if not cfg.resume and ckpt_path.exists():
-            raise CLIError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-        resumed = common.load_checkpoint(ckpt_path) if cfg.resume else None
+        resumed = common.open_run(cfg.out, cfg.resume, "ddpm")
         if resumed is not None:
-            if resumed.get("kind") != "ddpm":
-                raise CLIError(f"{ckpt_path} is not a DDPM checkpoint")
             model = UNet(UNetConfig(**resumed["config"]))
-        elif cfg.finetune:
-            model = load_pretrained(cfg.pretrained)
         else:
-            model = UNet(PRESETS[cfg.preset])
-        ucfg = model.config
+            model = load_pretrained(cfg.pretrained) if cfg.finetune else UNet(PRESETS[cfg.preset])
+        ucfg, levels = model.config, 2 ** (len(model.config.block_out_channels) - 1)
         size = cfg.image_size or (resumed or {}).get("image_size") or ucfg.sample_size
-        if size < 8 or size % 2 ** (len(ucfg.block_out_channels) - 1):
-            raise CLIError(f"--image-size {size} must be divisible by {2 ** (len(ucfg.block_out_channels) - 1)}")
+        if size < 8 or size % levels:
+            raise CLIError(f"--image-size {size} must be divisible by {levels}")
         images = data.load_folder(cfg.data, size, cfg.class_name).images  # (N, S, S) uint8, decoded once
         if len(images) < cfg.batch_size * info.world_size:
             raise CLIError(f"{len(images)} images under {cfg.data} but the batch needs {cfg.batch_size * info.world_size}"
                            " (lower --batch-size)")
 
-        model.to(device)
         schedule = dict(beta_schedule=cfg.beta_schedule, variance_type=cfg.variance)
         diffusion = GaussianDiffusion(**(resumed["diffusion"] if resumed else schedule)).to(device)
         if resumed is not None and info.is_main and schedule.items() - diffusion.config().items():
             print(f"note: --resume keeps the checkpoint's schedule ({diffusion.beta_schedule}, {diffusion.variance_type})")
+        model.to(device)
         ema = common.EMA(model, cfg.ema_decay)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-        start_step = 0
+        step = 0
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             ema.load_state_dict(resumed["ema"])
             opt.load_state_dict(resumed["optimizer"])
-            start_step = resumed["step"]
+            step = resumed["step"]
             common.set_rng_state(resumed["rng"])
+        start_step = step
         if info.rank:  # other ranks draw other t and noise (DDP already shares the weights)
             torch.manual_seed(cfg.seed * 7919 + info.rank * 1_000_003 + start_step)
         net = common.wrap_ddp(model, info)
         net = torch.compile(net) if cfg.compile else net
-        step = start_step
 
         def step_fn(batch: torch.Tensor) -> dict:
             nonlocal step
@@ -702,17 +683,17 @@ def train(cfg: TrainConfig) -> Path:
         final = common.train_loop(images, step_fn, state_fn, loop, info, start_step, on_epoch_end,
                                   log_fields=("loss", "grad_norm", "lr"))
         if info.is_main:
-            print(f"trained to step {final}; checkpoint {ckpt_path}")
-        return ckpt_path
+            print(f"trained to step {final}; checkpoint {cfg.out / 'checkpoint.pt'}")
+        return cfg.out / "checkpoint.pt"
     finally:
         common.cleanup_distributed()
 
 
-# --------------------------------------------------------------------------- sampling: `main.py sample`
+# --------------------------------------------------------------------------- 6. sampling: `main.py sample`
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[UNet, GaussianDiffusion, int]:
-    """The UNet (EMA weights when present), its diffusion and image size from a checkpoint of cmd_train."""
+    """The UNet (EMA weights when present), its diffusion and image size from a checkpoint of `train`."""
     try:
         model = UNet(UNetConfig(**ckpt["config"]))
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])
@@ -731,7 +712,7 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
     if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
         raise CLIError(f"--steps must be in 1..{diffusion.num_timesteps}")
     if sampler == "ddpm" and steps not in (None, diffusion.num_timesteps):
-        print(f"note: --sampler ddpm with --steps {steps} < {diffusion.num_timesteps} samples ancestrally on a "
+        print(f"note: --sampler ddpm with --steps {steps} < {diffusion.num_timesteps} samples ancestrally on the "
               "strided chain, which is DDIM with eta 1 (--eta is ignored)")
     net = torch.compile(unet) if compile else unet
 

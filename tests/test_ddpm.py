@@ -404,3 +404,164 @@ def test_fast_paths_match_the_plain_path():
         attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(64), dim=-1)  # written out, no SDPA
         explicit = h + block.to_out(attn @ v).transpose(1, 2).reshape(h.shape)
         assert (block(h) - explicit).abs().max().item() < 1e-4
+
+
+# --------------------------------------------------------------------------- schedules, variances, EMA: closed forms
+
+
+def test_cosine_alpha_bar_matches_closed_form():
+    """Nichol & Dhariwal Eq. 17: alpha-bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2);
+    the per-step cap beta <= 0.999 only bites at the last step, where f(T) = cos^2(pi/2) = 0."""
+    T, s = 1000, 0.008
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    d = ddpm.GaussianDiffusion(beta_schedule="cosine")
+    for t in (0, 1, 250, 500, 900, 998):  # code t is the paper's t + 1
+        assert d.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5), t
+    assert d.betas[-1].item() == pytest.approx(0.999) and d.betas[:-1].max().item() < 0.999
+    assert d.alphas_cumprod[-1].item() == pytest.approx(d.alphas_cumprod[-2].item() * 0.001, rel=1e-4)
+
+
+def test_fixed_small_samples_with_the_posterior_variance():
+    """fixed_small: sigma_t^2 = beta~_t = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) beta_t (DDPM Eq. 7)."""
+    small, large = ddpm.GaussianDiffusion(variance_type="fixed_small"), ddpm.GaussianDiffusion()
+    beta = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - beta)
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    x, t = torch.zeros(4, 1, 1, 1), torch.tensor([1, 10, 500, 999])
+    _, var_small, _ = small.p_mean_variance(model, x, t)
+    _, var_large, _ = large.p_mean_variance(model, x, t)
+    for i, step in enumerate(t.tolist()):
+        assert var_small[i].item() == pytest.approx((1 - abar[step - 1]) / (1 - abar[step]) * beta[step], rel=1e-5)
+        assert var_large[i].item() == pytest.approx(beta[step], rel=1e-5)
+    z = torch.ones_like(x)  # x_t = 0 and eps = 0 give mean 0, so x_{t-1} = sigma_t z = sigma_t
+    assert torch.allclose(small.p_sample(model, x, t, z), var_small.sqrt())
+
+
+def test_ema_decay_warms_up():
+    """common.EMA with step: decay min(decay, (1 + step) / (10 + step)), shadow <- d shadow + (1 - d) param."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = common.EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    expected = 0.0
+    for step in range(4):
+        ema.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))  # 0.1, 2/11, 3/12, 4/13
+        expected = d * expected + (1 - d)
+        assert ema.model.weight.item() == pytest.approx(expected, rel=1e-6), step
+    assert expected == pytest.approx(1 - 0.1 * (2 / 11) * (3 / 12) * (4 / 13))
+    ema.update(model, 1000)  # past warm-up the decay is the configured one
+    assert ema.model.weight.item() == pytest.approx(0.9 * expected + 0.1, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- DDIM: one step, the strided chain, trajectories
+
+
+def test_ddim_step_matches_the_formula_written_out():
+    """Song et al. Eq. 12 with sigma from Eq. 16, in host floats, as the loop computed it before ddim_step."""
+    d = ddpm.GaussianDiffusion()
+    abar = d.alphas_cumprod.double().tolist()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    model = lambda x_t, t: eps  # noqa: E731
+    for t, t_prev, eta in ((999, 979, 0.0), (500, 450, 0.5), (20, 0, 1.0), (0, -1, 1.0)):
+        a_t, a_prev = abar[t], abar[t_prev] if t_prev >= 0 else 1.0
+        x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        expected = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps + sigma * z
+        got, got_x0 = d.ddim_step(model, x, torch.full((2,), t), torch.full((2,), t_prev), eta, z, return_x0=True)
+        assert (got - expected).abs().max().item() < 2e-5, (t, eta)
+        assert (got_x0 - x0).abs().max().item() < 2e-5
+    assert torch.equal(got, got_x0)  # the last step (a_prev = 1) returns the predicted x_0
+
+
+def _gaussian_data_model(d, s2=0.25):
+    """The exact noise predictor for data x_0 ~ N(0, s2): E[eps | x_t] = sqrt(1 - a) x_t / (a s2 + 1 - a)."""
+    def model(x, t):
+        a = d.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return (1 - a).sqrt() * x / (a * s2 + 1 - a)
+    return model
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddpm", None)])
+def test_strided_sampler_output_matches_float64_recomputation(sampler, eta):
+    """20 strided steps against the chain recomputed in float64 with the same noise. sampler "ddpm" with
+    fewer than T steps is ancestral sampling on the strided chain: DDIM with eta = 1."""
+    d, steps, s2 = ddpm.GaussianDiffusion(), 20, 0.25
+    g = torch.Generator().manual_seed(5)
+    got = d.sample(_gaussian_data_model(d, s2), (32, 1, 4, 4), sampler, steps, eta or 0.0, generator=g, progress=False)
+    eta = 1.0 if sampler == "ddpm" else eta
+    abar = d.alphas_cumprod.double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 1, 4, 4, generator=g).double()
+    tau = list(range(950, -1, -50))
+    for t, t_prev in zip(tau, tau[1:] + [-1]):
+        a_t, a_prev = abar[t], abar[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        eps = (1 - a_t).sqrt() * x / (a_t * s2 + 1 - a_t)
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * torch.randn(32, 1, 4, 4, generator=g).double()
+    assert (got.double() - x.clamp(-1, 1)).abs().max().item() < 1e-4
+
+
+def test_trajectories_record_x_t_and_predicted_x0():
+    d = ddpm.GaussianDiffusion(num_timesteps=10)
+    model = _gaussian_data_model(d)
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x, traj = d.sample(model, x_T.shape, "ddpm", x_T=x_T, generator=torch.Generator().manual_seed(1),
+                       progress=False, keep=(9, 5, 0))
+    assert traj["t"] == [9, 5, 0] and traj["x"].shape == traj["x0"].shape == (3, 3, 1, 4, 4)
+    assert torch.equal(traj["x"][0], x_T)  # the chain starts at x_T
+    assert torch.allclose(traj["x0"][-1], x, atol=1e-6)  # at t = 0 the step returns the predicted x_0
+    plain = d.sample(model, x_T.shape, "ddpm", x_T=x_T, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(plain, x)  # recording changes nothing
+
+    d = ddpm.GaussianDiffusion()
+    model = _gaussian_data_model(d)
+    x, traj = d.sample(model, x_T.shape, "ddim", 10, x_T=x_T, progress=False, keep=range(1000))
+    assert traj["t"] == list(range(900, -1, -100)) and traj["x"].shape == (10, 3, 1, 4, 4)
+    assert torch.equal(traj["x0"][-1], x) and torch.equal(traj["x"][0], x_T)
+    with pytest.raises(ValueError, match="keep"):
+        d.sample(model, x_T.shape, "ddim", 10, x_T=x_T, progress=False, keep=(5,))
+
+
+# --------------------------------------------------------------------------- the new training options
+
+
+def test_sample_steps_beyond_the_schedule_fail_before_training(images_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main.main(["ddpm", "--data", str(images_dir), "--out", str(out), "--preset", "tiny",
+                      "--sample-steps", "1001"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sample-steps must be in 1..1000" in err and not out.exists()
+    with pytest.raises(CLIError, match="--ema-decay"):
+        ddpm.TrainConfig(data=images_dir, out=out, ema_decay=1.0)
+
+
+def test_cosine_schedule_trains_and_sample_uses_it(images_dir, tmp_path, capsys):
+    out = tmp_path / "cos"
+    _train(images_dir, out, "--preset", "tiny", "--max-steps", "2", "--beta-schedule", "cosine", "--variance", "fixed_small")
+    ckpt = common.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["diffusion"]["beta_schedule"] == "cosine"
+    assert ckpt["diffusion"]["variance_type"] == "fixed_small"
+    assert ckpt["args"]["beta_schedule"] == "cosine" and ckpt["args"]["out"] == str(out)  # the config, Paths as str
+
+    kw = dict(seed=0, batch_size=2, device=torch.device("cpu"), sampler="ddim", steps=3)
+    got = ddpm.generate(ckpt, 2, **kw)
+    unet, _, size = ddpm.model_from_checkpoint(ckpt, torch.device("cpu"))
+    for schedule, same in (("cosine", True), ("linear", False)):
+        d = ddpm.GaussianDiffusion(beta_schedule=schedule, variance_type="fixed_small")
+        ref = d.sample(unet, (2, 3, size, size), "ddim", 3, generator=torch.Generator().manual_seed(0), progress=False)
+        assert torch.equal(got, ref) == same, schedule
+    assert main.main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "s"), "-n", "2",
+                      "--sampler", "ddpm", "--steps", "3", "--device", "cpu"]) == 0
+    assert "strided chain, which is DDIM with eta 1" in capsys.readouterr().out  # said, not silent
+
+    _train(images_dir, out, "--preset", "tiny", "--max-steps", "3", "--resume")  # default options: linear
+    assert "keeps the checkpoint's schedule (cosine, fixed_small)" in capsys.readouterr().out
+    assert common.load_checkpoint(out / "checkpoint.pt")["diffusion"]["beta_schedule"] == "cosine"
