@@ -519,7 +519,7 @@ def load_classifier(path) -> tuple[nn.Module, dict]:
 
 def _load_split(root: Path, split: str, size: int):
     """One split of the extract layout as (images, labels), every image in a class folder."""
-    s = data.load_split(root, split, size)  # a missing split folder is a CLIError there
+    s = data.load_split(root, split, size)  # a missing or empty split is a CLIError there
     _check_labelled(s, f"{split} split of {root}")
     return s.images, s.labels
 
@@ -542,6 +542,14 @@ def run(cfg: RunConfig) -> dict:
     if not cfg.data.is_dir():
         raise CLIError(f"data folder not found: {cfg.data}")
     pick_device(cfg.device)  # a bad --device fails before any image is decoded
+    if cfg.save is not None:  # and a --save that cannot be written fails before training, not after
+        data.check_output(cfg.save, "--save", folder=False)
+        if cfg.save.exists():  # replace only a classifier checkpoint, never another file
+            try:
+                load_classifier(cfg.save)
+            except CLIError:
+                raise CLIError(f"--save {cfg.save} exists and is not a classifier checkpoint of this project; "
+                               f"it is left alone: choose another file name") from None
     splits = {s: _load_split(cfg.data, s, cfg.size) for s in ("train", "validation", "test")}
     syn_x = syn_y = None
     if cfg.synthetic is not None:
@@ -552,6 +560,12 @@ def run(cfg: RunConfig) -> dict:
         syn = data.load_folder(cfg.synthetic, cfg.size, progress=not cfg.json)
         _check_labelled(syn, f"synthetic folder {cfg.synthetic}")
         syn_x, syn_y = syn.images, syn.labels
+    for split in ("validation", "test"):  # as train_and_evaluate checks, but saying how to get a usable split
+        n_pos, n = int(splits[split][1].sum()), len(splits[split][1])
+        if n_pos in (0, n):
+            raise CLIError(f"the {split} split of {cfg.data} needs images of both classes (AUROC is undefined "
+                           f"otherwise); it has {n_pos} infiltration and {n - n_pos} no_finding"
+                           f"{data.split_hint(cfg.data)}")
     model_cfg = cfg.classifier()
     metrics, model = train_and_evaluate(*splits["train"], *splits["validation"], *splits["test"], model_cfg,
                                         synthetic_x=syn_x, synthetic_y=syn_y, progress=True)

@@ -20,10 +20,12 @@ import this module).
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +41,8 @@ CLASSES = ("infiltration", "no_finding")
 LABELS = {"no_finding": 0, "infiltration": 1}  # the positive class is the finding
 SPLITS = ("train", "validation", "test")
 SPLIT_DIRS = {"train": "train_data", "validation": "validation_data", "test": "test_data"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# What pytorch-fid reads, so a folder means the same set of images to every command and to it.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 SPLIT_FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}  # by patient, never by image
 MANIFEST_FIELDS = ("image", "class", "split", "patient_id", "source")
 
@@ -52,7 +55,8 @@ class UnreadableImage(ValueError):
 
 
 def load_grey(path: str | os.PathLike) -> np.ndarray:
-    """Decode any PNG/JPEG mode the NIH release and its copies use into uint8 (H, W).
+    """Decode any image mode the NIH release and its copies use (any file of
+    IMAGE_EXTENSIONS, the first frame of a multi-page TIFF) into uint8 (H, W).
 
     16-bit images are scaled to the 8-bit range (divide by 257, i.e. 65535 -> 255);
     alpha is dropped, not composited; palette images go through their palette.
@@ -92,22 +96,28 @@ def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- finding images
 
 
+def _image_files(root: Path) -> list[Path]:
+    """Image files under root, recursively, sorted; hidden files and folders (atomic
+    writes' temporaries among them) are left out, as are files of other extensions."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def list_images(root: str | os.PathLike, class_name: str | None = None) -> list[Path]:
-    """All image files under root, recursively, sorted; non-image files are ignored.
-    With class_name, only files inside a folder of that name."""
+    """All image files under root (IMAGE_EXTENSIONS, any case), recursively, sorted;
+    other files are ignored. With class_name, only files inside a folder of that name."""
     root = Path(root)
     if not root.exists():
         raise CLIError(f"data folder not found: {root}")
     if not root.is_dir():
         raise CLIError(f"not a folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = _image_files(root)
     if class_name is not None:
         files = [p for p in files if class_name in p.relative_to(root).parts[:-1]]
         if not files:
             raise CLIError(f"no images of class {class_name!r} under {root} (expected a folder named {class_name})")
     if not files:
-        raise CLIError(f"no images (.png, .jpg) found under {root}")
+        raise CLIError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files
 
 
@@ -140,13 +150,15 @@ def files_key(files: list[Path], salt: str) -> str:
     the result depends on) and each file's absolute path (which also fixes its
     label), byte size, modification time and inode (an atomic rewrite gets a new
     inode even within one mtime tick). Used here and by fid.py's statistics cache."""
-    h = hashlib.sha256(salt.encode())
+    # Paths are hashed as the bytes the file system holds (os.fsencode): a name that is not
+    # UTF-8 (a Latin-1 folder) is a str with surrogates, which str.encode() refuses.
+    h = hashlib.sha256(os.fsencode(salt))
     for p in files:
         try:
             st = p.stat()
         except OSError:  # vanished since listing: key it as missing, load_grey will report it
             st = os.stat_result((0,) * 10)
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
+        h.update(os.fsencode(p.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -213,11 +225,30 @@ def load_split(root: str | os.PathLike, split: str, size: int, class_name: str |
     split = split.removesuffix("_data")
     if split not in SPLIT_DIRS:
         raise CLIError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    folder = Path(root) / SPLIT_DIRS[split]
+    root = Path(root)
+    folder = root / SPLIT_DIRS[split]
+    if (root / "manifest.csv").is_file() and not (folder.is_dir() and _image_files(folder)):
+        raise CLIError(f"the {split} split of {root} is empty{split_hint(root)}")
     if not folder.is_dir():
         raise CLIError(f"{folder} not found: {root} is not a data set written by `python main.py extract` "
                        f"(expected {', '.join(SPLIT_DIRS.values())} inside it)")
     return load_folder(folder, size, class_name)
+
+
+def split_hint(root: Path) -> str:
+    """Why an extract's split can lack images (or a class), from its summary.json: for
+    phantoms, how many are needed; "" when the summary does not say."""
+    try:
+        summary = json.loads((Path(root) / "summary.json").read_text())
+        source, total = summary["source"], int(summary["total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if source == "phantoms":
+        import phantoms  # phantoms.py imports this module
+
+        return (f": {total} phantoms are too few; extract --phantoms {phantoms.min_phantoms()} or more gives "
+                f"every split images of both classes")
+    return ": the extract selected no images for it (too few patients in --csv, or on disk under --images)"
 
 
 # --------------------------------------------------------------------------- model inputs
@@ -255,9 +286,13 @@ class XRayDataset(torch.utils.data.Dataset):
 #
 # Shared by the NIH extraction (extract.py) and the phantoms (phantoms.py): a list of Entry,
 # one per output PNG, is rendered (in a small process pool), then the manifest
-# and summary are written and files left over from an earlier, different
-# selection are removed, so that the folders hold exactly what the manifest says
-# (the loaders read folders, and a stale file could put a patient in two splits).
+# and summary are written and the files an earlier extract into OUT wrote that the
+# new selection does not list are removed, so that the folders hold exactly what the
+# manifest says (the loaders read folders, and a stale file could put a patient in
+# two splits). Extract deletes, replaces or reuses ONLY files that an earlier extract
+# listed as written (its manifest.csv, or the pending list of one that was stopped);
+# any other image in the split folders, or a data set of another source, is a
+# refusal before anything is written.
 
 
 @dataclass(frozen=True)
@@ -272,24 +307,130 @@ class Entry:
     recipe: tuple    # (function, *args): the image is function(*args, size), uint8 (size, size)
 
 
+PENDING = ".extract-pending.csv"  # image,source of every file an unfinished extract may have written
+UNKNOWN_SOURCE = "?"  # in PENDING: a file being replaced, which may hold the old or the new source's pixels
+SOURCE_NAMES = {"phantoms": "synthetic phantoms", "nih": "NIH images"}
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.[^.]+")  # common.atomic_path's temporary of the file NAME
+
+
 def entry_path(split: str, cls: str, stem: str) -> str:
     return f"{SPLIT_DIRS[split]}/{cls}/{stem}.png"
 
 
-def prepare_out_dir(out: str | os.PathLike, create: bool = True) -> Path:
-    """OUT as a folder we can write (created unless create=False), or a one-line CLIError."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file, not a folder")
-    if not create:
-        return out
+def source_kind(source: str) -> str:
+    """'phantoms' or 'nih': which kind of data set a manifest's source column belongs to."""
+    return "phantoms" if source.startswith("phantom:") else "nih"
+
+
+def write_error(e: OSError, path: Path) -> CLIError:
+    """An OSError while writing `path` as one line (a full disk says so)."""
+    if e.errno == errno.ENOSPC:
+        return CLIError(f"no space left on the device holding {path.parent} while writing {path.name}")
+    return CLIError(f"cannot write {path}: {e.strerror or e}")
+
+
+def check_output(path: str | os.PathLike, option: str, folder: bool) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a file where a
+    folder is wanted or the reverse, a file in the place of a parent folder, a parent
+    that is not writable. Creates nothing; returns the path."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise CLIError(f"{option} {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise CLIError(f"{option} {path} is a folder; give a file name (such as {path / 'classifier.pt'})")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest part of the path that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{option} {path}: {parent} is not writable")
+    return path
+
+
+def _make_dirs(folders) -> None:
+    for d in folders:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(e, d) if e.errno == errno.ENOSPC else CLIError(
+                f"cannot create output folder {d}: {e.strerror or e}") from e
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a manifest-like CSV (image and source columns at least)."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"cannot create output folder {out}: {e.strerror or e}") from e
+        # surrogateescape: a source path that is not UTF-8 (a Latin-1 folder) round-trips byte for byte
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (OSError, csv.Error) as e:
+        raise CLIError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    if not {"image", "source"} <= set(reader.fieldnames or ()):
+        raise CLIError(f"{path} is not a manifest written by extract (columns: {', '.join(reader.fieldnames or ())})")
+    return rows
+
+
+def _write_rows(path: Path, fields: tuple[str, ...], rows) -> None:
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            w = csv.writer(f)
+            w.writerow(fields)
+            w.writerows(rows)
+    except OSError as e:  # atomic_path turns a full disk while writing into a CLIError; this is the rest
+        raise write_error(e, path) from e
+
+
+def read_manifest(out: str | os.PathLike) -> list[dict]:
+    """The rows of OUT/manifest.csv as dicts."""
+    path = Path(out) / "manifest.csv"
+    if not path.is_file():
+        raise CLIError(f"no manifest.csv in {out}")
+    return _read_rows(path)
+
+
+def written_before(out: Path) -> dict[str, str]:
+    """image -> source of every file an earlier extract into OUT wrote: its
+    manifest.csv, updated by the pending list of an extract that was stopped
+    before it finished (that list names everything the run could have written)."""
+    ours = {}
+    for name in ("manifest.csv", PENDING):
+        if (out / name).exists():
+            ours.update({r["image"]: r["source"] or "" for r in _read_rows(out / name) if r["image"]})
+    return ours
+
+
+def open_out_dir(out: str | os.PathLike, entries: list[Entry]) -> dict[str, str]:
+    """Check, before anything is written, that extract may write `entries` into OUT;
+    create OUT; return what an earlier extract wrote there (image -> source), the
+    only files this one may reuse, replace or delete. Refused in one line: OUT
+    holding a data set of another source (replacing it is the user's choice: another
+    --out), and any image in the split folders that no extract wrote (it would be
+    read with the data set, and extract never deletes or replaces it)."""
+    out = check_output(out, "--out", folder=True)
+    ours = written_before(out) if out.is_dir() else {}
+    kinds = {source_kind(s) for s in ours.values() if s != UNKNOWN_SOURCE}
+    kind = source_kind(entries[0].source)
+    if kinds and kind not in kinds:
+        raise CLIError(f"--out {out} holds a data set of {' and '.join(SOURCE_NAMES[k] for k in sorted(kinds))} "
+                       f"(see its manifest.csv); {SOURCE_NAMES[kind]} would replace it: choose another --out")
+    if not ours and (out / "summary.json").exists():
+        raise CLIError(f"--out {out} has a summary.json but no manifest.csv: it is not a folder extract wrote; "
+                       f"choose another --out")
+    foreign = [p for d in SPLIT_DIRS.values() if (out / d).is_dir() for p in _image_files(out / d)
+               if p.relative_to(out).as_posix() not in ours]
+    if foreign:
+        raise CLIError(f"--out {out} holds {len(foreign)} image(s) in its split folders that extract did not write "
+                       f"(such as {foreign[0]}); extract never deletes or replaces them: move them or choose "
+                       f"another --out")
+    folders = [out] + [out / SPLIT_DIRS[s] / c for s in SPLITS for c in CLASSES]
+    for d in folders + [d.parent for d in folders[1:]]:
+        if d.exists() and not d.is_dir():
+            raise CLIError(f"--out {out}: {d} is a file, not a folder")
+    _make_dirs([out])
     if not os.access(out, os.W_OK):
         raise CLIError(f"output folder {out} is not writable")
-    return out
+    return ours
 
 
 def _is_current(path: Path, size: int) -> bool:
@@ -309,27 +450,51 @@ def read_resized(path: str | os.PathLike, size: int) -> np.ndarray:
 
 def _render(job: tuple) -> tuple[int, str, str]:
     """Make one output PNG (runs in a worker process). Returns (index, status,
-    message), status one of reused, written, unreadable."""
-    index, dst, size, (make, *args) = job
-    if _is_current(dst, size):
+    message), status one of reused, written, unreadable. A file is reused only when
+    an earlier extract wrote it from the same source (same name, same pixels)."""
+    index, dst, size, reusable, (make, *args) = job
+    if reusable and _is_current(dst, size):
         return index, "reused", ""
     try:
         img = make(*args, size)
     except UnreadableImage as e:
         return index, "unreadable", str(e)
-    save_png(img, dst)
+    try:
+        save_png(img, dst)  # a CLIError (a full disk) reaches the parent as itself: one line
+    except OSError as e:
+        raise write_error(e, dst) from None
     return index, "written", ""
 
 
-def render_entries(entries: list[Entry], out: Path, size: int, workers: int = 2,
-                   progress: bool = True) -> tuple[dict[str, int], list[tuple[Entry, str]]]:
-    """Write every entry's PNG under out (reusing current ones). Returns the
-    count per status and the unreadable entries with their error."""
+def _remove_temporaries(out: Path, images) -> None:
+    """Delete atomic-write temporaries that a stopped run left of OUT's own files
+    (`images`, relative to OUT, and the manifest, summary and pending list)."""
+    names: dict[Path, set[str]] = {out: {"manifest.csv", "summary.json", PENDING}}
+    for image in images:
+        names.setdefault((out / image).parent, set()).add(Path(image).name)
+    for folder, own in names.items():
+        for f in folder.iterdir() if folder.is_dir() else ():
+            m = _TEMPORARY.fullmatch(f.name)
+            if m and m.group(1) in own and f.is_file():
+                f.unlink()
+
+
+def render_entries(entries: list[Entry], out: Path, size: int, workers: int = 2, progress: bool = True,
+                   previous: dict[str, str] | None = None) -> tuple[dict[str, int], list[tuple[Entry, str]]]:
+    """Write every entry's PNG under out, reusing the current ones that `previous`
+    (open_out_dir's answer) says came from the same source. Before the first PNG,
+    OUT/.extract-pending.csv lists every file this run may write, so that a run
+    stopped half-way leaves nothing extract cannot account for. Returns the count
+    per status and the unreadable entries with their error."""
     from tqdm import tqdm
 
-    jobs = [(i, out / e.image, size, e.recipe) for i, e in enumerate(entries)]
-    for d in {(out / e.image).parent for e in entries}:
-        d.mkdir(parents=True, exist_ok=True)
+    previous = previous or {}
+    pending = dict(previous)
+    for e in entries:  # a file replaced from another source may hold either's pixels until it is rewritten
+        pending[e.image] = e.source if previous.get(e.image, e.source) == e.source else UNKNOWN_SOURCE
+    _write_rows(out / PENDING, ("image", "source"), sorted(pending.items()))
+    _make_dirs(sorted({(out / e.image).parent for e in entries}))
+    jobs = [(i, out / e.image, size, previous.get(e.image) == e.source, e.recipe) for i, e in enumerate(entries)]
     counts = {"written": 0, "reused": 0, "unreadable": 0}
     failed = []
     pool = None
@@ -347,44 +512,35 @@ def render_entries(entries: list[Entry], out: Path, size: int, workers: int = 2,
                 failed.append((entries[i], message))
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.terminate()  # a worker killed mid-write leaves its temporary: removed next
             pool.join()
+        _remove_temporaries(out, [e.image for e in entries])
     return counts, failed
 
 
-def remove_stale(out: Path, keep: set[str]) -> int:
-    """Delete images in OUT's split/class folders that the manifest does not list
-    (an earlier run with another seed, size or source), and leftover temporaries."""
+def remove_stale(out: Path, written: set[str], keep: set[str]) -> int:
+    """Delete the files an earlier extract wrote (`written`) that the new manifest
+    does not list (`keep`): an earlier run with another seed, size or selection.
+    Only paths of the layout's own form are touched (a hand-edited manifest cannot
+    point this anywhere else). Returns how many were removed."""
     removed = 0
-    for split_dir in SPLIT_DIRS.values():
-        for cls in CLASSES:
-            folder = out / split_dir / cls
-            if not folder.is_dir():
-                continue
-            for f in folder.iterdir():
-                rel = f"{split_dir}/{cls}/{f.name}"
-                if f.is_file() and rel not in keep and (f.suffix.lower() in IMAGE_EXTENSIONS or f.name.startswith(".")):
-                    f.unlink()
-                    removed += 1
+    for image in sorted(written - keep):
+        parts = image.split("/")
+        if (len(parts) != 3 or parts[0] not in SPLIT_DIRS.values() or parts[1] not in CLASSES
+                or not parts[2].endswith(".png") or parts[2].startswith(".")):
+            continue
+        f = out / image
+        if f.is_file() and not f.is_symlink():
+            f.unlink()
+            removed += 1
     return removed
 
 
 def write_manifest(out: Path, entries: list[Entry]) -> None:
     """OUT/manifest.csv: image,class,split,patient_id,source, one row per image."""
-    with atomic_path(out / "manifest.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(MANIFEST_FIELDS)
-        for e in sorted(entries, key=lambda e: (SPLITS.index(e.split), e.cls, e.image)):
-            w.writerow((e.image, e.cls, e.split, e.patient_id, e.source))
-
-
-def read_manifest(out: str | os.PathLike) -> list[dict]:
-    """The rows of OUT/manifest.csv as dicts."""
-    path = Path(out) / "manifest.csv"
-    if not path.is_file():
-        raise CLIError(f"no manifest.csv in {out}")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    _write_rows(out / "manifest.csv", MANIFEST_FIELDS,
+                ((e.image, e.cls, e.split, e.patient_id, e.source)
+                 for e in sorted(entries, key=lambda e: (SPLITS.index(e.split), e.cls, e.image))))
 
 
 def count_layout(entries: list[Entry]) -> dict:
@@ -398,9 +554,18 @@ def count_layout(entries: list[Entry]) -> dict:
 
 
 def finish_layout(out: Path, entries: list[Entry], summary: dict) -> dict:
-    """Manifest, stale-file cleanup and OUT/summary.json; returns the summary."""
+    """Manifest, removal of what earlier runs wrote and this one does not list,
+    OUT/summary.json, and the pending list last; returns the summary."""
+    written = set(written_before(out))  # the old manifest and this run's pending list, read before either changes
     write_manifest(out, entries)
-    summary["removed_stale"] = remove_stale(out, {e.image for e in entries})
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    keep = {e.image for e in entries}
+    summary["removed_stale"] = remove_stale(out, written, keep)
+    path = out / "summary.json"
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        raise write_error(e, path) from e
+    (out / PENDING).unlink(missing_ok=True)
+    _remove_temporaries(out, written | keep)
     return summary

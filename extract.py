@@ -30,6 +30,8 @@ import csv
 import gzip
 import io
 import os
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +39,11 @@ import numpy as np
 
 import phantoms
 from common import CLIError, check_config, flag
-from data import (CLASSES, IMAGE_EXTENSIONS, SPLIT_FRACTIONS, SPLITS, Entry, count_layout, entry_path,
-                  finish_layout, prepare_out_dir, read_resized, render_entries)
+from data import (CLASSES, IMAGE_EXTENSIONS, SPLIT_FRACTIONS, SPLITS, Entry, check_output, count_layout, entry_path,
+                  finish_layout, open_out_dir, read_resized, render_entries)
 
 IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
+CLASS_LABELS = {"infiltration": "'Infiltration'", "no_finding": "'No Finding'"}  # as NIH spells them
 
 
 @dataclass
@@ -152,7 +155,9 @@ def read_metadata(path: str | os.PathLike) -> tuple[list[Row], dict[str, int]]:
                 seen.add(image)
                 patient = fields[i_pat].strip() if i_pat is not None and len(fields) > i_pat else ""
                 rows.append(Row(image, fields[i_lab].strip(), patient or patient_from_image(image)))
-    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as e:
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:  # a damaged (not only truncated) gzip stream
+        raise CLIError(f"--csv {path}: its gzip data is damaged ({e}); download it again") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CLIError(f"--csv {path} is not a readable CSV file: {e}") from e
     if not rows:
         raise CLIError(f"--csv {path} has no data rows")
@@ -186,7 +191,7 @@ def index_images(root: str | os.PathLike, exclude: Path | None = None) -> dict[s
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 found.setdefault(name, here / name)
     if not found:
-        raise CLIError(f"--images {root}: no images (.png, .jpg) found in it or its subfolders")
+        raise CLIError(f"--images {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it or its subfolders")
     return found
 
 
@@ -245,12 +250,19 @@ def plan(rows: list[Row], cfg: ExtractConfig, on_disk: dict[str, Path] | None,
         else:
             candidates.append((r, cls))
     counts = {c: sum(cls == c for _, cls in candidates) for c in CLASSES}
+    absent = [CLASS_LABELS[c] + (" as the only label" if c == "infiltration" and cfg.infiltration_only else "")
+              for c in CLASSES if not counts[c]]
+    if absent:  # the CSV's labels, not --images, are the problem: say what they are
+        found = ", ".join(repr(labels) for labels, _ in Counter(r.labels for r in rows).most_common(3))
+        raise CLIError(f"--csv {cfg.csv} has no row labelled {' or '.join(absent)}; Finding Labels are "
+                       f"case-sensitive, and the most common ones found are {found}")
     if on_disk is not None:
         present = [(r, c) for r, c in candidates if r.image in on_disk]
         skipped["not_on_disk"] = len(candidates) - len(present)
-        if not present:
-            raise CLIError(f"none of the {len(candidates):,} candidate images named in {cfg.csv} is under "
-                           f"--images {cfg.images}")
+        for c in CLASSES:
+            if not any(cls == c for _, cls in present):
+                raise CLIError(f"none of the {counts[c]:,} {c} candidate images named in {cfg.csv} is under "
+                               f"--images {cfg.images}")
         candidates = present
 
     rng = np.random.default_rng(cfg.seed)
@@ -322,7 +334,7 @@ def run(cfg: ExtractConfig) -> dict:
         return phantoms.write_phantoms(cfg.phantoms, cfg.out, cfg.size, cfg.seed, cfg.workers, cfg.progress)
     rows, bad_rows = read_metadata(cfg.csv)
     test_list = read_test_list(cfg.official_test_list) if cfg.official_test_list is not None else None
-    out = prepare_out_dir(cfg.out, create=False) if cfg.out is not None else None  # fail early if it's a file
+    out = check_output(cfg.out, "--out", folder=True) if cfg.out is not None else None  # fail early if it's a file
     on_disk = index_images(cfg.images, exclude=out) if cfg.images is not None else None
     selected, summary = plan(rows, cfg, on_disk, test_list)
     summary["skipped"] = {**bad_rows, **summary["skipped"], "unreadable": 0}
@@ -332,9 +344,12 @@ def run(cfg: ExtractConfig) -> dict:
                for r, cls, split in selected]
     if cfg.dry_run:
         return {**summary, **count_layout(entries)}
+    if not entries:
+        raise CLIError(f"nothing to write: no split of --csv {cfg.csv} has images of both classes after the "
+                       f"patient split (too few patients)")
 
-    out = prepare_out_dir(out)  # created only now, after every check on the inputs passed
-    status, failed = render_entries(entries, out, cfg.size, cfg.workers, cfg.progress)
+    previous = open_out_dir(out, entries)  # created only now, after every check on the inputs and on OUT
+    status, failed = render_entries(entries, out, cfg.size, cfg.workers, cfg.progress, previous)
     if failed:
         entries, dropped = rebalance(entries, [e for e, _ in failed], np.random.default_rng([cfg.seed, 1]))
         summary["skipped"]["unreadable"] = len(failed)
@@ -360,6 +375,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("dry_run"):
         lines.append(f"dry run: {summary['total']:,} images selected, nothing written")
     else:
-        lines.append(f"{summary['total']:,} images in {summary['out']} ({summary.get('written', 0):,} written, "
+        out = summary["out"].encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # printable, any name
+        lines.append(f"{summary['total']:,} images in {out} ({summary.get('written', 0):,} written, "
                      f"{summary.get('reused', 0):,} reused, {summary.get('removed_stale', 0):,} stale removed)")
     return "\n".join(lines)

@@ -12,17 +12,21 @@ The network is the port pytorch-fid uses (`pt_inception-2015-12-05-6726825d.pth`
 torchvision's Inception-v3 layout with 1008 classes and four patched block
 kinds, written out here so the weights load by their own key names. Checked
 against pytorch-fid 0.3.0 (features, FID) and torch-fidelity 0.4.0 (IS, KID)
-in tests/test_fid.py.
+in tests/test_fid.py. Precision, recall, density and coverage on the same
+features are in precision_recall.py (`fid.prdc` is the same function).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
+import zlib
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from scipy import linalg
 
 import data
 from common import CLIError, atomic_path, check_config, flag, pick_device
+from precision_recall import PRDC_K, knn_radii, prdc  # noqa: F401 (fid.prdc: the same features, another metric)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -262,9 +267,14 @@ def resolve_weights(path: str | os.PathLike | None) -> Path:
         return path
     path = default_weights_path()
     if not path.is_file():
+        made = not path.parent.exists()  # models/ is made for the download, and kept only if it succeeds
         try:
             _download(WEIGHTS_URL, path)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
+        except (urllib.error.URLError, OSError, TimeoutError, CLIError) as e:
+            if made and path.parent.is_dir() and not any(path.parent.iterdir()):
+                path.parent.rmdir()
+            if isinstance(e, CLIError):
+                raise
             raise InceptionWeightsMissing(
                 f"cannot download the FID Inception weights ({getattr(e, 'reason', e)}); fetch {WEIGHTS_URL} "
                 f"and put {WEIGHTS_FILE} at {path}, or pass --inception-weights PATH") from e
@@ -371,17 +381,38 @@ def _stats_cache_file(folder: Path, weights: Path) -> Path:
 
 
 def load_stats(path: str | os.PathLike) -> dict:
-    """An .npz of statistics: pytorch-fid's (mu, sigma) or ours (plus features, logits)."""
+    """An .npz of statistics: pytorch-fid's (mu, sigma) or ours (plus features, logits,
+    n). Everything is checked here, so that a bad file is one line naming it: numbers
+    only, all finite, mu (D,), sigma (D, D), features (n, D), logits (n, K), n a count."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise CLIError(f"{path} holds a single array (an .npy file?), not .npz statistics with mu and sigma")
+        with z:
             out = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise CLIError(f"cannot read statistics {path}: {e}") from e
     if "mu" not in out or "sigma" not in out:
         raise CLIError(f"{path} has no 'mu' and 'sigma' arrays (keys: {', '.join(out) or 'none'})")
-    if out["mu"].ndim != 1 or out["sigma"].shape != (out["mu"].size,) * 2:
-        raise CLIError(f"{path}: mu {out['mu'].shape} and sigma {out['sigma'].shape} do not match")
-    out.setdefault("n", np.asarray(out["features"].shape[0] if "features" in out else -1))
+    for key in ("mu", "sigma", "features", "logits", "n"):
+        if key in out and out[key].dtype.kind not in "iuf":
+            raise CLIError(f"{path}: {key} must hold numbers, not {out[key].dtype} values")
+        if key in out and not np.isfinite(out[key]).all():
+            raise CLIError(f"{path}: {key} holds NaN or infinite values")
+    mu, sigma = out["mu"], out["sigma"]
+    if mu.ndim != 1 or sigma.shape != (mu.size,) * 2:
+        raise CLIError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match (expected (D,) and (D, D))")
+    features = out.get("features")
+    if features is not None and (features.ndim != 2 or features.shape[1] != mu.size):
+        raise CLIError(f"{path}: features {features.shape} do not match mu {mu.shape} (expected (n, D))")
+    if "logits" in out and (out["logits"].ndim != 2 or features is not None and len(out["logits"]) != len(features)):
+        raise CLIError(f"{path}: logits {out['logits'].shape} do not match features (expected (n, K))")
+    if "n" in out:
+        n = out["n"]
+        if n.shape != () or n != np.round(n) or n < 2 or features is not None and n != len(features):
+            raise CLIError(f"{path}: n must be one whole number of at least 2, the image count"
+                           f"{'' if features is None else f' ({len(features)} feature rows)'}; got {n.tolist()}")
+    out.setdefault("n", np.asarray(len(features) if features is not None else -1))
     return out
 
 
@@ -436,7 +467,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise CLIError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+        raise CLIError(f"statistics of different dimensions, {mu1.shape} vs {mu2.shape}: not from one network")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -528,94 +559,10 @@ def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 
         out["kid_mean"], out["kid_std"], out["kid_subset_size"] = kid(r["features"], f["features"])
     if "logits" in f:
         out["is_mean"], out["is_std"] = inception_score(f["logits"])
+    bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # never a number that is not one: NaN would print as "FID nan" and break strict JSON
+        raise CLIError(f"{', '.join(bad)} came out non-finite: the statistics are not a valid mean and covariance")
     return out
-
-
-# --------------------------------------------------------------------------- precision, recall, density and coverage
-
-PRDC_K = 3  # Kynkaanniemi et al. 2019 use k = 3; Naeem et al. 2020 recommend k = 5 for density and coverage
-PRDC_CHUNK = 2048  # rows and columns of one distance block: 2048^2 float64 = 32 MiB, whatever N and M
-
-
-def _prdc_features(x, device: torch.device) -> torch.Tensor:
-    x = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
-    return x.to(device=device, dtype=torch.float64)
-
-
-def knn_radii(x: torch.Tensor, k: int = PRDC_K, chunk: int = PRDC_CHUNK) -> torch.Tensor:
-    """NND_k(x_i) = |x_i - NN_k(x_i)|: distance from each point to its k-th nearest OTHER
-    point of the same set, the radius of its k-NN ball (Kynkaanniemi et al. 2019, Eq. 1).
-
-    prdc and torch-fidelity take the (k+1)-th smallest distance with the point's own zero
-    included; leaving the point out and taking the k-th is the same number, and does not
-    depend on cdist's rounding giving an exact zero on the diagonal. Distances are
-    computed in chunk x chunk blocks, of which only the k smallest per row are kept."""
-    n = len(x)
-    radii = torch.empty(n, dtype=x.dtype, device=x.device)
-    for i in range(0, n, chunk):
-        rows = x[i:i + chunk]
-        nearest = rows.new_empty(len(rows), 0)  # (rows, <= k) running k smallest
-        for j in range(0, n, chunk):
-            d = torch.cdist(rows, x[j:j + chunk])  # (rows, cols)
-            if i == j:  # the diagonal block: a point is not its own neighbour
-                d.fill_diagonal_(float("inf"))
-            d = d.topk(min(k, d.shape[1]), dim=1, largest=False).values
-            both = torch.cat([nearest, d], dim=1)
-            nearest = both.topk(min(k, both.shape[1]), dim=1, largest=False).values
-        radii[i:i + chunk] = nearest.max(dim=1).values  # the k-th smallest: n > k fills all k slots
-    return radii
-
-
-def prdc(real_features, fake_features, k: int = PRDC_K, *, chunk: int = PRDC_CHUNK, closed: bool = False,
-         device: str | torch.device | None = "cpu") -> dict:
-    """Precision, recall, density and coverage of N real and M fake features (N, D), (M, D),
-    from k-NN balls B(x, NND_k(x)) (see knn_radii):
-
-      precision = 1/M sum_j 1{fake_j in some real ball}          (Kynkaanniemi et al. 2019, Eq. 2)
-      recall    = 1/N sum_i 1{real_i in some fake ball}          (Kynkaanniemi et al. 2019, Eq. 2)
-      density   = 1/(kM) sum_j sum_i 1{fake_j in B(real_i)}      (Naeem et al. 2020)
-      coverage  = 1/N sum_i 1{some fake_j in B(real_i)}          (Naeem et al. 2020)
-
-    Density counts how many real balls hold each fake sample, so it can exceed 1 and one
-    large ball around a real outlier adds little; coverage, unlike recall, uses only real
-    balls, so large balls around fake outliers cannot inflate it. Distances are float64 on
-    `device` ('auto': CUDA when present), in blocks of at most chunk x chunk.
-
-    closed=False uses open balls, d < NND_k, as Naeem et al.'s prdc package does; closed=True
-    uses closed balls, d <= NND_k, as Kynkaanniemi et al.'s Eq. 1 and torch-fidelity's prc do.
-    The two differ only when a distance equals a radius exactly, which continuous features
-    almost never produce but integer-valued ones (raw pixels, duplicated images) can."""
-    device = device if isinstance(device, torch.device) else pick_device(device)
-    real, fake = _prdc_features(real_features, device), _prdc_features(fake_features, device)
-    if real.ndim != 2 or fake.ndim != 2:
-        raise CLIError(f"PRDC needs features of shape (N, D); got {tuple(real.shape)} and {tuple(fake.shape)}")
-    if real.shape[1] != fake.shape[1]:
-        raise CLIError(f"PRDC: real and fake features differ in dimension ({real.shape[1]} vs {fake.shape[1]})")
-    n, m = len(real), len(fake)
-    if k < 1:
-        raise CLIError(f"PRDC: k must be at least 1 (got {k})")
-    if k >= min(n, m):  # the k-th neighbour of a point needs k others
-        raise CLIError(f"PRDC with k = {k} needs more than {k} samples per side (got {n} real and {m} fake)")
-    if chunk < 1:
-        raise CLIError(f"PRDC: chunk must be at least 1 (got {chunk})")
-
-    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
-    # Patch: prdc counts d < NND_k, torch-fidelity (after Kynkaanniemi Eq. 1) d <= NND_k.
-    inside = torch.le if closed else torch.lt
-    balls_per_fake = torch.zeros(m, dtype=torch.int64, device=device)  # real balls holding fake_j
-    real_in_fake_ball = torch.zeros(n, dtype=torch.bool, device=device)
-    real_ball_covered = torch.zeros(n, dtype=torch.bool, device=device)
-    for i in range(0, n, chunk):
-        for j in range(0, m, chunk):
-            d = torch.cdist(real[i:i + chunk], fake[j:j + chunk])  # (real rows, fake cols)
-            in_real_ball = inside(d, r_real[i:i + chunk, None])
-            balls_per_fake[j:j + chunk] += in_real_ball.sum(dim=0)
-            real_ball_covered[i:i + chunk] |= in_real_ball.any(dim=1)
-            real_in_fake_ball[i:i + chunk] |= inside(d, r_fake[None, j:j + chunk]).any(dim=1)
-    return dict(precision=(balls_per_fake > 0).double().mean().item(),
-                recall=real_in_fake_ball.double().mean().item(),
-                density=balls_per_fake.sum().item() / (k * m),
-                coverage=real_ball_covered.double().mean().item())
 
 
 # --------------------------------------------------------------------------- a chest X-ray feature distance

@@ -131,15 +131,28 @@ def data_commands(sub) -> None:
                      "X-ray phantoms (a stand-in for trying the pipeline, not medical data) in the same layout.")
 
 
-def cmd_extract(args) -> None:
+def json_line(obj, **kw) -> str:
+    """One line of strict JSON: a non-finite float becomes null, never a bare NaN (which
+    json.dumps would write and no strict parser reads)."""
     import json
 
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
+def cmd_extract(args) -> None:
     import extract
 
     summary = extract.run(config_from_args(extract.ExtractConfig, args, progress=not args.json))
     print(extract.format_summary(summary), flush=True)
     if args.json:
-        print(json.dumps(summary, separators=(",", ":")))
+        print(json_line(summary, separators=(",", ":")))
 
 
 # --------------------------------------------------------------------------- commands: generators (ddpm, sample)
@@ -239,8 +252,6 @@ def eval_commands(sub) -> None:
 
 
 def cmd_fid(args) -> None:
-    import json
-
     import fid
 
     res = fid.run(config_from_args(fid.FIDConfig, args))
@@ -256,12 +267,10 @@ def cmd_fid(args) -> None:
         print(f"chest X-ray classifier features (not comparable with FID): FD {res['cxr_fd']:.4f}, "
               f"KID {res['cxr_kid_mean']:.6f} +- {res['cxr_kid_std']:.6f}")
     if args.json:
-        print(json.dumps(res))
+        print(json_line(res))
 
 
 def cmd_classify(args) -> None:
-    import json
-
     import classify
 
     m = classify.run(config_from_args(classify.RunConfig, args))
@@ -272,9 +281,10 @@ def cmd_classify(args) -> None:
           f"(chosen on validation): accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
           f"specificity {m['specificity']:.4f}")
     if args.save is not None:
-        print(f"saved {args.save}")
+        shown = str(args.save).encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # any file name
+        print(f"saved {shown}")
     if args.json:
-        print(json.dumps(m))
+        print(json_line(m))
 
 
 # --------------------------------------------------------------------------- commands: the study (experiment, demo, memorization)
@@ -307,8 +317,6 @@ def cmd_demo(args) -> None:
 
 
 def cmd_memorization(args) -> None:
-    import json
-
     import memorization
 
     res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
@@ -316,7 +324,7 @@ def cmd_memorization(args) -> None:
           f"to a training image than the {res['percentile']:g}st percentile of real held-out images (pixel "
           f"threshold {res['pixel']['threshold']:.4f}; {res['train']})", file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps(res))
+        print(json_line(res))
 
 
 # --------------------------------------------------------------------------- commands: export

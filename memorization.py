@@ -23,6 +23,7 @@ import data
 from common import CLIError, atomic_path, check_config, flag, save_image_grid
 
 PERCENTILE = 1.0  # flag synthetic images closer than the 1st percentile of real held-out NN distances
+OUTPUTS = ("memorization.json", "closest_pairs.png")  # what `memorization --out DIR` writes into DIR
 
 
 # --------------------------------------------------------------------------- nearest training image
@@ -119,6 +120,10 @@ class MemorizationConfig:
 def run(cfg: MemorizationConfig) -> dict:
     """The check on its own: the result of memorization_check (without the
     per-image arrays), and under "train" what served as training and reference set."""
+    if cfg.out is not None:  # before any image is read
+        data.check_output(cfg.out, "--out", folder=True)
+        for name in OUTPUTS:
+            data.check_output(cfg.out / name, "--out", folder=False)
     data.list_images(cfg.synthetic)  # a missing or empty --synthetic fails now, before the training set is read
     if (cfg.train / data.SPLIT_DIRS["train"]).is_dir():  # extract layout: train split vs the test split's patients
         train = data.load_split(cfg.train, "train", cfg.size).images
@@ -139,7 +144,7 @@ def run(cfg: MemorizationConfig) -> dict:
         embed = lambda u8: classify.embed(model, u8)  # noqa: E731
     res = memorization_check(train, synthetic, reference, embed)
     if cfg.out is not None:
-        save_closest_pairs(train, synthetic, res, cfg.out / "closest_pairs.png")
-        with atomic_path(cfg.out / "memorization.json") as tmp:
+        save_closest_pairs(train, synthetic, res, cfg.out / OUTPUTS[1])
+        with atomic_path(cfg.out / OUTPUTS[0]) as tmp:
             tmp.write_text(json.dumps(public(res), indent=1))
     return {**public(res), "train": how}

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from common import CLIError
-from data import CLASSES, Entry, count_layout, entry_path, finish_layout, prepare_out_dir, render_entries
+from data import CLASSES, SPLITS, Entry, count_layout, entry_path, finish_layout, open_out_dir, render_entries
 
 PHANTOM_DRAW_MAX = 128  # px; larger phantoms are drawn at this size and upsampled
 
@@ -199,21 +201,34 @@ def phantom_plan(n: int, seed: int = 0) -> list[Entry]:
     return entries
 
 
+def min_phantoms() -> int:
+    """The smallest N for which phantom_plan gives every split images of both classes
+    (10: the 70/10/20 cut needs 5 per class before validation gets one)."""
+    n = 2
+    while not all(all(count_layout(phantom_plan(n))["counts"][s].values()) for s in SPLITS):
+        n += 1
+    return n
+
+
 def write_phantoms(n: int, out: str | os.PathLike, size: int = 256, seed: int = 0,
                    workers: int = 2, progress: bool = True) -> dict:
     """Write n phantoms (half each class) in the extract layout with manifest.csv
-    and summary.json under out; returns the summary dict."""
+    and summary.json under out; returns the summary dict. An out holding images
+    that no extract wrote, or an NIH extract, is refused before anything is written."""
     if n < 2:
         raise CLIError(f"--phantoms must be at least 2 (one per class), got {n}")
     if size < 8:
         raise CLIError(f"--size must be at least 8, got {size}")
     if seed < 0:
         raise CLIError(f"--seed must be at least 0, got {seed}")
-    out = prepare_out_dir(out)
-    entries = phantom_plan(n, seed)
-    status, failed = render_entries(entries, out, size, workers, progress)
+    out, entries = Path(out), phantom_plan(n, seed)
+    previous = open_out_dir(out, entries)  # refuses, before writing, what it may not replace
+    status, failed = render_entries(entries, out, size, workers, progress, previous)
     assert not failed  # phantoms are drawn, never decoded
     summary = {"source": "phantoms", "out": str(out), "size": size, "seed": seed, "dry_run": False,
                "candidates": {c: sum(e.cls == c for e in entries) for c in CLASSES}, "skipped": {},
                **count_layout(entries), "written": status["written"], "reused": status["reused"]}
+    if n < min_phantoms():
+        print(f"warning: {n} phantoms leave a split without images of both classes; classify and memorization "
+              f"need --phantoms {min_phantoms()} or more", file=sys.stderr)
     return finish_layout(out, entries, summary)
