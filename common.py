@@ -150,10 +150,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     the mode a plain open() would give (mkstemp's 0600 would otherwise survive
     the rename), and a full disk is one clear error, with no temporary left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=path.suffix or ".tmp")
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
         os.replace(tmp, path)
@@ -162,7 +163,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise CLIError(f"no space left on the device holding {path.parent} while writing {path.name}") from e
         raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

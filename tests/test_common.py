@@ -237,3 +237,15 @@ def test_pick_device_refuses_missing_mps():
     if not torch.backends.mps.is_available():
         with pytest.raises(CLIError, match="MPS"):
             common.pick_device("mps")
+
+
+def test_disk_full_before_the_temporary_exists_is_one_line_too(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(CLIError, match="no space left"):
+        common.save_checkpoint({"a": torch.zeros(1)}, tmp_path / "checkpoint.pt")
