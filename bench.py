@@ -211,7 +211,7 @@ def bench_fid(device, args, rows: list[Row], tmp: Path) -> None:
             torch.nn.init.normal_(p, std=0.02)
         torch.save(net.state_dict(), weights)
     ours = fid.load_inception(weights, device)
-    fns = {"ours": lambda: fid.extract(ours, images, batch_size=50, progress=False)}
+    fns = {"ours": lambda: fid.inception_features(ours, images, batch_size=50, progress=False)}
     try:
         from pytorch_fid.inception import InceptionV3
         import pytorch_fid.inception as pfi
@@ -262,10 +262,11 @@ def bench_dcgan(device, args, rows: list[Row]) -> None:
 
 def bench_data(device, args, rows: list[Row], tmp: Path) -> None:
     import data
+    import phantoms
 
     folder = tmp / "pngs"
     n = 64 if args.quick else 256
-    data.write_phantoms(n, folder, size=256, seed=0)
+    phantoms.write_phantoms(n, folder, size=256, seed=0)
     files = data.list_images(folder)
     decode_s = median_time(lambda: [data.center_crop_resize(data.load_grey(p), 32) for p in files], device, 1, 0)
     cache_dir = tmp / "cache"
