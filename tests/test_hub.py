@@ -60,7 +60,7 @@ def test_safetensors_writer_read_back_bit_exact(tmp_path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0 and raw[8:9] == b"{"
-    for reader in (safetensors_torch.load_file, ddpm.read_safetensors):
+    for reader in (safetensors_torch.load_file, common.read_safetensors):
         back = reader(path)
         assert back.keys() == tensors.keys()
         for k, v in tensors.items():
@@ -167,7 +167,7 @@ def test_export_falls_back_to_model_weights_and_writes_a_model_card(tmp_path, ca
         {"ddpm/infiltration": {"n_real": 500, "classifier": {"fd": 12.345678}}, "inception_missing": "offline"}))
     out = export(tmp_path, ckpt)
     assert "exported the model weights (step 123)" in capsys.readouterr().out
-    back = ddpm.read_safetensors(out / hub.WEIGHTS_FILE)
+    back = common.read_safetensors(out / hub.WEIGHTS_FILE)
     assert torch.equal(back["conv_in.weight"], ckpt["model"]["conv_in.weight"])
     card = (out / "README.md").read_text()
     for text in ("must not be used for diagnosis", "`data/nih/train`, class infiltration", "123 training steps",
