@@ -26,6 +26,7 @@ shared with report.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -52,6 +53,8 @@ class ClassifyConfig:
     model: str = flag("small", "small CNN (CPU) or ResNet-18", choices=MODELS)
     size: int = flag(64, "image size in pixels (real and synthetic alike)")
     epochs: int = flag(20, "maximum epochs (early stopping on validation AUROC)", min=1)
+    steps: int | None = flag(None, "train exactly this many optimiser steps instead, checking validation every "
+                             "ceil(steps / epochs) steps, with no early stopping (equal budgets across runs)", min=1)
     batch_size: int = flag(64, "training images per step", min=2)
     lr: float | None = flag(None, "AdamW learning rate (default 1e-3 small, 3e-4 resnet18)", above=0)
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay (Loshchilov and Hutter 2019)
@@ -399,6 +402,14 @@ def _training_set(train_x, train_y, synthetic_x, synthetic_y) -> tuple[torch.Ten
     return torch.cat([train_x, synthetic_x]), torch.cat([train_y, synthetic_y])
 
 
+def _batches(n: int, batch: int, seed: int):
+    """Shuffled batches of indices, epoch after epoch without end (epoch_order: a pure function of seed, epoch)."""
+    for epoch in itertools.count():
+        order = epoch_order(n, seed, epoch)
+        for i in range(n // batch):
+            yield order[i * batch:(i + 1) * batch]
+
+
 def _class_weights(y: torch.Tensor) -> torch.Tensor:
     """Per-class loss weights N / (2 n_c): each class contributes half of the loss,
     whatever the imbalance (NIH has about 3 No Finding images per Infiltration one)."""
@@ -440,36 +451,44 @@ def train_and_evaluate(train_x, train_y, val_x, val_y, test_x, test_y, cfg: Clas
 
     n = x.shape[0]
     batch = min(cfg.batch_size, n)
-    steps = n // batch  # drop the ragged last batch: BatchNorm needs more than one image
-    best_auroc, best_state, best_epoch, stale, t0 = -1.0, None, 0, 0, time.perf_counter()
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = epoch_order(n, cfg.seed, epoch).to(device)
-        total = 0.0
-        for i in range(steps):
-            idx = order[i * batch:(i + 1) * batch]
-            xb = _to_model_input(x_dev[idx], cfg.size, device)  # (B, 1, S, S)
-            if cfg.augment:
-                xb = augment(xb, aug_gen)
-            yb = y_dev[idx]
-            loss = F.binary_cross_entropy_with_logits(model(xb), yb.float(), weight=weights[yb])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        if not math.isfinite(total):
-            raise CLIError(f"classifier loss became {total} in epoch {epoch + 1} (try a lower learning rate)")
+    per_epoch = n // batch  # drop the ragged last batch: BatchNorm needs more than one image
+    # Epochs: validate after each epoch, stop after `patience` checks without improvement. Steps:
+    # exactly cfg.steps updates, validation every ceil(steps / epochs) and at the end, no early
+    # stopping, so that runs given the same steps differ only in what their batches contain.
+    total = cfg.steps or cfg.epochs * per_epoch
+    every = math.ceil(cfg.steps / cfg.epochs) if cfg.steps else per_epoch
+    best_auroc, best_state, best_check, checks, stale, t0 = -1.0, None, 0, 0, 0, time.perf_counter()
+    running, since = 0.0, 0
+    model.train()
+    for step, idx in enumerate(itertools.islice(_batches(n, batch, cfg.seed), total), 1):
+        idx = idx.to(device)
+        xb = _to_model_input(x_dev[idx], cfg.size, device)  # (B, 1, S, S)
+        if cfg.augment:
+            xb = augment(xb, aug_gen)
+        yb = y_dev[idx]
+        loss = F.binary_cross_entropy_with_logits(model(xb), yb.float(), weight=weights[yb])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running, since = running + loss.item(), since + 1
+        if step % every and step < total:
+            continue
+        if not math.isfinite(running):
+            raise CLIError(f"classifier loss became {running} by step {step} (try a lower learning rate)")
+        checks += 1
         val_auroc = auroc(predict(model, val_x), val_y.numpy())
+        model.train()
         improved = val_auroc > best_auroc
         if improved:  # keep the best weights in memory: selection on validation AUROC only
-            best_auroc, best_epoch, stale = val_auroc, epoch + 1, 0
+            best_auroc, best_check, stale = val_auroc, checks, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
         if progress:
-            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {total / steps:.4f}  val AUROC {val_auroc:.4f}"
+            print(f"step {step:5d}/{total}  loss {running / since:.4f}  val AUROC {val_auroc:.4f}"
                   f"{'  *' if improved else ''}", file=sys.stderr, flush=True)
-        if cfg.patience and stale >= cfg.patience:
+        running, since = 0.0, 0
+        if not cfg.steps and cfg.patience and stale >= cfg.patience:
             break
     model.load_state_dict(best_state)
     model.eval()
@@ -481,7 +500,7 @@ def train_and_evaluate(train_x, train_y, val_x, val_y, test_x, test_y, cfg: Clas
     low, high = bootstrap_auroc_ci(test_scores, test_labels, n_boot=1000, seed=0)
     metrics = {"auroc": auroc(test_scores, test_labels), "auroc_ci_low": low, "auroc_ci_high": high,
                **threshold_metrics(test_scores, test_labels, threshold), "threshold": threshold,
-               "best_epoch": best_epoch, "epochs_run": epoch + 1, "val_auroc": best_auroc,
+               "best_epoch": best_check, "epochs_run": checks, "steps": step, "val_auroc": best_auroc,
                "n_train": int(train_x.shape[0]), "n_synthetic": n_synthetic,
                "n_val": int(val_x.shape[0]), "n_test": int(test_x.shape[0]),
                "train_seconds": round(time.perf_counter() - t0, 2)}
@@ -560,6 +579,10 @@ def run(cfg: RunConfig) -> dict:
         syn = data.load_folder(cfg.synthetic, cfg.size, progress=not cfg.json)
         _check_labelled(syn, f"synthetic folder {cfg.synthetic}")
         syn_x, syn_y = syn.images, syn.labels
+        import memorization  # the content guard (memorization imports this module, so not at the top)
+
+        heldout = {s: (splits[s][0], data.load_split(cfg.data, s, cfg.size).paths) for s in ("validation", "test")}
+        memorization.check_no_heldout_copies(syn_x, syn.paths, heldout, "--synthetic")  # a renamed copy, say
     for split in ("validation", "test"):  # as train_and_evaluate checks, but saying how to get a usable split
         n_pos, n = int(splits[split][1].sum()), len(splits[split][1])
         if n_pos in (0, n):

@@ -294,8 +294,11 @@ def study_commands(sub) -> None:
     import memorization
     import study
 
-    _add(sub, "experiment", "the whole study: generators per class, classifier grid, memorisation, report.md",
-         study.ExperimentOptions, cmd_experiment)
+    p = _add(sub, "experiment", "the whole study: generators per class and real fraction, classifier grid, "
+             "memorisation, report.md and summary.json", study.ExperimentOptions, cmd_experiment)
+    p.add_argument("--synthetic", action="append", default=[], metavar="NAME=DIR",
+                   help="add another generator's samples (DIR/infiltration/, DIR/no_finding/) as generator NAME; "
+                        "repeatable")
     _add(sub, "demo", "the experiment end to end on phantom X-rays with small models (about 5-10 min on a CPU)",
          study.DemoConfig, cmd_demo)
     p = _add(sub, "memorization", "are synthetic images closer to training images than real held-out images are?",
@@ -306,7 +309,7 @@ def study_commands(sub) -> None:
 def cmd_experiment(args) -> None:
     import study
 
-    study.run_study(study.study_config(config_from_args(study.ExperimentOptions, args)))
+    study.run_study(study.study_config(config_from_args(study.ExperimentOptions, args, synthetic=tuple(args.synthetic))))
 
 
 def cmd_demo(args) -> None:
@@ -320,9 +323,10 @@ def cmd_memorization(args) -> None:
     import memorization
 
     res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
-    print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are closer "
-          f"to a training image than the {res['percentile']:g}st percentile of real held-out images (pixel "
-          f"threshold {res['pixel']['threshold']:.4f}; {res['train']})", file=sys.stderr if args.json else sys.stdout)
+    print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are exact "
+          f"copies of a training image or closer to one than the {memorization.ordinal(res['percentile'])} percentile "
+          f"of the yardstick ({res['train']}); real unseen images: {res['chance_fraction']:.1%} (chance), one-sided "
+          f"binomial p = {res['p_value']:.3g}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json_line(res))
 

@@ -1,28 +1,125 @@
-"""The report of the augmentation experiment (study.py): paired bootstrap
-intervals, the one-sentence answer, the figures and report.md.
+"""The report of the augmentation experiment (study.py): the verdicts, the
+held-out image distances, the figures, report.md and summary.json.
 
-Every classifier run of a study is scored on the same real test images, so
-the report resamples those images once (a stratified bootstrap) and scores
-every run on the same resamples: the AUROC difference between an augmented
-run and the real-only run of the same seed is then a paired difference, and
-its interval is that of the difference itself (Efron and Tibshirani 1993,
-ch. 13).
+Every classifier run of a study, for every seed, is scored on the same real
+test images. Each augmented cell is compared with the real-only run of the
+same seed and real subset by stats.compare_generators: a two-level bootstrap
+over training seeds and test PATIENTS (so the interval covers both training
+noise and test sampling), Holm's adjustment over the generators of a cell, and
+the verdict rule with the --margin (stats.py has the details and references;
+tests/test_stats.py proves the rule by simulation).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import classify
 import data
-from common import atomic_path
+import fid
+import memorization
+import stats
+from common import atomic_path, pick_device
+
+HEADLINE_KEYS = ("generator", "ratio", "real_fraction", "diff", "ci_low", "ci_high", "p_adjusted", "verdict", "seeds",
+                 "n_test_images", "n_test_patients", "seed_sd", "test_sd")
+DISTANCE_KEYS = ("reference", "n_real", "n_fake", "fid", "kid_mean", "kid_std", "is_mean", "is_std", "feature_fd",
+                 "feature_kid_mean", "feature_kid_std")
+MEMORIZATION_KEYS = ("flagged_fraction", "chance_fraction", "p_value")
 
 
-# --------------------------------------------------------------------------- the report: paired bootstrap
+# --------------------------------------------------------------------------- held-out distances and memorisation
+
+
+def _scores(f_real: np.ndarray, f_fake: np.ndarray, logits: np.ndarray | None = None) -> dict:
+    """Frechet distance and KID of two feature sets (N, D), and IS of the fake logits."""
+    out = {"fd": fid.frechet_distance(*fid.mean_and_covariance(f_real), *fid.mean_and_covariance(f_fake))}
+    out["kid_mean"], out["kid_std"], _ = fid.kid(f_real, f_fake)
+    if logits is not None:
+        out["is_mean"], out["is_std"] = fid.inception_score(logits)
+    return out
+
+
+def distances(cfg, real, pools: dict, model) -> dict:
+    """Per generator (the samples of its largest real fraction) and class, and over
+    both classes: Inception FID/KID/IS when its weights can be had, and always the
+    Frechet distance and KID on the real-only reference classifier's features.
+    Every generator is scored against the SAME held-out real images (validation +
+    test: patients no generator and no classifier trained on), and with the same
+    number of its own samples. Cached in OUT/distances.json by what went in.
+    cfg: study.StudyConfig; real: study.RealData; pools: {generator: {fraction: study.Pool}}."""
+    frac = max(cfg.real_fractions)
+    hx, hy = torch.cat([real.val_x, real.test_x]), torch.cat([real.val_y, real.test_y])
+    sets = {"heldout": (hx, hy)} | {g: (p[frac].images, p[frac].labels) for g, p in pools.items()}
+    picks = {}  # (set, class) -> indices: a fixed random n of each, n equal across the sets
+    for c in (0, 1):
+        n = min([cfg.fid_max_images] + [int((y == c).sum()) for _, y in sets.values()])
+        for g, (_, y) in sets.items():
+            picks[g, c] = np.sort(np.random.default_rng(0).permutation(np.flatnonzero(y.numpy() == c))[:n])
+    key = memorization.digest(*(memorization.pixel_hashes(sets[g][0][i]) for (g, _), i in picks.items()),
+                              cfg.inception, model is None)
+    path = cfg.out / "distances.json"
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())
+    feats = {"feature": lambda u8: (np.asarray(classify.embed(model, u8), np.float64), None)} if model else {}
+    note = None if cfg.inception else "not attempted in this configuration"
+    if cfg.inception:
+        try:
+            net = fid.load_inception(None, pick_device(cfg.device))
+            feats["inception"] = lambda u8: fid.inception_features(net, u8, progress=False)[:2]
+        except fid.InceptionWeightsMissing as e:
+            note = str(e)
+    f = {(g, c): {s: fn(sets[g][0][i]) for s, fn in feats.items()} for (g, c), i in picks.items()}
+    out = {"key": key, "inception_missing": note, "reference": "heldout (validation + test splits)",
+           "reference_images": memorization.digest(*(memorization.pixel_hashes(hx[picks["heldout", c]])
+                                                     for c in (0, 1))),
+           "generators": {}}
+    for g in pools:
+        entry = {"reference": "heldout", "classes": {}}
+        for part, classes in [(cls, [data.LABELS[cls]]) for cls in data.CLASSES] + [("all", [1, 0])]:
+            e = {"n_real": sum(len(picks["heldout", c]) for c in classes),
+                 "n_fake": sum(len(picks[g, c]) for c in classes)}
+            for s in feats:
+                logits = np.concatenate([f[g, c][s][1] for c in classes]) if s == "inception" else None
+                e[s] = _scores(np.concatenate([f["heldout", c][s][0] for c in classes]),
+                               np.concatenate([f[g, c][s][0] for c in classes]), logits)
+            if part == "all":  # both classes pooled: the generator's headline figures
+                entry.update(e)
+            else:
+                entry["classes"][part] = e
+        out["generators"][g] = entry
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
+def memorisation(cfg, real, pools: dict, model) -> dict:
+    """memorization_check of every synthetic pool against ALL real training images,
+    with validation + test as the yardstick; closest-pair grids for the largest fraction."""
+    embed = (lambda u8: classify.embed(model, u8)) if model is not None else None  # noqa: E731
+    heldout, top, memo = torch.cat([real.val_x, real.test_x]), max(cfg.real_fractions), {}
+    for gen, by_frac in pools.items():
+        for frac, pool in by_frac.items():
+            if gen in cfg.external and frac != top:
+                continue  # one set of samples
+            res = memorization.memorization_check(real.train_x, pool.images, heldout, embed)
+            name = gen if frac == top else f"{gen}@f{frac:g}"
+            if frac == top:
+                memorization.save_closest_pairs(real.train_x, pool.images, res, cfg.out / f"closest_pairs_{gen}.png")
+            memo[name] = {**memorization.public(res), "real_fraction": frac}
+    with atomic_path(cfg.out / "memorization.json") as tmp:
+        tmp.write_text(json.dumps(memo, indent=1))
+    return memo
+
+
+
+# --------------------------------------------------------------------------- the verdicts
 
 
 @dataclass
@@ -35,79 +132,103 @@ class Setting:
     fraction: float
     seeds: list[int]
     auroc: float  # mean over seeds
-    low: float  # 95% interval of the seed-mean AUROC (bootstrap over test images)
+    low: float  # 95% interval of the seed-mean AUROC over test-patient resamples (test sampling only)
     high: float
-    seed_sd: float
+    seed_sd: float  # SD of the AUROC across seeds: training noise
     n_train: float
     n_synthetic: float
-    diff: float | None = None  # paired difference to the real-only baseline (same seeds, same real subset)
-    diff_low: float | None = None
-    diff_high: float | None = None
+    steps: float
+    comparison: dict | None = None  # stats.compare_generators' row against the real-only baseline
 
 
-def summarise(rows: list[dict], scores_dir: Path, n_boot: int) -> list[Setting]:
+def summarise(rows: list[dict], scores_dir: Path, patients: np.ndarray, n_boot: int, margin: float) -> list[Setting]:
+    """The grid's settings, each augmented and TSTR one with its comparison to
+    real-only: per real fraction and ratio, one compare_generators call over the
+    generators of that cell (Holm within it); TSTR against real-only at the largest
+    fraction (the same number of training images)."""
     labels = np.load(scores_dir / "test_labels.npy")
-    idx = classify.stratified_bootstrap_indices(labels, n_boot)  # one set of resamples scores every run
-    n_pos = int((labels == 1).sum())
-    groups: dict[tuple, list[dict]] = {}
+    counts = stats.cluster_bootstrap_counts(labels, patients, n_boot)
+    groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
-        groups.setdefault((r["mode"], r["generator"], float(r["ratio"]), float(r["real_fraction"])), []).append(r)
-    boots: dict[tuple, dict[int, np.ndarray]] = {
-        key: {int(r["seed"]): classify.bootstrap_aurocs(np.load(scores_dir / f"{r['run']}.npy"), idx, n_pos)
-              for r in rs}
-        for key, rs in groups.items()}
-    fractions = sorted({k[3] for k in groups})
-    settings = []
-    for key, rs in sorted(groups.items(), key=lambda kv: ({"real": 0, "aug": 1, "tstr": 2}[kv[0][0]], -kv[0][3],
-                                                          kv[0][1], kv[0][2])):
-        seeds = sorted(boots[key])
-        point = np.array([float(r["auroc"]) for r in sorted(rs, key=lambda r: int(r["seed"]))])
-        boot = np.mean([boots[key][s] for s in seeds], axis=0)
-        st = Setting(key[0], key[1], key[2], key[3], seeds, float(point.mean()), *np.percentile(boot, [2.5, 97.5]),
-                     float(point.std(ddof=1)) if len(point) > 1 else float("nan"),
-                     float(np.mean([float(r["n_train"] or 0) for r in rs])),
-                     float(np.mean([float(r["n_synthetic"] or 0) for r in rs])))
-        # TSTR is compared with real-only at the largest fraction: the same number of training images.
-        base_key = ("real", "none", 0.0, key[3] if key[0] == "aug" else max(fractions))
-        if key[0] != "real" and base_key in boots:
-            common = [s for s in seeds if s in boots[base_key]]
+        key = (r["mode"], r["generator"], float(r["ratio"]), float(r["real_fraction"]))
+        groups.setdefault(key, {})[int(r["seed"])] = r
+    scores = {key: {s: np.load(scores_dir / f"{r['run']}.npy") for s, r in rs.items()} for key, rs in groups.items()}
+    settings = {}
+    for key, rs in groups.items():
+        seeds = sorted(rs)
+        point = np.array([float(rs[s]["auroc"]) for s in seeds])
+        boot = np.mean([stats.batch_auroc(scores[key][s], labels, counts) for s in seeds], axis=0)
+        mean = lambda f: float(np.mean([float(rs[s].get(f) or 0) for s in seeds]))  # noqa: E731
+        settings[key] = Setting(*key, seeds, float(point.mean()), *np.percentile(boot, [2.5, 97.5]),
+                                float(point.std(ddof=1)) if len(seeds) > 1 else float("nan"),
+                                mean("n_train"), mean("n_synthetic"), mean("steps"))
+    top = max(k[3] for k in groups)
+    cells: dict[tuple, list[tuple]] = {}
+    for key in groups:
+        if key[0] != "real":
+            cells.setdefault((key[0], key[2], key[3]), []).append(key)
+    for (mode, _, frac), keys in cells.items():
+        base = ("real", "none", 0.0, frac if mode == "aug" else top)
+        runs = {}
+        for key in keys:
+            common = sorted(set(scores[key]) & set(scores.get(base, {})))
             if common:
-                base_point = {int(r["seed"]): float(r["auroc"]) for r in groups[base_key]}
-                own_point = {int(r["seed"]): float(r["auroc"]) for r in rs}
-                st.diff = float(np.mean([own_point[s] - base_point[s] for s in common]))
-                d = np.mean([boots[key][s] - boots[base_key][s] for s in common], axis=0)
-                st.diff_low, st.diff_high = (float(v) for v in np.percentile(d, [2.5, 97.5]))
-        settings.append(st)
-    return settings
+                runs[key] = (np.stack([scores[base][s] for s in common]), np.stack([scores[key][s] for s in common]))
+        if runs:
+            for key, row in zip(runs, stats.compare_generators(runs, labels, patients, margin, n_boot=n_boot)):
+                settings[key].comparison = {**row, "generator": key[1], "ratio": key[2], "real_fraction": key[3]}
+    order = {"real": 0, "aug": 1, "tstr": 2}
+    return sorted(settings.values(), key=lambda s: (order[s.mode], -s.fraction, s.generator, s.ratio))
 
 
-def headline(settings: list[Setting]) -> str:
-    """The answer in one sentence, for the pre-declared primary comparison:
-    ratio 1 (or the ratio nearest 1) at the largest real fraction, per generator.
-    Fixing the comparison in advance avoids picking the luckiest cell of the grid."""
-    aug = [s for s in settings if s.mode == "aug" and s.diff is not None]
+def primary(settings: list[Setting]) -> list[dict]:
+    """The pre-declared comparison, per generator: ratio 1 (or the ratio nearest 1)
+    at the largest real fraction. Fixing it in advance avoids picking the luckiest cell."""
+    aug = [s for s in settings if s.mode == "aug" and s.comparison]
     if not aug:
-        return "No augmented run has finished yet, so there is no answer yet."
+        return []
     frac = max(s.fraction for s in aug)
     ratio = min({s.ratio for s in aug if s.fraction == frac}, key=lambda r: (abs(r - 1), r))
-    main = [s for s in aug if s.fraction == frac and s.ratio == ratio]
-    parts = [f"{s.diff:+.3f} (95% CI {s.diff_low:+.3f} to {s.diff_high:+.3f}) for the {s.generator.upper()}"
-             for s in main]
-    better = [s.generator.upper() for s in main if s.diff_low > 0]
-    worse = [s.generator.upper() for s in main if s.diff_high < 0]
-    if not better and not worse:
-        verdict = ("no clear benefit or harm, since every interval includes zero" if len(main) > 1
-                   else "no clear benefit or harm, since the interval includes zero")
-    else:
-        verdict = "; ".join(([f"a clear benefit from the {' and '.join(better)}"] if better else [])
-                            + ([f"clear harm from the {' and '.join(worse)}"] if worse else []))
-    n_seeds = len(main[0].seeds)
-    if (better or worse) and n_seeds < 3:  # the interval covers the test images, not training noise
-        verdict += f" (from {n_seeds} seed{'s' if n_seeds > 1 else ''}: training noise is not in the interval)"
-    share = "all" if frac == 1 else f"{frac:.0%} of the"
-    return (f"On this data ({n_seeds} seed{'s' if n_seeds > 1 else ''}, {share} real training images), adding "
-            f"synthetic images at ratio {ratio:g} changed test AUROC over real-only by {' and '.join(parts)}: "
-            f"{verdict}.")
+    return [s.comparison for s in aug if s.fraction == frac and s.ratio == ratio]
+
+
+def headline(rows: list[dict]) -> str:
+    """The answer in one sentence, from the primary comparison's rows."""
+    if not rows:
+        return "No augmented run has finished yet, so there is no answer yet."
+    r0 = rows[0]
+    share = "all" if r0["real_fraction"] == 1 else f"{r0['real_fraction']:.0%} of the"
+    parts = [f"{r['diff']:+.3f} for the {r['generator'].upper()} ({100 * r['ci_level']:.3g}% CI {r['ci_low']:+.3f} "
+             f"to {r['ci_high']:+.3f}, Holm-adjusted p = {r['p_adjusted']:.2g}: {r['verdict']})" for r in rows]
+    text = (f"On this data ({r0['seeds']} seed{'s' if r0['seeds'] > 1 else ''}, {share} real training images, "
+            f"{r0['n_test_images']} test images of {r0['n_test_patients']} patients), adding synthetic images at "
+            f"ratio {r0['ratio']:g} changed test AUROC over real-only by {' and '.join(parts)}")
+    if r0["seeds"] < 2:
+        text += "; with one seed the interval covers test sampling only, so the verdict is at most inconclusive"
+    return text + "."
+
+
+def _finite(v):
+    """JSON has no NaN: a non-finite number becomes null."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def summary(head: list[dict], dist: dict, memo: dict) -> dict:
+    """summary.json: the headline rows, the held-out distances and the memorisation
+    check per generator (the samples of its largest real fraction)."""
+    dists = {}
+    for g, e in dist["generators"].items():
+        inc, feat = e.get("inception", {}), e.get("feature", {})
+        dists[g] = dict(zip(DISTANCE_KEYS, (e["reference"], e["n_real"], e["n_fake"], inc.get("fd"),
+                                            inc.get("kid_mean"), inc.get("kid_std"), inc.get("is_mean"),
+                                            inc.get("is_std"), feat.get("fd"), feat.get("kid_mean"),
+                                            feat.get("kid_std"))))
+    return _finite({"headline": [{k: r[k] for k in HEADLINE_KEYS} for r in head], "distances": dists,
+                    "memorization": {g: {k: m[k] for k in MEMORIZATION_KEYS} for g, m in memo.items() if "@" not in g}})
 
 
 # --------------------------------------------------------------------------- the report: figures
@@ -122,6 +243,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def plot_auroc(settings: list[Setting], path: Path) -> None:
     """AUROC against synthetic ratio, one panel per real fraction, one line per generator."""
     plt = _pyplot()
@@ -133,58 +262,46 @@ def plot_auroc(settings: list[Setting], path: Path) -> None:
         for g in gens:
             pts = base + sorted((s for s in settings if s.mode == "aug" and s.generator == g and s.fraction == frac),
                                 key=lambda s: s.ratio)
-            x = [s.ratio for s in pts]
-            y = [s.auroc for s in pts]
             err = [[s.auroc - s.low for s in pts], [s.high - s.auroc for s in pts]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=g.upper())
+            ax.errorbar([s.ratio for s in pts], [s.auroc for s in pts], yerr=err, marker="o", capsize=3,
+                        label=g.upper())
         ax.set_title(f"real fraction {frac:g}")
         ax.set_xlabel("synthetic : real ratio (0 = real only)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test AUROC (95% CI)")
+    axes[0][0].set_ylabel("test AUROC (95% CI, test patients)")
     axes[0][-1].legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_distances(dist: dict, path: Path) -> None:
-    """Bar charts of the image distances per generator and class."""
+    """Bar charts of the held-out distances per generator and class."""
     plt = _pyplot()
-    keys = [k for k in dist if "/" in k]
-    panels = []
-    if any("inception" in dist[k] for k in keys):
-        panels += [("Inception FID", lambda e: e.get("inception", {}).get("fid")),
-                   ("Inception KID", lambda e: e.get("inception", {}).get("kid_mean"))]
-    if any("classifier" in dist[k] for k in keys):
-        panels += [("classifier-feature FD", lambda e: e.get("classifier", {}).get("fd")),
-                   ("classifier-feature KID", lambda e: e.get("classifier", {}).get("kid_mean"))]
-    if not panels:
+    gens = dist["generators"]
+    spaces = [s for s in ("inception", "feature") if any(s in e for e in gens.values())]
+    if not gens or not spaces:
         return
+    panels = [(s, k) for s in spaces for k in ("fd", "kid_mean")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-    gens = sorted({k.split("/")[0] for k in keys})
-    classes = sorted({k.split("/")[1] for k in keys})
-    width = 0.8 / max(1, len(gens))
-    for ax, (title, get) in zip(axes[0], panels):
-        for j, g in enumerate(gens):
-            vals = [get(dist.get(f"{g}/{c}", {})) or 0.0 for c in classes]
-            ax.bar(np.arange(len(classes)) + j * width, vals, width, label=g.upper())
-        ax.set_xticks(np.arange(len(classes)) + width * (len(gens) - 1) / 2, classes)
-        ax.set_title(f"{title} (lower is closer)")
+    width = 0.8 / len(gens)
+    for ax, (space, k) in zip(axes[0], panels):
+        for j, (g, e) in enumerate(gens.items()):
+            vals = [e["classes"][c][space][k] for c in data.CLASSES]
+            ax.bar(np.arange(len(data.CLASSES)) + j * width, vals, width, label=g.upper())
+        ax.set_xticks(np.arange(len(data.CLASSES)) + width * (len(gens) - 1) / 2, data.CLASSES)
+        ax.set_title(f"{'Inception' if space == 'inception' else 'classifier-feature'} "
+                     f"{'FD' if k == 'fd' else 'KID'} (lower is closer)", fontsize=9)
     axes[0][0].legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
-def plot_samples(real, synth: dict, cls: str, label: int, path: Path, n: int = 36) -> None:
-    """Real training images (real: study.RealData) and each generator's samples of one class, side by side."""
+def plot_samples(real, pools: dict, frac: float, cls: str, path: Path, n: int = 36) -> None:
+    """Real training images and each generator's samples of one class, side by side."""
     from torchvision.utils import make_grid
 
     plt = _pyplot()
+    label = data.LABELS[cls]
     panels = [("real (train)", real.train_x[real.train_y == label])]
-    panels += [(g.upper(), s_x[s_y == label]) for g, (s_x, s_y) in synth.items()]
+    panels += [(g.upper(), p[frac].images[p[frac].labels == label]) for g, p in pools.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), squeeze=False)
     for ax, (title, x) in zip(axes[0], panels):
         grid = make_grid(x[:n].unsqueeze(1).float() / 255, nrow=6, padding=1, pad_value=1.0)  # (3, H, W)
@@ -192,10 +309,7 @@ def plot_samples(real, synth: dict, cls: str, label: int, path: Path, n: int = 3
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle(cls)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- the report: report.md
@@ -206,107 +320,141 @@ def _num(v, fmt: str = ".3f") -> str:
 
 
 def _ci(lo, hi, signed=False) -> str:
-    if lo is None:
-        return ""
     return f"{lo:+.3f} to {hi:+.3f}" if signed else f"{lo:.3f}-{hi:.3f}"
 
 
-def write_report(cfg, real, synth: dict, memo: dict, dist: dict, rows: list[dict], elapsed: float,
-                 memorization_percentile: float) -> Path:
-    """OUT/report.md and its figures. cfg is study.StudyConfig, real study.RealData,
-    rows the rows of results.csv."""
-    settings = summarise(rows, cfg.out / "scores", cfg.bootstrap)
+def _vs(c: dict | None) -> str:
+    """The comparison columns of a table row: difference, interval, Holm p, SDs, verdict."""
+    if c is None:
+        return "(baseline) | | | | |"
+    return (f"{c['diff']:+.3f} | {_ci(c['ci_low'], c['ci_high'], True)} | {c['p_adjusted']:.2g} | "
+            f"{_num(c['seed_sd'])} / {c['test_sd']:.3f} | {c['verdict']} |")
+
+
+def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict], elapsed: float) -> Path:
+    """OUT/report.md, OUT/summary.json and the figures. cfg is study.StudyConfig,
+    real study.RealData, pools study.make_pools' result, rows the grid's rows of results.csv."""
+    settings = summarise(rows, cfg.out / "scores", real.test_patients, cfg.bootstrap, cfg.margin)
+    head = primary(settings)
+    with atomic_path(cfg.out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary(head, dist, memo), indent=1, allow_nan=False))
+    top = max(cfg.real_fractions)
     plot_auroc(settings, cfg.out / "auroc_vs_ratio.png")
     plot_distances(dist, cfg.out / "distances.png")
     for cls in data.CLASSES:
-        plot_samples(real, synth, cls, data.LABELS[cls], cfg.out / f"samples_{cls}.png")
-    n_seeds = cfg.seeds
-    made = []  # how each generator's samples were made
-    if "ddpm" in cfg.generators:
-        made.append(f"{cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM")
-    if "gan" in cfg.generators:
-        made.append(f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px")
-    L = [headline(settings), "", f"# Does synthetic data help? Report of {cfg.title}", ""]
-    L += [f"Data: `{cfg.data}` ({len(real.train_y)} train, {len(real.val_y)} validation, {len(real.test_y)} test "
-          f"images; {int(real.test_y.sum())} of the test images show infiltration). Classifier: `{cfg.classifier}` "
-          f"at {cfg.size}x{cfg.size} px, {cfg.classifier_epochs} epochs at most, model and threshold chosen on the "
-          f"real validation split. Generators: {', '.join(g.upper() for g in cfg.generators)}, one per class, "
-          f"trained on the train split only; {synth[cfg.generators[0]][0].shape[0] // 2} samples per class "
-          f"({'; '.join(made)}). {n_seeds} seed(s); {len(rows)} classifier runs; "
-          f"this invocation took {elapsed / 60:.1f} min.", ""]
-    L += ["## Test AUROC per setting", "",
-          "Mean over seeds. *95% CI*: percentile interval of the seed-mean AUROC over "
-          f"{cfg.bootstrap} stratified bootstrap resamples of the test images. *vs real-only*: the paired difference "
-          "to the real-only run of the same seed and real subset, bootstrapped on the same resamples. The seed SD "
-          "shows the training noise that the test-image bootstrap does not cover.", "",
-          "| setting | generator | ratio | real fraction | AUROC | 95% CI | seed SD | vs real-only | 95% CI of difference | real / synthetic train images |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+        plot_samples(real, pools, top, cls, cfg.out / f"samples_{cls}.png")
+    made = [f"{cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM"] if "ddpm" in cfg.generators else []
+    made += [f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px"] if cfg.gan else []
+    n_test, n_pat = len(real.test_y), len(set(real.test_patients))
+    L = [headline(head), "", f"# Does synthetic data help? Report of {cfg.title}", ""]
+    L += [f"Data: `{cfg.data}` ({len(real.train_y)} train, {len(real.val_y)} validation, {n_test} test images; "
+          f"{int(real.test_y.sum())} test images show infiltration; {n_pat} test patients, {real.patients_note}). "
+          f"Classifier: `{cfg.classifier}` at {cfg.size}x{cfg.size} px; model and threshold chosen on the real "
+          "validation split. **Equal budget**: every run of a real fraction takes the optimiser steps of its "
+          f"real-only run ({cfg.classifier_epochs} epochs of the real images; the *steps* column), with validation "
+          "at the same cadence and no early stopping, so a ratio changes what the batches hold, not how long the "
+          "network trains. Real fractions are nested subsets of the train split "
+          f"({', '.join(f'{f:g}' for f in cfg.real_fractions)}), the same for every seed. "
+          + (f"Generators {', '.join(g.upper() for g in cfg.generators)}: one per class and real fraction, each "
+             f"trained only on the real images of its cell ({'; '.join(made)}). " if cfg.generators else "")
+          + (f"External samples ({', '.join(cfg.external)}): the same set at every real fraction, so they cannot "
+             "take part in the matched-fraction cells (at a fraction below 1 they may carry the rest of the data). "
+             if cfg.external else "")
+          + f"{cfg.seeds} seed(s); {len(rows)} classifier runs; this invocation took {elapsed / 60:.1f} min.", ""]
+    L += ["## The verdict", "",
+          "The pre-declared comparison: ratio nearest 1 at the largest real fraction. *Difference*: mean over seeds of "
+          "AUROC(augmented) - AUROC(real-only), paired by seed. *CI*: a two-level bootstrap over training seeds and "
+          f"test patients ({cfg.bootstrap} resamples, stratified by class), read against Student's t, at the level "
+          "Holm's step-down adjustment over the generators tests it. *Seed SD* (training noise) and *test SD* "
+          "(test sampling, seeds fixed) show which noise dominates. "
+          f"Margin: {cfg.margin:g} AUROC, the smallest difference worth having (published augmentation gains on chest "
+          "X-rays are about +0.02).", "",
+          "| generator | difference | CI | Holm p | seed SD | test SD | verdict |", "|---|---|---|---|---|---|---|"]
+    L += [f"| {r['generator'].upper()} | {r['diff']:+.3f} | {_ci(r['ci_low'], r['ci_high'], True)} "
+          f"({100 * r['ci_level']:.3g}%) | {r['p_adjusted']:.2g} | {_num(r['seed_sd'])} | {r['test_sd']:.3f} | "
+          f"{r['verdict']} |" for r in head]
+    L += ["", "Verdicts: **benefit** / **harm**: Holm-adjusted p < 0.05 and the interval above / below zero; "
+          f"**equivalent within the margin**: the interval inside (-{cfg.margin:g}, +{cfg.margin:g}); otherwise "
+          "**inconclusive (more seeds or a larger test set needed)**, always so with one seed."]
+    if cfg.seeds < 2:
+        L += ["", f"**With {cfg.seeds} seed the interval covers test sampling only** (training noise is unmeasured), "
+              "so no verdict can be more than inconclusive."]
+    L += ["", "## Test AUROC per setting", "",
+          "Mean over seeds; *95% CI*: of the seed-mean AUROC over test-patient resamples (test sampling only); "
+          "*seed SD*: of the AUROC across seeds. The comparison columns are those of the verdict, per cell (Holm "
+          "over the generators of the cell); every cell other than the pre-declared one is exploratory.", "",
+          "| setting | generator | ratio | real fraction | AUROC | 95% CI | seed SD | steps | vs real-only | CI | "
+          "Holm p | seed / test SD | verdict | real / synthetic train images |", "|" + "---|" * 14]
     for s in settings:
-        if s.mode == "tstr":
-            continue
-        name = "real only" if s.mode == "real" else "real + synthetic"
-        diff = f"{s.diff:+.3f}" if s.diff is not None else "(baseline)"
-        L.append(f"| {name} | {s.generator.upper() if s.mode != 'real' else '-'} | {s.ratio:g} | {s.fraction:g} | "
-                 f"{s.auroc:.3f} | {_ci(s.low, s.high)} | {_num(s.seed_sd)} | {diff} | "
-                 f"{_ci(s.diff_low, s.diff_high, signed=True)} | {s.n_train:.0f} / {s.n_synthetic:.0f} |")
+        if s.mode != "tstr":
+            L.append(f"| {'real only' if s.mode == 'real' else 'real + synthetic'} | "
+                     f"{s.generator.upper() if s.mode != 'real' else '-'} | {s.ratio:g} | {s.fraction:g} | "
+                     f"{s.auroc:.3f} | {_ci(s.low, s.high)} | {_num(s.seed_sd)} | {s.steps:.0f} | {_vs(s.comparison)} "
+                     f"{s.n_train:.0f} / {s.n_synthetic:.0f} |")
     tstr = [s for s in settings if s.mode == "tstr"]
     if tstr:
         L += ["", "## Train on synthetic, test on real (TSTR)", "",
-              "A classifier trained only on synthetic images (as many per class as the full real training set), "
-              "validated and tested on real images. Near the real-only AUROC: the generator carries the class "
-              "signal; near 0.5: it does not.", "",
-              "| generator | AUROC | 95% CI | vs real-only (all real images) | 95% CI of difference |", "|---|---|---|---|---|"]
-        for s in tstr:
-            L.append(f"| {s.generator.upper()} | {s.auroc:.3f} | {_ci(s.low, s.high)} | "
-                     f"{'' if s.diff is None else f'{s.diff:+.3f}'} | {_ci(s.diff_low, s.diff_high, signed=True)} |")
+              "A classifier trained only on synthetic images (as many per class as the largest real fraction has, "
+              "with its step budget), validated and tested on real images. Near the real-only AUROC: the generator "
+              "carries the class signal; near 0.5: it does not.", "",
+              "| generator | AUROC | 95% CI | vs real-only | CI | Holm p | seed / test SD | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+        L += [f"| {s.generator.upper()} | {s.auroc:.3f} | {_ci(s.low, s.high)} | {_vs(s.comparison)}" for s in tstr]
     L += ["", "![AUROC against synthetic ratio](auroc_vs_ratio.png)", "", "## How close are the synthetic images?", ""]
+    ns = sorted({(e["n_real"], e["n_fake"]) for e in dist["generators"].values()})
+    counts = " / ".join(f"{a} real, {b} synthetic" for a, b in ns)
+    small = bool(ns) and min(map(min, ns)) < fid.FID_MIN_IMAGES
+    L += [f"Every generator's samples (of its largest real fraction) against the same held-out real images, the "
+          f"validation and test splits (patients no generator trained on): {counts} images over both classes, the "
+          "same counts for every generator, the per-class counts in the table. "
+          + (f"These counts are below {fid.FID_MIN_IMAGES:,}: Inception FID is biased upwards at this N (compare only "
+             "at equal counts); KID, which is unbiased, is given beside it. " if small else "")
+          + "The classifier-feature distances use the real-only reference classifier (seed 0, trained on the train "
+          "split only); they are comparable between the generators of this report, not with published FIDs.", ""]
     if dist.get("inception_missing"):
-        L += [f"Inception FID, KID and IS: **not computed** ({dist['inception_missing']}). "
-              "The distances below use the real-only classifier's features alone.", ""]
-    L += ["Real training images of a class against that class's samples (lower is closer). The classifier-feature "
-          "distances use the penultimate layer of the real-only reference classifier (seed 0, all real images); "
-          "they are comparable between the generators of this report, not with published FIDs.", "",
-          "| generator | class | n real / fake | Inception FID | Inception KID | IS | feature FD | feature KID |",
+        L += [f"Inception FID, KID and IS: **not computed** ({dist['inception_missing']}).", ""]
+    L += ["| generator | class | n real / synthetic | Inception FID | Inception KID | IS | feature FD | feature KID |",
           "|---|---|---|---|---|---|---|---|"]
-    for key in sorted(k for k in dist if "/" in k):
-        e = dist[key]
-        inc, clf = e.get("inception", {}), e.get("classifier", {})
-        L.append(f"| {key.split('/')[0].upper()} | {key.split('/')[1]} | {e['n_real']} / {e['n_fake']} | "
-                 f"{_num(inc.get('fid'), '.1f')} | {_num(inc.get('kid_mean'), '.4f')} | {_num(inc.get('is_mean'), '.2f')} | "
-                 f"{_num(clf.get('fd'), '.4g')} | {_num(clf.get('kid_mean'), '.4g')} |")
+    for g, e in dist["generators"].items():
+        for part, v in [*e["classes"].items(), ("both", e)]:
+            inc, ft = v.get("inception", {}), v.get("feature", {})
+            L.append(f"| {g.upper()} | {part} | {v['n_real']} / {v['n_fake']} | {_num(inc.get('fd'), '.1f')} | "
+                     f"{_num(inc.get('kid_mean'), '.4f')} | {_num(inc.get('is_mean'), '.2f')} | "
+                     f"{_num(ft.get('fd'), '.4g')} | {_num(ft.get('kid_mean'), '.4g')} |")
     L += ["", "![image distances](distances.png)", "", "## Samples", ""]
     L += [f"![{c}: real and synthetic](samples_{c}.png)" for c in data.CLASSES]
-    # training warnings (the GAN's collapse check) belong next to the pictures they explain
     warned = [(p.parent.name, line.strip()) for p in sorted((cfg.out / "generators").glob("*/warnings.log"))
-              for line in p.read_text().splitlines() if line.strip()]
+              for line in p.read_text().splitlines() if line.strip()]  # e.g. the GAN's collapse check
     if warned:
-        L += ["", "Warnings raised while training the generators:", ""]
-        L += [f"- `{name}`: {line}" for name, line in warned]
+        L += ["", "Warnings raised while training the generators:", ""] + [f"- `{n}`: {w}" for n, w in warned]
+    p = memorization.ordinal(memorization.PERCENTILE)
     L += ["", "## Memorisation", "",
-          "For every synthetic image, the distance to its nearest training image: RMS pixel difference at "
-          f"{cfg.size} px, and cosine distance between reference-classifier features. Yardstick: the same distance "
-          "for the real test images (other patients). A synthetic image closer to a training image than the "
-          f"{memorization_percentile:g}st percentile of the test images' distances is flagged (in either space); "
-          f"about {memorization_percentile:g}% of fresh images would be flagged by chance.", "",
-          "| generator | synthetic images | flagged | flagged fraction | pixel: median synthetic / test NN distance | feature: median synthetic / test NN distance |",
-          "|---|---|---|---|---|---|"]
+          "Every synthetic image against ALL real training images: its nearest one by RMS pixel difference at "
+          f"{cfg.size} px, and by cosine distance between reference-classifier features. Flagged in a space when "
+          f"closer than the {p} percentile of the same distance for the held-out images (validation + test: other "
+          "patients), or an exact copy of a training image (identical pixels) whatever the threshold; *combined*: "
+          "flagged in either space. *Chance*: the rate at which the held-out images themselves are flagged by the "
+          "same rule (each judged against a threshold made without it); *p*: one-sided binomial test of the "
+          "synthetic rate against it.", "",
+          "| samples | real fraction | synthetic images | exact copies | pixel flagged / chance | "
+          "feature flagged / chance | combined flagged / chance | p |", "|---|---|---|---|---|---|---|---|"]
     for g, m in memo.items():
         px, ft = m["pixel"], m.get("feature")
-        feat = f"{ft['synthetic_median']:.3g} / {ft['reference_median']:.3g}" if ft else "-"
-        L.append(f"| {g.upper()} | {m['n_synthetic']} | {m['n_flagged']} | {m['flagged_fraction']:.3f} | "
-                 f"{px['synthetic_median']:.4f} / {px['reference_median']:.4f} | {feat} |")
+        feat = f"{ft['flagged_fraction']:.3f} / {ft['chance_fraction']:.3f}" if ft else "-"
+        L.append(f"| {g.split('@')[0].upper()} | {m['real_fraction']:g} | {m['n_synthetic']} | {m['n_exact_copies']} | "
+                 f"{px['flagged_fraction']:.3f} / {px['chance_fraction']:.3f} | {feat} | "
+                 f"{m['flagged_fraction']:.3f} / {m['chance_fraction']:.3f} | {m['p_value']:.2g} |")
     L += [""] + [f"Closest pairs, {g.upper()} (top: synthetic, bottom: its nearest training image):\n"
-                 f"![closest pairs {g}](closest_pairs_{g}.png)\n" for g in memo]
+                 f"![closest pairs {g}](closest_pairs_{g}.png)\n" for g in memo if "@" not in g]
     L += ["## What this does not show", "",
-          f"The intervals cover the sampling of {len(real.test_y)} test images, not a new training set or a new "
-          f"generator: {n_seeds} seed(s) are too few to estimate the training noise well (the seed SD column), and "
-          "each generator was trained once. Everything ran at "
-          f"{cfg.size} px, far below clinical resolution, so the result says nothing about fine findings that only "
-          "show at full size. One classifier and one training recipe were tried; a stronger or pretrained "
-          "classifier may gain less (or more) from synthetic data. AUROC measures ranking, not calibration or "
-          "the failure modes a radiologist cares about. A clean memorisation check means no synthetic image is "
-          "closer to a training image than real images of other patients are; it is not a privacy guarantee. "
-          "If the data are the embedded phantoms (`demo`), the numbers test the pipeline, not medicine.", ""]
+          f"The intervals cover training seeds and the sampling of {n_pat} test patients, not a new generator (each "
+          "was trained once), a new real subset (fixed across seeds) or another hospital: there is no external test "
+          f"set. Everything ran at {cfg.size} px, far below clinical resolution, so the result says nothing about "
+          "fine findings that only show at full size. The labels are mined from reports by NLP (Wang et al. 2017) "
+          "and are noisy. One classifier and one training recipe were tried. AUROC measures ranking, not "
+          "calibration. A clean memorisation check means no synthetic image is closer to a training image than "
+          "real images of other patients are; it is not a privacy guarantee. If the data are the embedded phantoms "
+          "(`demo`), the numbers test the pipeline, not medicine.", ""]
     path = cfg.out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(L))

@@ -1,34 +1,23 @@
-"""Does synthetic data help? The augmentation experiment, the memorisation check
-and the demo; report.py writes the report.
+"""Does synthetic data help? The augmentation experiment and the demo; report.py
+writes the report (stats.py: its statistics; memorization.py: the copy checks).
 
-The original experiment answered "yes" from one random seed, with model
-selection on folds that held synthetic images, patients leaking across splits
-and no AUROC (README, "Does synthetic data help? The experiment"). This file
-asks the same question so that a reviewer could accept the answer:
+The original experiment answered "yes" from one seed, with model selection on
+folds that held synthetic images, patients in two splits and no AUROC (README,
+"Does synthetic data help? The experiment"). Here: patient-disjoint splits;
+nested real subsets (10% inside 25% inside the train split) with one generator
+per class AND real fraction, trained only on that cell's images (external
+samples, `--synthetic NAME=DIR`, join every cell); synthetic images only train,
+and a set holding a copy of a held-out image is refused; selection on the real
+validation split; a grid of ratios x real fractions x generators x seeds, each
+run PAIRED with the real-only run of its seed, every run of a fraction taking
+the same optimiser steps; the verdict of stats.compare_generators (seeds and
+test patients resampled together, Holm, a margin); TSTR, held-out distances
+and the memorisation check with its chance rate (report.py).
 
-  * patient-disjoint train / validation / test splits (made by `extract`);
-  * one generator per class, trained on that class's TRAIN split only, so a
-    synthetic image never carries a validation or test patient;
-  * synthetic images only ever enter the training set; model selection and the
-    decision threshold use the real VALIDATION split (classify.py); every run is
-    scored on exactly the same real TEST split;
-  * a grid of synthetic-to-real ratios x real-data fractions x generators x
-    seeds, where ratio 0 is the real-only baseline that the other cells are
-    PAIRED with (same seed, same real subset, same initialisation), so the
-    reported difference is a paired bootstrap over the shared test images;
-  * real and synthetic images at one common resolution (the classifier's
-    --size, 32 px by default: the DDPM's native size; GAN samples are
-    downsampled to it);
-  * train-on-synthetic / test-on-real (TSTR) as a direct measure of how much
-    class signal the generators carry;
-  * a memorisation check: is a synthetic image closer to a training image than
-    real test images ever are?
-
-The generators are trained by calling ddpm.train / dcgan.train with their own
-config objects (StudyConfig.ddpm, StudyConfig.gan) and sampled with their
-`generate` functions. Everything lands in OUT: generators/, synthetic/, scores/,
-results.csv (one row per classifier run, rewritten atomically after each run, so
-an interrupted study resumes where it stopped) and report.md with its plots.
+Everything lands in OUT: study.json (the inputs it depends on; a changed one is
+refused), real_subsets/, generators/, synthetic/, scores/, results.csv (one row
+per classifier run, rewritten after each, so a study resumes where it stopped),
+summary.json and report.md with its plots.
 """
 
 from __future__ import annotations
@@ -38,11 +27,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,16 +42,18 @@ import classify
 import data
 import dcgan
 import ddpm
-import fid
 import memorization
 import phantoms
 import report
-from common import CLIError, atomic_path, check_config, flag, load_checkpoint, pick_device, save_png, to_uint8
+import stats
+from common import (CLIError, atomic_path, check_config, flag, load_checkpoint, pick_device, run_lock, save_png,
+                    to_uint8)
 
 GENERATORS = ("ddpm", "gan")
 RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "auroc", "auroc_ci_low",
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
-                 "n_test", "test_set", "seconds", "finished_at")
+                 "n_test", "test_set", "seconds", "finished_at", "steps", "synthetic_set")
+SUBSET_SEED = 0  # the one random order of the real training images that every nested subset is cut from
 
 
 # --------------------------------------------------------------------------- configuration
@@ -68,11 +61,9 @@ RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "
 
 def ddpm_recipe(preset: str | None = None, pretrained: Path | None = None, lr: float | None = None,
                 **settings) -> ddpm.TrainConfig:
-    """The DDPM trained for each class: fine-tune google/ddpm-cifar10-32 (the
-    original experiment's recipe, AdamW lr 1e-5) when its weights are given or
-    already on disk, else train a preset from scratch at Ho et al.'s CIFAR-10
-    learning rate, 2e-4. `settings` are other ddpm.TrainConfig fields; data,
-    out, class_name and resume are set per class by train_generator."""
+    """The DDPM of each cell: fine-tune google/ddpm-cifar10-32 (the original recipe,
+    AdamW lr 1e-5) when its weights are given or on disk, else train a preset from
+    scratch at Ho et al.'s CIFAR-10 lr, 2e-4. `settings`: other ddpm.TrainConfig fields."""
     if pretrained is None and preset is None:
         local = Path(ddpm.DEFAULT_PRETRAINED)
         if (local / "config.json").is_file() or local.is_file():
@@ -94,36 +85,42 @@ def gan_recipe(**settings) -> dcgan.TrainConfig:
 
 @dataclass
 class StudyConfig:
-    """One study. `ddpm` and `gan` are the generators' own training configs,
-    used for every class (train_generator sets their data, out, class and resume)."""
+    """One study. `ddpm`, `gan`: the generators' training configs for every cell."""
 
     data: Path
     out: Path
     ddpm: ddpm.TrainConfig | None = None  # needed when "ddpm" is among the generators
     gan: dcgan.TrainConfig | None = None  # needed when "gan" is
     generators: tuple[str, ...] = GENERATORS
+    external: dict[str, Path] = field(default_factory=dict)  # NAME -> DIR/{infiltration,no_finding}/: given samples
     ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real training image, per class
     real_fractions: tuple[float, ...] = (1.0, 0.25, 0.1)
-    seeds: int = 3
+    seeds: int = 5
     size: int = 32  # the common resolution of real and synthetic images for the classifier
     classifier: str = "resnet18"
-    classifier_epochs: int = 20
+    classifier_epochs: int = 20  # the real-only run's epochs: every run of a real fraction takes its steps
     classifier_batch_size: int = 64
-    patience: int = 5
+    margin: float = stats.MARGIN
     tstr: bool = True
-    bootstrap: int = 1000
+    bootstrap: int = 2000
     fid_max_images: int = 2000
     inception: bool = True  # try Inception FID/KID/IS (slow on a CPU); the classifier-feature distances always run
     device: str = "auto"
     sampler: str = "ddim"  # the DDPM's: DDIM (Song et al. 2021) at 50 steps, ~20x cheaper than 1000 ancestral steps
     sample_steps: int = 50
-    n_synthetic: int | None = None  # per class; None = enough for the largest ratio at the full real fraction
+    n_synthetic: int | None = None  # per class and cell; None = enough for the largest ratio
     title: str = "the augmentation experiment"
 
     def __post_init__(self):
         missing = [g for g in self.generators if getattr(self, g) is None]
         if missing:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
+        if not self.margin >= 0:
+            raise CLIError(f"--margin must be at least 0, got {self.margin}")
+
+    @property
+    def all_generators(self) -> tuple[str, ...]:
+        return self.generators + tuple(self.external)
 
 
 @dataclass
@@ -134,29 +131,29 @@ class ExperimentOptions:
     out: Path = flag(help="study folder; re-running skips finished work")
     generators: str = flag("ddpm,gan", "comma-separated: ddpm, gan")
     ratios: str = flag("0,0.5,1,2", "synthetic images per real training image (0 = real only)")
-    real_fractions: str = flag("1,0.25,0.1", "fractions of the real train split (stratified)")
-    seeds: int = flag(3, "seeds per setting", min=1)
-    n_synthetic: int | None = flag(None, "samples per class and generator (default: enough for the largest ratio)",
-                                   min=1)
+    real_fractions: str = flag("1,0.25,0.1", "nested fractions of the real train split (stratified)")
+    seeds: int = flag(5, "training seeds per setting (1: the verdict is at most inconclusive)", min=1)
+    margin: float = flag(stats.MARGIN, "equivalence margin: the smallest AUROC difference worth having", min=0)
+    n_synthetic: int | None = flag(None, "samples per class and cell (default: enough for the largest ratio)", min=1)
     classifier: str = flag("resnet18", "the classifier's network", choices=classify.MODELS)
     size: int = flag(32, "common resolution of real and synthetic images", min=1)
-    epochs: int = flag(20, "classifier epochs (early stopping on validation AUROC)", min=1)
+    epochs: int = flag(20, "classifier epochs of real data: the step budget of every run of a fraction", min=1)
     batch_size: int = flag(64, "classifier batch size", min=1)
-    patience: int = flag(5, "classifier early-stopping patience (epochs)")
     ddpm_finetune: bool = flag(False, "fine-tune google/ddpm-cifar10-32 (needs --pretrained)")
     pretrained: Path | None = flag(None, "google/ddpm-cifar10-32 weights (file or folder)")
     ddpm_preset: str | None = flag(None, "train this DDPM from scratch (default: fine-tune when weights are found, "
                                          "else small)", choices=tuple(ddpm.PRESETS))
     ddpm_epochs: int = flag(20, "DDPM training epochs per class", min=1)
-    ddpm_max_steps: int | None = flag(None, "stop each DDPM after this many steps", min=1)
+    ddpm_max_steps: int | None = flag(None, "cap each full-data DDPM's steps (scaled by the fraction)", min=1)
     gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
     gan_epochs: int = flag(20, "GAN training epochs per class", min=1)
-    gan_max_steps: int | None = flag(None, "stop each GAN after this many steps", min=1)
+    gan_max_steps: int | None = flag(None, "cap each full-data GAN's steps (scaled by the fraction)", min=1)
     sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=("ddim", "ddpm"))
     sample_steps: int = flag(50, "DDPM sampling steps", min=1)
     tstr: bool = flag(True, "train on synthetic, test on real (TSTR); --no-tstr skips it", flag="--no-tstr")
-    bootstrap: int = flag(1000, "bootstrap resamples for the report's intervals", min=1)
+    bootstrap: int = flag(2000, "bootstrap resamples (seeds x test patients) for the report's intervals", min=100)
     device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+    synthetic: tuple[str, ...] = ()  # NAME=DIR, repeatable: main.py adds the option
 
     def __post_init__(self):
         check_config(self)
@@ -172,12 +169,46 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
     return vals
 
 
+def external_generators(specs: tuple[str, ...], root: Path) -> dict[str, Path]:
+    """--synthetic NAME=DIR options as {NAME: DIR}, each folder checked (both class
+    subfolders with images, no overlap with the held-out splits) before any work."""
+    out = {}
+    for spec in specs:
+        name, _, folder = (s.strip() for s in spec.partition("="))
+        if not name or not folder:
+            raise CLIError(f"--synthetic {spec!r}: expected NAME=DIR")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name) or name in GENERATORS + ("none", "real", "tstr", *out):
+            raise CLIError(f"--synthetic {spec!r}: NAME must be letters, digits and '-', and not ddpm, gan, none, "
+                           "real, tstr or a name given twice")
+        out[name] = memorization.check_synthetic_folder(Path(folder), root, f"--synthetic {name}={folder}")
+    return out
+
+
+def check_layout(root: Path) -> None:
+    for d in data.SPLIT_DIRS.values():
+        if not (root / d).is_dir():
+            raise CLIError(f"{root} is not in the extract layout: {root / d} is missing "
+                           f"(make one with `python main.py extract`)")
+
+
+def check_out(out: Path, root: Path) -> None:
+    """Before any work: --data (where it exists) in the extract layout, and --out a
+    folder (or not there yet) outside its split folders."""
+    if root.is_dir():
+        check_layout(root)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a folder")
+    splits = [root.resolve() / d for d in data.SPLIT_DIRS.values()]
+    if any(d in [out.resolve(), *out.resolve().parents] for d in splits):
+        raise CLIError(f"--out {out} lies inside a split folder of --data {root}: its images would be read as data")
+
+
 def study_config(o: ExperimentOptions) -> StudyConfig:
-    """The study the experiment's options describe, each list checked."""
+    """The study the experiment's options describe, each list and path checked."""
     gens = tuple(g.strip() for g in o.generators.split(",") if g.strip())
     bad = [g for g in gens if g not in GENERATORS]
-    if bad or not gens:
-        raise CLIError(f"--generators: unknown {bad or 'empty list'} (choose from {','.join(GENERATORS)})")
+    if bad:
+        raise CLIError(f"--generators: unknown {bad} (choose from {','.join(GENERATORS)})")
     ratios = tuple(sorted(set(_floats(o.ratios, "--ratios"))))
     if min(ratios) < 0 or 0 not in ratios or len(ratios) < 2:
         raise CLIError("--ratios must be >= 0 and include 0 (the real-only baseline) and at least one positive ratio")
@@ -190,18 +221,22 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
         raise CLIError(f"--pretrained: not found: {o.pretrained}")
     if not o.data.is_dir():
         raise CLIError(f"--data: folder not found: {o.data}")
+    check_out(o.out, o.data)
+    external = external_generators(o.synthetic, o.data)
+    if not gens and not external:
+        raise CLIError("--generators is empty and no --synthetic NAME=DIR is given: nothing to compare")
     return StudyConfig(
         o.data, o.out,
         ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=o.ddpm_max_steps)
         if "ddpm" in gens else None,
         gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=o.gan_max_steps) if "gan" in gens else None,
-        generators=gens, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size, classifier=o.classifier,
-        classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, patience=o.patience, tstr=o.tstr,
-        bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
+        generators=gens, external=external, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size,
+        classifier=o.classifier, classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, margin=o.margin,
+        tstr=o.tstr, bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
         n_synthetic=o.n_synthetic)
 
 
-# --------------------------------------------------------------------------- real data and subsets
+# --------------------------------------------------------------------------- real data, subsets, fingerprints
 
 
 @dataclass
@@ -214,86 +249,189 @@ class RealData:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    test_paths: list[str]
-    val_paths: list[str]
+    paths: dict[str, list[str]]  # per split
+    test_patients: np.ndarray  # (n_test,) patient id of each test image
+    patients_note: str  # where the patient ids came from
+
+
+def patients_of(root: Path, paths: list[str]) -> tuple[np.ndarray, str]:
+    """Each test image's patient from ROOT/manifest.csv (`patient_id`); an image the
+    manifest does not list (or all, without a manifest) is its own patient."""
+    rows = data.read_manifest(root) if (root / "manifest.csv").is_file() else []
+    known = {str((root / r["image"]).resolve()): r["patient_id"] for r in rows if r.get("patient_id")}
+    ids = [known.get(str(Path(p).resolve())) for p in paths]
+    missing = sum(i is None for i in ids)
+    ids = np.array([i if i is not None else f"image:{p}" for i, p in zip(ids, paths)])
+    if not missing:
+        return ids, "patients from manifest.csv"
+    return ids, (f"{missing} of {len(paths)} test images have no patient_id in manifest.csv"
+                 if rows else "no manifest.csv") + ": each such image is counted as its own patient"
 
 
 def load_real(root: Path, size: int) -> RealData:
-    for split, d in data.SPLIT_DIRS.items():
-        if not (root / d).is_dir():
-            raise CLIError(f"{root} is not in the extract layout: {root / d} is missing "
-                           f"(make one with `python main.py extract`)")
+    check_layout(root)
     tr, va, te = (data.load_split(root, s, size) for s in data.SPLITS)
     for name, s in (("train", tr), ("validation", va), ("test", te)):
         if set(s.labels.tolist()) != {0, 1}:
             raise CLIError(f"the {name} split under {root} needs images of both classes (infiltration, no_finding)")
-    return RealData(tr.images, tr.labels, va.images, va.labels, te.images, te.labels, list(te.paths), list(va.paths))
+    patients, note = patients_of(root, list(te.paths))
+    return RealData(tr.images, tr.labels, va.images, va.labels, te.images, te.labels,
+                    {"train": list(tr.paths), "validation": list(va.paths), "test": list(te.paths)}, patients, note)
 
 
-def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a stratified random subset of the real training split:
-    round(fraction * n_c) images of each class c (at least 2). A pure function
-    of (seed, fraction), so the baseline and every augmented run of one seed
-    and fraction see the same real images."""
-    rng = np.random.default_rng([seed, round(fraction * 1_000_000)])
+def real_subset(labels: np.ndarray, fraction: float, seed: int = SUBSET_SEED) -> np.ndarray:
+    """Indices of a stratified subset of the real training split: the first
+    round(fraction * n_c) images (at least 2) of class c in one random order per
+    class that depends on `seed` alone. So the subsets are NESTED: 10% inside 25%
+    inside the full split. The study keeps the seed fixed (SUBSET_SEED): every
+    classifier seed of a cell sees the images that cell's generator trained on."""
+    rng = np.random.default_rng(seed)
     keep = []
     for c in (0, 1):
-        idx = np.flatnonzero(labels == c)
-        k = min(len(idx), max(2, round(fraction * len(idx))))
-        keep.append(rng.choice(idx, size=k, replace=False))
+        order = rng.permutation(np.flatnonzero(labels == c))
+        keep.append(order[:min(len(order), max(2, round(fraction * len(order))))])
     return np.sort(np.concatenate(keep))
 
 
 def synthetic_subset(labels: np.ndarray, per_class: dict[int, int], seed: int, salt: int) -> np.ndarray:
-    """per_class[c] synthetic images of class c, drawn without replacement."""
+    """per_class[c] synthetic images of class c: the first ones of a random order
+    per (seed, salt), so the subsets of ratios 0.5, 1 and 2 are nested."""
     rng = np.random.default_rng([seed, salt, 17])
-    keep = []
-    for c, k in per_class.items():
-        idx = np.flatnonzero(labels == c)
-        keep.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class.get(c, 0)] for c in (0, 1)]
     return np.sort(np.concatenate(keep))
 
 
-# --------------------------------------------------------------------------- generators: train per class, sample
+def folder_digest(folder: Path) -> str:
+    """A hash of every image file under `folder`: its relative name and its bytes."""
+    return memorization.digest(*(f"{p.relative_to(folder).as_posix()}:{hashlib.sha256(p.read_bytes()).hexdigest()}"
+                    for p in data.list_images(folder)))
 
 
-def train_generator(cfg: StudyConfig, gen: str, cls: str) -> tuple[Path, bool]:
-    """Train (or reuse) the generator of one class on that class's TRAIN split;
-    return its checkpoint and whether it was (re)trained now. A `done.json`
-    beside the checkpoint marks a finished run; a checkpoint without it is an
-    interrupted run, continued with resume."""
-    out = cfg.out / "generators" / f"{gen}_{cls}"
-    done, ckpt = out / "done.json", out / "checkpoint.pt"
+def study_inputs(cfg: StudyConfig) -> dict[str, str]:
+    """What the study's work depends on outside OUT: each split's files and contents,
+    manifest.csv, and every --synthetic folder."""
+    inputs = {f"{s} split": folder_digest(cfg.data / d) for s, d in data.SPLIT_DIRS.items()}
+    manifest = cfg.data / "manifest.csv"
+    inputs["manifest.csv"] = memorization.digest(manifest.read_bytes()) if manifest.is_file() else "none"
+    inputs |= {f"--synthetic {name}": folder_digest(folder) for name, folder in cfg.external.items()}
+    return inputs
+
+
+# Settings that may grow or change between invocations of one study: they add runs or change the report only.
+GRID_EXTENT = ("out", "generators", "external", "ratios", "real_fractions", "seeds", "margin", "tstr", "bootstrap",
+               "fid_max_images", "inception", "device", "title")
+
+
+def check_same_study(cfg: StudyConfig, inputs: dict[str, str]) -> None:
+    """Refuse to mix work from other inputs in one OUT: finished runs and generators
+    are reused by name, so the recipe (resolution, classifier, generators' configs)
+    and the inputs (study_inputs) must be those that made them (OUT/study.json)."""
+    path = cfg.out / "study.json"
+    recipe = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in GRID_EXTENT},
+                                   default=str))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if set(old) != {"recipe", "inputs"}:
+            raise CLIError(f"{cfg.out} holds a study written by an older version of this program; use a new --out")
+        changed = sorted(k for k in set(old["recipe"]) | set(recipe) if old["recipe"].get(k) != recipe.get(k))
+        if changed:
+            k = changed[0]
+            raise CLIError(f"{cfg.out} holds a study made with other settings: {k} changed ({old['recipe'].get(k)} "
+                           f"there, {recipe.get(k)} now); use a new --out or the same settings")
+        changed = [k for k in inputs if k in old["inputs"] and old["inputs"][k] != inputs[k]]
+        if changed:
+            raise CLIError(f"the {changed[0]} changed since {cfg.out} was made (other files or contents), and its "
+                           "finished runs and generators belong to the old data; use a new --out")
+        inputs = {**old["inputs"], **inputs}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"recipe": recipe, "inputs": inputs}, indent=1))
+
+
+# --------------------------------------------------------------------------- generators: one per class and fraction
+
+
+class Pool(NamedTuple):
+    """The synthetic images of one generator and real fraction, at the classifier's size."""
+
+    images: torch.Tensor  # (N, S, S) uint8
+    labels: torch.Tensor  # (N,)
+    digest: str  # of the pixels: a finished run is reused only with the same pool
+
+
+def subset_folder(cfg: StudyConfig, real: RealData, frac: float) -> tuple[Path, str]:
+    """The cell's real training images as a folder a generator reads, and a hash of
+    which they are: the train split itself when the subset is all of it, else
+    OUT/real_subsets/f<frac>/<class>/ with copies of its files (written to a
+    temporary folder and renamed, so a folder there is complete)."""
+    idx = real_subset(real.train_y.numpy(), frac)
+    class_of = {label: cls for cls, label in data.LABELS.items()}
+    train = real.paths["train"]
+    files = {f"{class_of[int(real.train_y[i])]}/{Path(train[i]).name}": train[i] for i in idx}
+    trained_on = memorization.digest(*sorted(files))
+    if len(idx) == len(real.train_y):
+        return cfg.data / data.SPLIT_DIRS["train"], trained_on
+    folder = cfg.out / "real_subsets" / f"f{frac:g}"
+    if folder.is_dir() and {p.relative_to(folder).as_posix() for p in data.list_images(folder)} == set(files):
+        return folder, trained_on
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel, src in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp / rel)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder, trained_on
+
+
+def train_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, folder: Path, trained_on: str,
+                    share: float) -> tuple[Path, bool]:
+    """Train (or reuse) the generator of one class and real fraction on that cell's
+    real images only; return its checkpoint and whether it was trained now. A
+    max_steps cap scales with `share` (cell images / all), so every generator
+    takes the same epochs. inputs.json records the images (others are refused);
+    done.json marks a finished run; without it, a checkpoint is resumed."""
+    out = cfg.out / "generators" / f"{gen}_{cls}_f{frac:g}"
+    done, ckpt, inputs = out / "done.json", out / "checkpoint.pt", out / "inputs.json"
+    if inputs.is_file() and json.loads(inputs.read_text()).get("trained_on") != trained_on:
+        raise CLIError(f"{out} was trained on other images than the real {frac:g} subset of {cls} now: the data "
+                       "changed; use a new --out")
     if done.is_file() and ckpt.is_file():
-        print(f"reusing {gen} for {cls}: {ckpt}", flush=True)
+        print(f"reusing {gen} for {cls} at real fraction {frac:g}: {ckpt}", flush=True)
         return ckpt, False
-    print(f"\n== training the {gen} of class {cls} (train split only)", flush=True)
-    train = {"ddpm": ddpm.train, "gan": dcgan.train}[gen]
-    run = dataclasses.replace(getattr(cfg, gen), data=cfg.data / data.SPLIT_DIRS["train"], out=out, class_name=cls,
-                              device=cfg.device, resume=ckpt.is_file())  # the train split: no validation/test patient
-    ckpt = train(run)
+    base = getattr(cfg, gen)
+    steps = base.max_steps if base.max_steps is None else max(1, math.ceil(base.max_steps * share))
+    print(f"\n== training the {gen} of class {cls} on the real {frac:g} subset ({folder})", flush=True)
+    run = dataclasses.replace(base, data=folder, out=out, class_name=cls, device=cfg.device, resume=ckpt.is_file(),
+                              max_steps=steps)
+    with atomic_path(inputs) as tmp:
+        tmp.write_text(json.dumps({"trained_on": trained_on, "data": str(folder)}))
+    ckpt = {"ddpm": ddpm.train, "gan": dcgan.train}[gen](run)
     with atomic_path(done) as tmp:
         finished = time.strftime("%Y-%m-%d %H:%M:%S")
         tmp.write_text(json.dumps({"config": dataclasses.asdict(run), "finished_at": finished}, default=str))
     return ckpt, True
 
 
-def sample_generator(cfg: StudyConfig, gen: str, cls: str, ckpt: Path, n: int, fresh: bool) -> Path:
-    """n grey samples of one class into OUT/synthetic/<gen>/<cls>/, reused when
-    already there and the generator was not retrained (`fresh`). They are
-    written to a temporary folder and renamed, so a folder under that name is
-    always complete."""
-    folder = cfg.out / "synthetic" / gen / cls
+def noise_seed(gen: str, cls: str, frac: float) -> int:
+    """The sampling seed of one generator, class and fraction, a hash of the three: with
+    one seed for all, deterministic DDIM gives each infiltration sample a no_finding twin."""
+    return int(memorization.digest(gen, cls, f"{frac:g}")[:8], 16)
+
+
+def sample_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, ckpt: Path, n: int, fresh: bool) -> Path:
+    """n grey samples into OUT/synthetic/<gen>/f<frac>/<cls>/ (reused unless `fresh`),
+    via a temporary folder renamed at the end, so a folder of that name is complete."""
+    folder = cfg.out / "synthetic" / gen / f"f{frac:g}" / cls
     if not fresh and folder.is_dir() and len(list(folder.glob("sample_*.png"))) >= n:
-        print(f"reusing {n} {gen} samples of {cls}: {folder}", flush=True)
+        print(f"reusing {n} {gen} samples of {cls} at real fraction {frac:g}: {folder}", flush=True)
         return folder
-    print(f"\n== sampling {n} {gen} images of class {cls}", flush=True)
-    checkpoint, device = load_checkpoint(ckpt), pick_device(cfg.device)
+    print(f"\n== sampling {n} {gen} images of class {cls} at real fraction {frac:g}", flush=True)
+    checkpoint, device, seed = load_checkpoint(ckpt), pick_device(cfg.device), noise_seed(gen, cls, frac)
     if gen == "ddpm":
-        images = ddpm.generate(checkpoint, n, seed=1, batch_size=64, device=device, sampler=cfg.sampler,
+        images = ddpm.generate(checkpoint, n, seed=seed, batch_size=64, device=device, sampler=cfg.sampler,
                                steps=cfg.sample_steps)
     else:
-        images = dcgan.generate(checkpoint, n, seed=1, batch_size=64, device=device)
+        images = dcgan.generate(checkpoint, n, seed=seed, batch_size=64, device=device)
     grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey, as `sample` writes
     tmp = folder.with_name(f".{cls}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -301,8 +439,37 @@ def sample_generator(cfg: StudyConfig, gen: str, cls: str, ckpt: Path, n: int, f
         save_png(img, tmp / f"sample_{i:05d}.png")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    print(f"wrote {n} images to {folder}", flush=True)
     return folder
+
+
+def load_pool(cfg: StudyConfig, folder: Path, what: str, real: RealData) -> Pool:
+    """A synthetic folder at the classifier's size; refused if it holds a held-out image."""
+    s = data.load_folder(folder, cfg.size, progress=False)
+    if (s.labels < 0).any():
+        raise CLIError(f"{what}: {s.paths[int(np.flatnonzero(s.labels.numpy() < 0)[0])]} is in no class folder "
+                       f"({' or '.join(c + '/' for c in data.CLASSES)})")
+    heldout = {"validation": (real.val_x, real.paths["validation"]), "test": (real.test_x, real.paths["test"])}
+    memorization.check_no_heldout_copies(s.images, s.paths, heldout, what)
+    return Pool(s.images, s.labels, memorization.digest(*memorization.pixel_hashes(s.images), *s.labels.tolist()))
+
+
+def make_pools(cfg: StudyConfig, real: RealData, pools: dict) -> dict[str, dict[float, Pool]]:
+    """{generator: {real fraction: Pool}}: `pools` (the external ones) and the trained
+    generators' samples, per class and real fraction."""
+    ty = real.train_y.numpy()
+    for frac in cfg.real_fractions:
+        sub = real_subset(ty, frac)
+        n_real = max(int((ty[sub] == c).sum()) for c in (0, 1))
+        n_syn = cfg.n_synthetic or max(1, math.ceil(max(cfg.ratios + (1.0,)) * n_real))
+        folder, trained_on = subset_folder(cfg, real, frac) if cfg.generators else (None, "")
+        for gen in cfg.generators:
+            for cls in data.CLASSES:
+                share = float((ty[sub] == data.LABELS[cls]).sum() / (ty == data.LABELS[cls]).sum())
+                ckpt, fresh = train_generator(cfg, gen, cls, frac, folder, trained_on, share)
+                sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh)
+            pool = load_pool(cfg, cfg.out / "synthetic" / gen / f"f{frac:g}", f"the {gen} samples", real)
+            pools.setdefault(gen, {})[frac] = pool
+    return pools
 
 
 # --------------------------------------------------------------------------- classifier runs and results.csv
@@ -347,205 +514,135 @@ class Run:
 
 
 def plan_runs(cfg: StudyConfig) -> list[Run]:
-    """The grid; ratio 0 is the real-only baseline, shared by both generators."""
+    """The grid; ratio 0 is the real-only baseline, shared by every generator.
+    TSTR uses the generators of the largest real fraction."""
     runs = []
     for seed in range(cfg.seeds):
         for frac in cfg.real_fractions:
             runs.append(Run("real", "none", 0.0, frac, seed))
-            runs += [Run("aug", g, r, frac, seed) for g in cfg.generators for r in cfg.ratios if r > 0]
+            runs += [Run("aug", g, r, frac, seed) for g in cfg.all_generators for r in cfg.ratios if r > 0]
         if cfg.tstr:
-            runs += [Run("tstr", g, 0.0, 1.0, seed) for g in cfg.generators]
+            runs += [Run("tstr", g, 0.0, max(cfg.real_fractions), seed) for g in cfg.all_generators]
     return runs
 
 
-def classifier_config(cfg: StudyConfig, seed: int):
-    return classify.ClassifyConfig(model=cfg.classifier, size=cfg.size, epochs=cfg.classifier_epochs,
-                                   batch_size=cfg.classifier_batch_size, patience=cfg.patience, seed=seed,
-                                   device=cfg.device)
+def step_budget(cfg: StudyConfig, n_real: int) -> int:
+    """The optimiser steps of every run of one real fraction: the real-only run's
+    full budget, classifier_epochs epochs of its n_real images. An augmented or
+    TSTR run takes the same steps: a ratio changes what batches hold, not how long."""
+    return cfg.classifier_epochs * max(1, n_real // min(cfg.classifier_batch_size, n_real))
 
 
-def run_classifier(cfg: StudyConfig, run: Run, real: RealData, synth: dict) -> tuple[dict, np.ndarray, object]:
+def classifier_config(cfg: StudyConfig, seed: int, steps: int | None = None) -> classify.ClassifyConfig:
+    return classify.ClassifyConfig(model=cfg.classifier, size=cfg.size, epochs=cfg.classifier_epochs, steps=steps,
+                                   batch_size=cfg.classifier_batch_size, seed=seed, device=cfg.device)
+
+
+def run_classifier(cfg: StudyConfig, run: Run, real: RealData, pools: dict) -> tuple[dict, np.ndarray, object]:
     """Train one classifier for `run`; return its metrics, its test scores and the model."""
     ty = real.train_y.numpy()
-    sub = real_subset(ty, run.fraction, run.seed)
+    sub = real_subset(ty, run.fraction)
     tx, ty_t = real.train_x[sub], real.train_y[sub]
+    steps = step_budget(cfg, len(sub))
     sx = sy = None
     if run.mode != "real":
-        s_x, s_y = synth[run.generator]
+        pool = pools[run.generator][run.fraction]
         counts = {c: int((ty_t == c).sum()) for c in (0, 1)}
         if run.mode == "aug":
             per_class = {c: round(run.ratio * k) for c, k in counts.items()}
         else:  # TSTR: as many synthetic images as the real training set has, class by class
             per_class = counts
-        pick = synthetic_subset(s_y.numpy(), per_class, run.seed, salt=GENERATORS.index(run.generator))
+        salt = int(memorization.digest(run.generator)[:8], 16)  # each generator its own draw order
+        pick = synthetic_subset(pool.labels.numpy(), per_class, run.seed, salt)
         if len(pick) < sum(per_class.values()):
             print(f"warning: {run.name} wants {sum(per_class.values())} synthetic images, only {len(pick)} exist "
                   "(raise --n-synthetic); results.csv records the number used", flush=True)
-        sx, sy = s_x[pick], s_y[pick]
+        sx, sy = pool.images[pick], pool.labels[pick]
         if run.mode == "tstr":
             tx, ty_t, sx, sy = sx, sy, None, None
     metrics, model = classify.train_and_evaluate(tx, ty_t, real.val_x, real.val_y, real.test_x, real.test_y,
-                                                 classifier_config(cfg, run.seed), synthetic_x=sx,
+                                                 classifier_config(cfg, run.seed, steps), synthetic_x=sx,
                                                  synthetic_y=sy, progress=False)
     scores = np.asarray(classify.predict(model, real.test_x), dtype=np.float64)  # float64: no artificial ties
     return metrics, scores, model
 
 
-def run_grid(cfg: StudyConfig, real: RealData, synth: dict) -> None:
-    """Train every classifier of the grid not already in results.csv."""
+def run_grid(cfg: StudyConfig, real: RealData, pools: dict, test_set: str) -> list[dict]:
+    """Train every classifier of the grid not already in results.csv (a finished
+    run counts only with the same test split and synthetic pool); return the grid's rows."""
     results_path = cfg.out / "results.csv"
-    rows = read_results(results_path)
-    done = {r["run"] for r in rows if (cfg.out / "scores" / f"{r['run']}.npy").is_file()}
-    rows = [r for r in rows if r["run"] in done]
-    test_set = _fingerprint(real.test_paths)
-    save_npy(real.test_y.numpy(), cfg.out / "scores" / "test_labels.npy")
+
+    def pool_of(run: Run) -> str:
+        return pools[run.generator][run.fraction].digest if run.mode != "real" else ""
+
+    def reusable(r: dict) -> bool:
+        same_pool = r["run"] not in by_name or r.get("synthetic_set") == pool_of(by_name[r["run"]])
+        return (cfg.out / "scores" / f"{r['run']}.npy").is_file() and r["test_set"] == test_set and same_pool
     runs = plan_runs(cfg)
+    by_name = {r.name: r for r in runs}
+    rows = [r for r in read_results(results_path) if reusable(r)]
+    done = {r["run"] for r in rows}
+    save_npy(real.test_y.numpy(), cfg.out / "scores" / "test_labels.npy")
     todo = [r for r in runs if r.name not in done]
     print(f"\n== classifiers: {len(runs)} runs in the grid, {len(runs) - len(todo)} already done, {len(todo)} to go",
           flush=True)
-    ref = reference_run(cfg)
+    ref = Run("real", "none", 0.0, max(cfg.real_fractions), 0)  # its features serve memorisation and distances
     for i, run in enumerate(todo, 1):
         t0 = time.time()
-        metrics, scores, model = run_classifier(cfg, run, real, synth)
+        metrics, scores, model = run_classifier(cfg, run, real, pools)
         if run == ref:  # the real-only classifier whose features the memorisation check and FID use
             classify.save_classifier(model, classifier_config(cfg, run.seed), cfg.out / "classifiers" / "reference.pt",
                                      metrics)
         save_npy(scores, cfg.out / "scores" / f"{run.name}.npy")
         if run.mode == "tstr":  # classify saw the synthetic images as its training set: name them as such
             metrics = {**metrics, "n_train": 0, "n_synthetic": metrics.get("n_train", 0)}
+        rows = [r for r in rows if r["run"] != run.name]
         rows.append({**{k: metrics.get(k, "") for k in RESULT_FIELDS}, "run": run.name, "mode": run.mode,
                      "generator": run.generator, "ratio": run.ratio, "real_fraction": run.fraction,
-                     "seed": run.seed, "test_set": test_set, "seconds": round(time.time() - t0, 1),
-                     "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+                     "seed": run.seed, "test_set": test_set, "synthetic_set": pool_of(run),
+                     "seconds": round(time.time() - t0, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         write_results(results_path, rows)  # after every run: an interruption loses at most one run
-        print(f"[{i}/{len(todo)}] {run.name}: test AUROC {metrics['auroc']:.3f} "
-              f"({metrics['auroc_ci_low']:.3f}-{metrics['auroc_ci_high']:.3f}), "
+        print(f"[{i}/{len(todo)}] {run.name}: test AUROC {metrics['auroc']:.3f}, {int(metrics['steps'])} steps, "
               f"{int(metrics.get('n_train', 0))} real + {int(metrics.get('n_synthetic', 0))} synthetic, "
               f"{time.time() - t0:.0f}s", flush=True)
-
-
-def reference_run(cfg: StudyConfig) -> Run:
-    """The real-only classifier of seed 0 at the largest real fraction."""
-    return Run("real", "none", 0.0, max(cfg.real_fractions), 0)
-
-
-def reference_classifier(cfg: StudyConfig):
-    path = cfg.out / "classifiers" / "reference.pt"
-    return classify.load_classifier(path)[0] if path.is_file() else None
-
-
-def _fingerprint(paths: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(Path(p).name for p in paths)).encode()).hexdigest()[:12]
-
-
-# --------------------------------------------------------------------------- image distances (FID, KID)
-
-
-def distances(cfg: StudyConfig, real: RealData, synth: dict, model) -> dict:
-    """Per generator and class: Inception FID/KID/IS (fid.evaluate) when its
-    weights can be had, and always the Frechet distance and KID on the real-only
-    classifier's features (a chest X-ray feature space; Inception was trained
-    on photographs). Cached in OUT/distances.json."""
-    path = cfg.out / "distances.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    rng = np.random.default_rng(0)
-    inception_missing = cache.get("inception_missing")
-    for gen, (s_x, s_y) in synth.items():
-        for c, cls in ((1, "infiltration"), (0, "no_finding")):
-            key = f"{gen}/{cls}"
-            if key in cache:
-                continue
-            r = real.train_x[real.train_y == c]
-            f = s_x[s_y == c]
-            r = r[np.sort(rng.permutation(len(r))[:cfg.fid_max_images])]
-            f = f[np.sort(rng.permutation(len(f))[:cfg.fid_max_images])]
-            entry = {"n_real": len(r), "n_fake": len(f)}
-            if inception_missing is None and not cfg.inception:
-                inception_missing = "not attempted in this configuration (--quick)"
-            if inception_missing is None:
-                try:
-                    entry["inception"] = fid.evaluate(r, f, device=cfg.device, progress=False)
-                except fid.InceptionWeightsMissing as e:
-                    inception_missing = str(e)
-            if model is not None:
-                d = fid.feature_distance(classify.embed(model, r), classify.embed(model, f))
-                entry["classifier"] = {"fd": d["cxr_fd"], "kid_mean": d["cxr_kid_mean"], "kid_std": d["cxr_kid_std"]}
-            cache[key] = entry
-    cache["inception_missing"] = inception_missing
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(cache, indent=1, default=float))
-    return cache
+    return [r for r in rows if r["run"] in by_name]
 
 
 # --------------------------------------------------------------------------- the whole study
 
 
-# Settings that may grow between invocations of one study: more seeds, ratios, fractions or generators add runs.
-GRID_EXTENT = ("out", "generators", "ratios", "real_fractions", "seeds", "tstr", "bootstrap", "fid_max_images",
-               "inception", "device", "title")
-
-
-def check_same_study(cfg: StudyConfig) -> None:
-    """Refuse to mix results of different recipes in one OUT: a finished run is
-    skipped by its setting alone, so the recipe (data, resolution, classifier,
-    generators) must be the one that made it. Recorded in OUT/study.json."""
-    path = cfg.out / "study.json"
-    recipe = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in GRID_EXTENT},
-                                   default=str))
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
-        if changed:
-            raise CLIError(f"{cfg.out} holds a study made with other settings ({changed[0]}: {old.get(changed[0])} "
-                           f"there, {recipe.get(changed[0])} now); use a new --out or the same settings")
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(recipe, indent=1))
-
-
-
 def run_study(cfg: StudyConfig) -> Path:
-    """Generators, samples, classifier grid, memorisation, distances, report."""
+    """The study under a lock on OUT: one study at a time in a folder."""
+    check_out(cfg.out, cfg.data)
+    with run_lock(cfg.out, "study"):
+        return _run_study(cfg)
+
+
+def _run_study(cfg: StudyConfig) -> Path:
+    """Inputs checked, generators, samples, classifier grid, memorisation, distances, report."""
     t_start = time.time()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    check_same_study(cfg)
     real = load_real(cfg.data, cfg.size)
+    external = {name: dict.fromkeys(cfg.real_fractions, load_pool(cfg, folder, f"--synthetic {name}", real))
+                for name, folder in cfg.external.items()}  # one set of samples for every fraction, checked first
+    inputs = study_inputs(cfg)
+    check_same_study(cfg, inputs)
     with atomic_path(cfg.out / "splits.json") as tmp:  # what every run was validated and tested on
-        tmp.write_text(json.dumps({"data": str(cfg.data), "size": cfg.size, "validation": real.val_paths,
-                                   "test": real.test_paths}, indent=0))
-    per_class_train = max(int((real.train_y == c).sum()) for c in (0, 1))
-    n_syn = cfg.n_synthetic or max(1, math.ceil(max(cfg.ratios + (1.0,)) * per_class_train))
+        tmp.write_text(json.dumps({"data": str(cfg.data), "size": cfg.size, "validation": real.paths["validation"],
+                                   "test": real.paths["test"]}, indent=0))
     print(f"real data at {cfg.size}px: {len(real.train_y)} train, {len(real.val_y)} validation, "
-          f"{len(real.test_y)} test; {n_syn} synthetic images per class and generator", flush=True)
-
-    synth = {}
-    for gen in cfg.generators:
-        for cls in data.CLASSES:
-            ckpt, fresh = train_generator(cfg, gen, cls)
-            sample_generator(cfg, gen, cls, ckpt, n_syn, fresh)
-        s = data.load_folder(cfg.out / "synthetic" / gen, cfg.size, progress=False)
-        synth[gen] = (s.images, s.labels)
-
-    run_grid(cfg, real, synth)
-    model = reference_classifier(cfg)
-
-    print("\n== memorisation check and image distances", flush=True)
-    memo = {}
-    embed = None
-    if model is not None:
-        embed = lambda u8: classify.embed(model, u8)  # noqa: E731
-    for gen, (s_x, _) in synth.items():
-        res = memorization.memorization_check(real.train_x, s_x, real.test_x, embed)
-        memorization.save_closest_pairs(real.train_x, s_x, res, cfg.out / f"closest_pairs_{gen}.png")
-        memo[gen] = memorization.public(res)
-    with atomic_path(cfg.out / "memorization.json") as tmp:
-        tmp.write_text(json.dumps(memo, indent=1))
-    with warnings.catch_warnings():  # few images per class: FID's singular-covariance warnings, said in the report
+          f"{len(real.test_y)} test ({len(set(real.test_patients))} test patients; {real.patients_note})", flush=True)
+    pools = make_pools(cfg, real, external)
+    rows = run_grid(cfg, real, pools, inputs["test split"])
+    ref = cfg.out / "classifiers" / "reference.pt"  # the real-only classifier of seed 0: a chest X-ray feature space
+    model = classify.load_classifier(ref)[0] if ref.is_file() else None
+    print("\n== memorisation check and held-out image distances", flush=True)
+    memo = report.memorisation(cfg, real, pools, model)
+    with warnings.catch_warnings():  # FID's small-N warnings: the report states the counts and the caveat
         warnings.simplefilter("ignore")
-        dist = distances(cfg, real, synth, model)
-
-    path = report.write_report(cfg, real, synth, memo, dist, read_results(cfg.out / "results.csv"),
-                               elapsed=time.time() - t_start, memorization_percentile=memorization.PERCENTILE)
-    print(f"\nwrote {path} and {cfg.out / 'results.csv'} ({time.time() - t_start:.0f}s)", flush=True)
+        dist = report.distances(cfg, real, pools, model)
+    path = report.write_report(cfg, real, pools, memo, dist, rows, elapsed=time.time() - t_start)
+    print(f"\nwrote {path}, {cfg.out / 'summary.json'} and {cfg.out / 'results.csv'} ({time.time() - t_start:.0f}s)",
+          flush=True)
     return path
 
 
@@ -557,43 +654,46 @@ class DemoConfig:
     """The options of `python main.py demo`."""
 
     out: Path = flag(Path("runs/demo"), "study folder: phantoms in OUT/data, then everything `experiment` writes")
-    quick: bool = flag(False, "a much smaller smoke test (about a minute)")
+    quick: bool = flag(False, "a much smaller smoke test (a minute or two)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:1")
 
 
 def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
     """The demo's reduced study and its phantom count. Budget: under 10 minutes
-    on a 2-core CPU for the full demo, about a minute for --quick (the tests)."""
+    on a 2-core CPU for the full demo, a minute or two for --quick (the tests)."""
     if quick:
         cfg = StudyConfig(out / "data", out,
                           ddpm=ddpm_recipe("tiny", epochs=1, max_steps=8, batch_size=16, sample_steps=2, num_samples=4,
                                            ema_decay=0.5),
                           gan=gan_recipe(size=64, epochs=1, max_steps=8, batch_size=16),
-                          ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=1, classifier="small",
-                          classifier_epochs=2, classifier_batch_size=32, patience=2, bootstrap=200, fid_max_images=64,
+                          ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, classifier="small",
+                          classifier_epochs=2, classifier_batch_size=32, bootstrap=200, fid_max_images=64,
                           inception=False, device=device, sample_steps=4,
                           title="the quick demo (phantoms, tiny models: a smoke test)")
         return cfg, 120
-    # Measured on an idle 2-core CPU: the tiny UNet (0.18 M parameters) at lr 2e-3 draws
-    # recognisable phantoms after ~700 steps of batch 32 (~0.17 s a step); 400 steps are
-    # still mostly noise. The GAN runs at 32 px, the classifier's resolution, 4x cheaper than 64.
+    # Measured on an idle 2-core CPU: the tiny UNet (0.18 M parameters) at lr 2e-3 draws recognisable
+    # phantoms after ~700 steps of batch 32 (~0.17 s a step; 400 steps are still mostly noise); the
+    # 0.25 cells' generators take a quarter of the steps. The GAN runs at 32 px, 4x cheaper than 64.
     cfg = StudyConfig(out / "data", out,
                       ddpm=ddpm_recipe("tiny", lr=2e-3, epochs=1000, max_steps=700, batch_size=32, warmup=50,
                                        sample_steps=2, num_samples=4, ema_decay=0.995),
-                      gan=gan_recipe(size=32, epochs=1000, max_steps=500, batch_size=32),
-                      ratios=(0.0, 0.5, 1.0, 2.0), real_fractions=(1.0, 0.25), seeds=1, classifier="small",
-                      classifier_epochs=8, classifier_batch_size=32, patience=3, bootstrap=1000, fid_max_images=200,
-                      device=device, sample_steps=20, title="the demo (embedded phantoms, small models, one seed)")
+                      gan=gan_recipe(size=32, epochs=1000, max_steps=400, batch_size=32),
+                      ratios=(0.0, 1.0, 2.0), real_fractions=(1.0, 0.25), seeds=2, classifier="small",
+                      classifier_epochs=8, classifier_batch_size=32, bootstrap=1000, fid_max_images=200,
+                      device=device, sample_steps=20, title="the demo (embedded phantoms, small models, two seeds)")
     return cfg, 400
 
 
 def run_demo(out: Path, quick: bool = False, device: str = "auto") -> Path:
     t0 = time.time()
     cfg, n_phantoms = demo_config(out, quick, device)
-    if not (cfg.data / "manifest.csv").is_file():
-        print(f"\n== writing {n_phantoms} phantom X-rays to {cfg.data}", flush=True)
-        phantoms.write_phantoms(n_phantoms, cfg.data, size=64, seed=0)
-    path = run_study(cfg)
+    check_out(cfg.out, cfg.data)
+    with run_lock(cfg.out, "demo"):
+        if not (cfg.data / "manifest.csv").is_file():
+            print(f"\n== writing {n_phantoms} phantom X-rays to {cfg.data}", flush=True)
+            phantoms.write_phantoms(n_phantoms, cfg.data, size=64, seed=0)
+        check_out(cfg.out, cfg.data)
+        path = _run_study(cfg)
     lines = path.read_text().splitlines()
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; {path} begins:\n\n" + "\n".join(lines[:1]), flush=True)
     return path

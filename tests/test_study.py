@@ -1,8 +1,12 @@
-"""The augmentation study: memorisation check, resumable grid, split hygiene,
-the paired statistics of the report, the quick demo end to end, CLI errors."""
+"""The augmentation study: memorisation check, content guard, nested subsets,
+equal step budgets, independent sampling noise, held-out distances, the
+resumable grid and its input fingerprint, summary.json, the quick demo end to
+end, CLI errors. (The verdict rule itself is proved in tests/test_stats.py.)"""
 
 import csv
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +18,16 @@ from PIL import Image
 
 import dcgan
 import ddpm
+import classify
 import main
 import memorization
 import report
+import stats
 import study
 from phantoms import make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
+NIH64 = ROOT.parent / "shared" / "data" / "nih-64px" / "images"
 
 
 def phantoms(seed: int, n: int, size: int = 32) -> torch.Tensor:
@@ -49,20 +56,113 @@ def test_memorization_flags_planted_copies_and_not_fresh_samples():
     assert set(np.flatnonzero(both["_pixel_distance"] < both["pixel"]["threshold"])) >= set(range(12))
 
 
-def test_memorization_command_json_on_a_plain_folder(tmp_path, capsys):
+def save_pngs(folder: Path, images, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{start + i:03d}.png" for i in range(len(images))]
+    for p, im in zip(paths, images):
+        Image.fromarray(np.asarray(im)).save(p)
+    return paths
+
+
+def test_memorization_flags_every_exact_copy_in_a_plain_folder(tmp_path, capsys):
+    # Issue 11 case 7: with a plain folder, 10 byte-identical copies among 20 synthetic images
+    # were flagged 8 times, because a random 20% of the folder left the searched set.
+    train = phantoms(0, 60)
     train_dir, syn_dir = tmp_path / "train", tmp_path / "syn"
-    for d, imgs in ((train_dir, phantoms(0, 60)), (syn_dir, torch.cat([phantoms(0, 5), phantoms(3, 15)]))):
-        d.mkdir()
-        for i, im in enumerate(imgs):
-            Image.fromarray(im.numpy()).save(d / f"{i:03d}.png")
+    originals = save_pngs(train_dir, train)
+    syn_dir.mkdir()
+    for i in range(0, 60, 6):  # 10 byte-identical copies, spread over the whole folder
+        shutil.copyfile(originals[i], syn_dir / f"copy_{i:03d}.png")
+    save_pngs(syn_dir, phantoms(3, 10), start=100)  # 10 fresh images
     rc = main.main(["memorization", "--train", str(train_dir), "--synthetic", str(syn_dir), "--json",
                     "--out", str(tmp_path / "memo")])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["n_synthetic"] == 20 and {"n_flagged", "flagged_fraction", "pixel"} <= set(res)
-    # 80% of the folder is the training set: most of the 5 planted copies sit in it and are flagged.
-    assert res["n_flagged"] >= 2 and res["flagged_fraction"] < 0.5
+    assert res["n_synthetic"] == 20 and res["n_exact_copies"] == 10 and res["n_flagged"] >= 10
+    assert res["yardstick"] == "leave-one-out" and res["n_train"] == 60  # nothing left the searched set
+    assert res["p_value"] < 1e-6 and 0 < res["chance_fraction"] < 0.2
     assert (tmp_path / "memo" / "closest_pairs.png").is_file() and (tmp_path / "memo" / "memorization.json").is_file()
+    # In the check itself: each copy is flagged, even under a threshold of zero (percentile 0).
+    syn = torch.cat([train[::6], phantoms(3, 10)])
+    res = memorization.memorization_check(train, syn, None, percentile=0)
+    assert res["n_exact_copies"] == 10 and res["pixel"]["n_flagged"] >= 10 and res["n_flagged"] >= 10
+
+
+def test_memorization_reports_spaces_separately_and_a_chance_rate():
+    train, heldout = phantoms(0, 150), phantoms(1, 100)
+    pool = lambda u8: torch.nn.functional.avg_pool2d(u8.float().unsqueeze(1), 4).flatten(1)  # noqa: E731
+    res = memorization.memorization_check(train, phantoms(2, 80), heldout, embed=pool)
+    both = res["pixel"]["n_flagged"] + res["feature"]["n_flagged"]
+    assert max(res["pixel"]["n_flagged"], res["feature"]["n_flagged"]) <= res["n_flagged"] <= both
+    # The chance rate is measured, per space and combined (either space): about 1% per space here.
+    assert 0 < res["pixel"]["chance_fraction"] <= 0.03 and res["chance_fraction"] <= 0.06
+    assert res["p_value"] == stats.binomial_greater_p(res["n_flagged"], 80, res["chance_fraction"])
+
+
+def test_leave_one_out_percentile_and_ordinals():
+    rng = np.random.default_rng(0)
+    for n in (3, 40, 201):
+        d = rng.random(n)
+        d[:3] = d[3 % n]  # ties
+        for p in (0, 1, 2.5, 50, 100):
+            want = [np.percentile(np.delete(d, i), p) for i in range(n)]
+            np.testing.assert_allclose(memorization.leave_one_out_percentile(d, p), want)
+    assert [memorization.ordinal(p) for p in (1, 2, 3, 4, 11, 12, 13, 21, 22, 0.5, 5.0)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "0.5th", "5th"]
+
+
+# --------------------------------------------------------------------------- the content-based leakage guard
+
+
+def jpeg(u8: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("L"))
+
+
+def test_guard_finds_copies_but_not_distinct_images():
+    a, b = phantoms(0, 200), phantoms(1, 200)
+    assert memorization.find_copy(a, b) is None  # phantoms are alike, but none is a copy of another
+    re_encoded = torch.from_numpy(np.stack([jpeg(x, 75) for x in b[:20].numpy()]))
+    assert memorization.find_copy(torch.cat([a[:5], b[7:8]]), b)[:2] == (5, 7)
+    hit = memorization.find_copy(torch.cat([a[:5], re_encoded[3:4]]), b)
+    assert hit[:2] == (5, 3) and "near-copy" in hit[2]
+    assert all(memorization.find_copy(re_encoded[i:i + 1], b)[1] == i for i in range(20))
+
+
+def test_guard_is_silent_on_distinct_real_images():
+    if not NIH64.is_dir():
+        pytest.skip(f"NIH 64 px sample not found at {NIH64}")
+    import data
+
+    x = data.load_folder(NIH64, 32, progress=False).images  # 1,000 real images, several per patient
+    assert memorization.find_copy(x[::2], x[1::2]) is None
+
+
+@pytest.fixture
+def phantom_data(tmp_path):
+    root = tmp_path / "data"
+    assert main.main(["extract", "--phantoms", "40", "--out", str(root), "--size", "32", "--seed", "0"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("copy", ["renamed", "re-encoded"])
+def test_classify_refuses_a_synthetic_copy_of_a_test_image(phantom_data, tmp_path, capsys, copy):
+    syn = tmp_path / "syn"
+    save_pngs(syn / "infiltration", phantoms(5, 4))
+    save_pngs(syn / "no_finding", phantoms(6, 4))
+    test_image = sorted((phantom_data / "test_data" / "no_finding").glob("*.png"))[0]
+    target = syn / "no_finding" / "zz_innocent.png"
+    if copy == "renamed":
+        shutil.copyfile(test_image, target)
+    else:
+        Image.fromarray(jpeg(np.asarray(Image.open(test_image)), 90)).save(target.with_suffix(".jpg"))
+        target = target.with_suffix(".jpg")
+    rc = main.main(["classify", "--data", str(phantom_data), "--synthetic", str(syn), "--size", "32", "--epochs", "1",
+                    "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --synthetic")
+    assert str(target) in err[0] and test_image.name in err[0] and "the test image" in err[0]
 
 
 # --------------------------------------------------------------------------- subsets and paired statistics
@@ -75,6 +175,28 @@ def test_real_subset_is_stratified_and_a_function_of_seed_and_fraction():
     assert np.array_equal(a, study.real_subset(labels, 0.25, seed=3))
     assert not np.array_equal(a, study.real_subset(labels, 0.25, seed=4))
     assert len(study.real_subset(labels, 1.0, seed=0)) == 100
+
+
+def test_subsets_are_nested():
+    labels = np.array([1] * 37 + [0] * 63)
+    full, quarter, tenth = (set(study.real_subset(labels, f)) for f in (1.0, 0.25, 0.1))
+    assert tenth < quarter < full == set(range(100))
+    pool = np.array([1, 0] * 150)
+    picks = [set(study.synthetic_subset(pool, {1: round(r * 9), 0: round(r * 16)}, seed=2, salt=5))
+             for r in (0.5, 1, 2)]
+    assert picks[0] < picks[1] < picks[2] and len(picks[2]) == 50
+    assert (pool[list(picks[1])] == 1).sum() == 9
+
+
+def test_steps_mode_trains_exactly_the_budget():
+    x = phantoms(0, 64)
+    y = torch.tensor([1, 0] * 32)
+    cfg = classify.ClassifyConfig(model="small", width=8, size=32, epochs=3, steps=7, batch_size=16, device="cpu")
+    metrics, _ = classify.train_and_evaluate(x, y, x[:16], y[:16], x[:16], y[:16], cfg, progress=False)
+    assert metrics["steps"] == 7 and metrics["epochs_run"] == 3  # validation after steps 3, 6 and 7
+    more = classify.train_and_evaluate(x, y, x[:16], y[:16], x[:16], y[:16], cfg, synthetic_x=x, synthetic_y=y,
+                                       progress=False)[0]
+    assert more["steps"] == 7 and more["n_synthetic"] == 64
 
 
 def test_bootstrap_auroc_matches_classify_auroc():
@@ -92,16 +214,18 @@ def test_bootstrap_auroc_matches_classify_auroc():
     assert classify.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
 
 
-def _setting(gen, diff, lo, hi):
-    return report.Setting("aug", gen, 1.0, 1.0, [0, 1, 2], 0.8, 0.7, 0.9, 0.01, 100, 100, diff, lo, hi)
+def _row(gen, diff, lo, hi, verdict, seeds=5):
+    return dict(generator=gen, ratio=1.0, real_fraction=1.0, diff=diff, ci_low=lo, ci_high=hi, ci_level=0.975,
+                p_adjusted=0.01, verdict=verdict, seeds=seeds, n_test_images=300, n_test_patients=120)
 
 
-def test_headline_wording_follows_the_intervals():
-    none = report.headline([_setting("ddpm", 0.01, -0.01, 0.03), _setting("gan", -0.002, -0.02, 0.01)])
-    assert "+0.010 (95% CI -0.010 to +0.030) for the DDPM" in none and "no clear benefit or harm" in none
-    assert none.count(".") - none.count("0.") <= 1  # one sentence
-    good = report.headline([_setting("ddpm", 0.03, 0.01, 0.05), _setting("gan", -0.04, -0.07, -0.01)])
-    assert "clear benefit from the DDPM" in good and "clear harm from the GAN" in good
+def test_headline_gives_each_verdict_in_one_sentence():
+    text = report.headline([_row("ddpm", 0.03, 0.01, 0.05, "benefit"), _row("gan", -0.04, -0.07, -0.01, "harm")])
+    assert text.startswith("On this data (5 seeds, all real training images, 300 test images of 120 patients)")
+    assert "+0.030 for the DDPM (97.5% CI +0.010 to +0.050, Holm-adjusted p = 0.01: benefit)" in text
+    assert "for the GAN" in text and ": harm)" in text and text.count(". ") == 0
+    one = report.headline([_row("ddpm", 0.03, 0.01, 0.05, stats.VERDICTS[3], seeds=1)])
+    assert "1 seed," in one and "covers test sampling only" in one and "at most inconclusive" in one
 
 
 # --------------------------------------------------------------------------- the quick demo, end to end
@@ -132,6 +256,105 @@ def test_demo_writes_report_results_and_plots(demo_dir):
     assert "Inception FID, KID and IS: **not computed**" in "\n".join(report)  # said, not silently dropped
     for r in rows:
         assert (demo_dir / "scores" / f"{r['run']}.npy").is_file()
+
+
+def test_summary_json_has_the_issue_keys(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert set(summary) == {"headline", "distances", "memorization"}
+    assert [r["generator"] for r in summary["headline"]] == ["ddpm", "gan"]
+    for r in summary["headline"]:
+        assert set(r) == set(report.HEADLINE_KEYS)
+        assert r["verdict"] in stats.VERDICTS and r["seeds"] == 2 and r["ratio"] == 1 and r["real_fraction"] == 1
+        assert r["ci_low"] <= r["diff"] <= r["ci_high"] and r["n_test_images"] == r["n_test_patients"] == 24
+    for g in ("ddpm", "gan"):
+        d = summary["distances"][g]
+        assert set(d) == set(report.DISTANCE_KEYS) and d["reference"] == "heldout"
+        assert d["fid"] is None and d["feature_fd"] > 0  # Inception not attempted in --quick: null, said in the report
+        assert set(summary["memorization"][g]) == set(report.MEMORIZATION_KEYS)
+    text = (demo_dir / "report.md").read_text()
+    assert "below 2,048" in text and "KID, which is unbiased" in text
+
+
+def test_every_run_of_a_real_fraction_takes_the_same_steps(demo_dir):
+    rows = _rows(demo_dir)
+    for frac in ("1.0", "0.5"):
+        steps = {r["steps"] for r in rows if r["real_fraction"] == frac}
+        assert len(steps) == 1, (frac, steps)  # ratios 0 and 1, both generators, TSTR at fraction 1
+    assert {r["steps"] for r in rows if r["real_fraction"] == "1.0"} != {r["steps"] for r in rows
+                                                                           if r["real_fraction"] == "0.5"}
+
+
+def test_generators_are_matched_to_the_real_fraction(demo_dir):
+    import data
+
+    real = study.load_real(demo_dir / "data", 32)
+    half = {Path(real.paths["train"][i]).name for i in study.real_subset(real.train_y.numpy(), 0.5)}
+    copied = {p.name for p in data.list_images(demo_dir / "real_subsets" / "f0.5")}
+    assert copied == half and len(half) == len(real.train_y) // 2
+    for gen in ("ddpm", "gan"):
+        for cls in ("infiltration", "no_finding"):
+            used = json.loads((demo_dir / "generators" / f"{gen}_{cls}_f0.5" / "done.json").read_text())["config"]
+            assert Path(used["data"]) == demo_dir / "real_subsets" / "f0.5" and used["class_name"] == cls
+            assert used["max_steps"] == 4  # half the images, half of the 8 steps: equal epochs
+
+
+def test_held_out_reference_set_is_the_same_for_every_generator(demo_dir):
+    dist = json.loads((demo_dir / "distances.json").read_text())
+    assert dist["reference"].startswith("heldout")
+    counts = {g: {c: (e["classes"][c]["n_real"], e["classes"][c]["n_fake"]) for c in e["classes"]}
+              for g, e in dist["generators"].items()}
+    assert counts["ddpm"] == counts["gan"] and counts["ddpm"]["infiltration"] == (18, 18)  # 6 + 12 held out per class
+
+
+def test_distances_embed_one_reference_for_all_generators(monkeypatch, tmp_path):
+    seen = []
+
+    def embed(model, u8):  # a stand-in feature space: 8 pixels plus noise (full rank for the covariance)
+        seen.append(u8.clone())
+        noise = torch.rand(len(u8), 8, generator=torch.Generator().manual_seed(len(seen)))
+        return u8.reshape(len(u8), -1)[:, :8].double() + noise
+    monkeypatch.setattr(classify, "embed", embed)
+    val, test = phantoms(0, 20), phantoms(1, 30)
+    real = study.RealData(None, None, val, torch.tensor([1, 0] * 10), test, torch.tensor([1, 0] * 15), {}, None, "")
+    pools = {g: {1.0: study.Pool(phantoms(k, n), torch.tensor([1, 0] * (n // 2)), g)}
+             for k, (g, n) in enumerate((("a", 40), ("b", 60), ("c", 22)), start=2)}
+    cfg = study.StudyConfig(tmp_path, tmp_path, generators=(), real_fractions=(1.0,), fid_max_images=1000,
+                            inception=False)
+    dist = report.distances(cfg, real, pools, model=object())
+    heldout = torch.cat([val, test])
+    ref = [x for x in seen if any(torch.equal(x[0], h) for h in heldout)]
+    assert len(ref) == 2 and len(seen) == 2 * (1 + len(pools))  # held-out images embedded once per class, for all
+    for g in pools:
+        assert dist["generators"][g]["n_real"] == dist["generators"][g]["n_fake"] == 22  # the smallest set, each side
+
+    # With Inception weights (a stand-in network here): FID, KID and IS per generator, in summary.json's keys.
+    import fid
+
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: None)
+    monkeypatch.setattr(fid, "inception_features", lambda net, u8, progress: (embed(None, u8), torch.rand(len(u8), 5)))
+    cfg.inception = True
+    dist = report.distances(cfg, real, pools, model=None)
+    summary = report.summary([], dist, {})
+    assert dist["inception_missing"] is None and set(summary["distances"]) == set(pools)
+    assert all(v["fid"] > 0 and v["kid_mean"] is not None and v["is_mean"] >= 1 and v["feature_fd"] is None
+               for v in summary["distances"].values())
+
+
+def test_sampling_noise_differs_per_class_and_generator(monkeypatch, tmp_path):
+    seeds = {(g, c, f): study.noise_seed(g, c, f) for g in ("ddpm", "gan", "ext")
+             for c in ("infiltration", "no_finding") for f in (1.0, 0.25, 0.1)}
+    assert len(set(seeds.values())) == len(seeds)
+    used = []
+
+    def fake_generate(ckpt, n, *, seed, **kw):
+        used.append(seed)
+        return torch.zeros(n, 1, 8, 8)
+    monkeypatch.setattr(ddpm, "generate", fake_generate)
+    monkeypatch.setattr(study, "load_checkpoint", lambda path: {})
+    cfg = study.StudyConfig(tmp_path, tmp_path, generators=())
+    for cls in ("infiltration", "no_finding"):
+        study.sample_generator(cfg, "ddpm", cls, 1.0, tmp_path / "ckpt.pt", 2, fresh=True)
+    assert used == [seeds["ddpm", "infiltration", 1.0], seeds["ddpm", "no_finding", 1.0]]
 
 
 def test_synthetic_images_never_reach_validation_or_test(demo_dir):
@@ -201,9 +424,25 @@ def test_memorization_command_on_an_extract_root_with_classifier_features(demo_d
     (["experiment", "--data", ".", "--out", "o", "--ddpm-finetune"], "needs --pretrained"),
     (["experiment", "--data", ".", "--out", "o"], "not in the extract layout"),
     (["memorization", "--train", "/nonexistent/t", "--synthetic", "/nonexistent/s"], "not found"),
+    (["experiment", "--data", "D", "--out", "o", "--margin", "-1"], "--margin must be at least 0"),
+    (["experiment", "--data", "D", "--out", "o", "--synthetic", "ldm=half"], "no no_finding/ subfolder"),
+    (["experiment", "--data", "D", "--out", "o", "--synthetic", "ldm"], "expected NAME=DIR"),
+    (["experiment", "--data", "D", "--out", "o", "--synthetic", "gan=half"], "not ddpm, gan"),
+    (["experiment", "--data", "D", "--out", "o", "--synthetic", "x=D/test_data"], "overlaps the test split"),
+    (["experiment", "--data", "D", "--out", "file"], "is a file, not a folder"),
+    (["experiment", "--data", "D", "--out", "D/train_data/run"], "inside a split folder"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys, tmp_path):
-    argv = [str(tmp_path / "o") if a == "o" else a for a in argv]
+    for d in ("half/infiltration", "D/train_data", "D/validation_data", "D/test_data/infiltration",
+              "D/test_data/no_finding"):
+        (tmp_path / d).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / d / "a.png")
+    (tmp_path / "file").write_text("mine")
+    def place(a: str) -> str:  # o, file, half and D name paths under tmp_path
+        if a in ("o", "file"):
+            return str(tmp_path / a)
+        return a if a.startswith("-") else a.replace("half", str(tmp_path / "half")).replace("D", str(tmp_path / "D"))
+    argv = [place(a) for a in argv]
     assert main.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
@@ -213,3 +452,56 @@ def test_cli_error_has_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "main.py", "memorization", "--train", str(tmp_path), "--synthetic",
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error:")
+
+
+# --------------------------------------------------------------------------- external samples and changed inputs
+
+
+def _experiment(data_dir: Path, out: Path, *extra) -> list[str]:
+    return ["experiment", "--data", str(data_dir), "--out", str(out), "--generators", "", "--ratios", "0,1",
+            "--real-fractions", "1", "--seeds", "1", "--classifier", "small", "--epochs", "1", "--no-tstr",
+            "--bootstrap", "100", "--device", "cpu", *extra]
+
+
+def test_external_samples_guard_and_changed_data(phantom_data, tmp_path, capsys):
+    ext = tmp_path / "ldm"
+    save_pngs(ext / "infiltration", phantoms(5, 16))
+    save_pngs(ext / "no_finding", phantoms(6, 16))
+    out = tmp_path / "study"
+    # A copy of a held-out image among the external samples: refused before any work.
+    leaked = sorted((phantom_data / "validation_data" / "infiltration").glob("*.png"))[0]
+    shutil.copyfile(leaked, ext / "infiltration" / "leak.png")
+    assert main.main(_experiment(phantom_data, out, "--synthetic", f"ldm={ext}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "leak.png is a copy" in err[0] and leaked.name in err[0]
+    assert not (out / "results.csv").exists() and not (out / "generators").exists()
+    (ext / "infiltration" / "leak.png").unlink()
+
+    # The external generator goes through the protocol and the report like a trained one.
+    assert main.main(_experiment(phantom_data, out, "--synthetic", f"ldm={ext}")) == 0
+    capsys.readouterr()
+    rows = _rows(out)
+    assert sorted(r["run"] for r in rows) == ["ldm_r1_f1_s0", "real_f1_s0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["generator"] for r in summary["headline"]] == ["ldm"] and set(summary["memorization"]) == {"ldm"}
+    assert summary["headline"][0]["verdict"].startswith("inconclusive")  # one seed
+    assert "cannot take part in the matched-fraction cells" in (out / "report.md").read_text()
+
+    # Issue 10 case 1: the data changes under the study (same names, new pixels): refused, nothing redone.
+    before = (out / "results.csv").read_bytes()
+    victim = sorted((phantom_data / "test_data" / "infiltration").glob("*.png"))[0]
+    Image.fromarray(phantoms(9, 1)[0].numpy()).save(victim)
+    assert main.main(_experiment(phantom_data, out, "--synthetic", f"ldm={ext}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the test split changed" in err[0]
+    assert (out / "results.csv").read_bytes() == before
+
+
+def test_a_second_study_in_the_same_folder_is_refused(phantom_data, tmp_path, capsys):
+    import common
+
+    out = tmp_path / "study"
+    with common.run_lock(out, "study"):
+        assert main.main(_experiment(phantom_data, out, "--synthetic", f"x={phantom_data / 'train_data'}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by another study" in err[0]
