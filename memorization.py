@@ -33,12 +33,12 @@ import stats
 from common import CLIError, atomic_path, check_config, flag, save_image_grid
 
 PERCENTILE = 1.0  # flag synthetic images closer than the 1st percentile of real held-out NN distances
-# Near-copies: 8x8 area-averaged thumbnails within 1.5 grey levels RMS. Measured at 32 px: a JPEG
-# re-encode (quality 75) moves them by at most 0.9, while the closest two distinct images of the
-# NIH 64 px sample are 3.7 apart (phantoms: 7.0). An 8x8 average hash (bits) would not do: it put
-# 53 pairs of distinct NIH images (10,038 of 600 phantoms) within 2 bits of each other.
-NEAR_SIZE = 8
-NEAR_RMS = 1.5
+# Near-copies: area-averaged 8x8 AND 16x16 thumbnails within these RMS differences (grey levels
+# 0-255). Measured at 32 px: a JPEG re-encode, or a copy saved at 128 or 256 px, moves them by at
+# most 1.3 / 1.8 (100 NIH images), while the closest two distinct images of the NIH 64 px sample
+# are 3.7 / 4.7 apart (phantoms: 7.0 / 9.2). An 8x8 average hash (bits) would not do: it put 53
+# pairs of distinct NIH images (10,038 pairs of 600 phantoms) within 2 bits of each other.
+NEAR_RMS = {8: 2.5, 16: 3.5}
 
 
 def ordinal(p: float) -> str:
@@ -93,28 +93,31 @@ def pixel_hashes(u8: torch.Tensor) -> list[str]:
     return [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in u8.numpy()]
 
 
-def thumbnails(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, S, S) -> (N, 64) float64: the 8x8 area average, grey levels 0-255."""
-    return F.adaptive_avg_pool2d(u8.unsqueeze(1).double(), NEAR_SIZE).flatten(1)
+def thumbnails(u8: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 (N, S, S) -> (N, k * k) float64: the k x k area average, grey levels 0-255."""
+    return F.adaptive_avg_pool2d(u8.unsqueeze(1).double(), k).flatten(1)
 
 
 # --------------------------------------------------------------------------- the leakage guard
 
 
 def find_copy(candidates: torch.Tensor, references: torch.Tensor) -> tuple[int, int, str] | None:
-    """The first candidate image that equals (same pixels) or nearly equals (thumbnails
-    within NEAR_RMS) a reference image: (candidate, reference, how), or None.
-    Both uint8 (N, S, S) at one size."""
+    """The first candidate image that equals (same pixels) or nearly equals (both
+    thumbnails within NEAR_RMS) a reference image: (candidate, reference, how), or
+    None. Both uint8 (N, S, S) at one size."""
     if len(candidates) == 0 or len(references) == 0:
         return None
     exact = {h: j for j, h in reversed(list(enumerate(pixel_hashes(references))))}
-    d, j = nearest(thumbnails(candidates), thumbnails(references))
-    rms = d / NEAR_SIZE  # Euclidean over 64 values -> RMS
+    d, near = nearest(thumbnails(candidates, 8), thumbnails(references, 8))
     for i, h in enumerate(pixel_hashes(candidates)):
         if h in exact:
             return i, exact[h], "a copy (identical pixels)"
-        if rms[i] <= NEAR_RMS:
-            return i, int(j[i]), f"a near-copy ({NEAR_SIZE}x{NEAR_SIZE} thumbnails {rms[i]:.2f} grey levels apart)"
+        j, rms8 = int(near[i]), d[i] / 8  # Euclidean over 64 values -> RMS
+        if rms8 <= NEAR_RMS[8]:  # confirmed at the finer scale, so a chance match of coarse shapes is not enough
+            diff = thumbnails(candidates[i:i + 1], 16) - thumbnails(references[j:j + 1], 16)
+            rms16 = float(diff.pow(2).mean().sqrt())
+            if rms16 <= NEAR_RMS[16]:
+                return i, j, f"a near-copy (thumbnails {rms8:.2f} / {rms16:.2f} grey levels apart at 8x8 / 16x16)"
     return None
 
 
