@@ -579,10 +579,8 @@ def run(cfg: RunConfig) -> dict:
         syn = data.load_folder(cfg.synthetic, cfg.size, progress=not cfg.json)
         _check_labelled(syn, f"synthetic folder {cfg.synthetic}")
         syn_x, syn_y = syn.images, syn.labels
-        import memorization  # the content guard (memorization imports this module, so not at the top)
-
         heldout = {s: (splits[s][0], data.load_split(cfg.data, s, cfg.size).paths) for s in ("validation", "test")}
-        memorization.check_no_heldout_copies(syn_x, syn.paths, heldout, "--synthetic")  # a renamed copy, say
+        data.check_no_heldout_copies(syn_x, syn.paths, heldout, "--synthetic")  # a renamed copy, say
     for split in ("validation", "test"):  # as train_and_evaluate checks, but saying how to get a usable split
         n_pos, n = int(splits[split][1].sum()), len(splits[split][1])
         if n_pos in (0, n):

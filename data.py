@@ -23,6 +23,7 @@ import csv
 import errno
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from common import CLIError, atomic_path, save_png
@@ -243,10 +245,8 @@ def split_hint(root: Path) -> str:
         source, total = summary["source"], int(summary["total"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""
-    if source == "phantoms":
-        import phantoms  # phantoms.py imports this module
-
-        return (f": {total} phantoms are too few; extract --phantoms {phantoms.min_phantoms()} or more gives "
+    if source == "phantoms":  # phantoms.py records its minimum (it imports this module, not the reverse)
+        return (f": {total} phantoms are too few; extract --phantoms {summary.get('min_phantoms', 10)} or more gives "
                 f"every split images of both classes")
     return ": the extract selected no images for it (too few patients in --csv, or on disk under --images)"
 
@@ -569,3 +569,99 @@ def finish_layout(out: Path, entries: list[Entry], summary: dict) -> dict:
     (out / PENDING).unlink(missing_ok=True)
     _remove_temporaries(out, written | keep)
     return summary
+
+
+# --------------------------------------------------------------------------- copies and near-copies: the leakage guard
+
+# Near-copies: area-averaged 8x8 AND 16x16 thumbnails within these RMS differences (grey levels
+# 0-255). Measured at 32 px: a JPEG re-encode, or a copy saved at 128 or 256 px, moves them by at
+# most 1.3 / 1.8 (100 NIH images), while the closest two distinct images of the NIH 64 px sample
+# are 3.7 / 4.7 apart (phantoms: 7.0 / 9.2). An 8x8 average hash (bits) would not do: it put 53
+# pairs of distinct NIH images (10,038 pairs of 600 phantoms) within 2 bits of each other.
+NEAR_RMS = {8: 2.5, 16: 3.5}
+
+
+
+def nearest(query: torch.Tensor, reference: torch.Tensor, skip_self: bool = False,
+            chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distance from each query row (N, D) to its nearest reference row
+    (M, D), and its index. skip_self: query IS reference, and row i may not
+    pick itself (leave-one-out)."""
+    dists, idx = [], []
+    for start in range(0, query.shape[0], chunk):
+        d = torch.cdist(query[start:start + chunk].double(), reference.double())  # (n, M)
+        if skip_self:
+            rows = torch.arange(d.shape[0])
+            d[rows, rows + start] = math.inf
+        m = d.min(dim=1)
+        dists.append(m.values)
+        idx.append(m.indices)
+    return torch.cat(dists).numpy(), torch.cat(idx).numpy()
+
+
+def digest(*parts) -> str:
+    """A short stable hash of strings and bytes (what a study's work depends on)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def pixel_hashes(u8: torch.Tensor) -> list[str]:
+    """SHA-256 of each image's decoded pixels (uint8 (N, S, S)): equal hashes, equal images."""
+    return [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in u8.numpy()]
+
+
+def thumbnails(u8: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 (N, S, S) -> (N, k * k) float64: the k x k area average, grey levels 0-255."""
+    return F.adaptive_avg_pool2d(u8.unsqueeze(1).double(), k).flatten(1)
+
+
+# --------------------------------------------------------------------------- the leakage guard
+
+
+def find_copy(candidates: torch.Tensor, references: torch.Tensor) -> tuple[int, int, str] | None:
+    """The first candidate image that equals (same pixels) or nearly equals (both
+    thumbnails within NEAR_RMS) a reference image: (candidate, reference, how), or
+    None. Both uint8 (N, S, S) at one size."""
+    if len(candidates) == 0 or len(references) == 0:
+        return None
+    exact = {h: j for j, h in reversed(list(enumerate(pixel_hashes(references))))}
+    d, near = nearest(thumbnails(candidates, 8), thumbnails(references, 8))
+    for i, h in enumerate(pixel_hashes(candidates)):
+        if h in exact:
+            return i, exact[h], "a copy (identical pixels)"
+        j, rms8 = int(near[i]), d[i] / 8  # Euclidean over 64 values -> RMS
+        if rms8 <= NEAR_RMS[8]:  # confirmed at the finer scale, so a chance match of coarse shapes is not enough
+            diff = thumbnails(candidates[i:i + 1], 16) - thumbnails(references[j:j + 1], 16)
+            rms16 = float(diff.pow(2).mean().sqrt())
+            if rms16 <= NEAR_RMS[16]:
+                return i, j, f"a near-copy (thumbnails {rms8:.2f} / {rms16:.2f} grey levels apart at 8x8 / 16x16)"
+    return None
+
+
+def check_synthetic_folder(folder: Path, root: Path, what: str) -> Path:
+    """A folder of synthetic images must hold infiltration/ and no_finding/ with
+    images, and lie outside the validation and test splits of the data set `root`."""
+    for cls in CLASSES:
+        if not (folder / cls).is_dir():
+            raise CLIError(f"{what}: no {cls}/ subfolder (the folder must hold "
+                           f"{' and '.join(c + '/' for c in CLASSES)})")
+        list_images(folder / cls)  # an empty class folder is a one-line error
+    for split in ("validation", "test"):
+        a, b = folder.resolve(), (root / SPLIT_DIRS[split]).resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise CLIError(f"{what} overlaps the {split} split; synthetic images may only train")
+    return folder
+
+
+def check_no_heldout_copies(synthetic: torch.Tensor, names: list[str], heldout: dict, what: str) -> None:
+    """Refuse (CLIError naming the first offender) a synthetic set holding a copy or
+    near-copy of a held-out image. heldout: {split: (uint8 images, names)}."""
+    hits = [(hit, split, ref_names) for split, (x, ref_names) in heldout.items()
+            if (hit := find_copy(synthetic, x)) is not None]
+    if hits:
+        (i, j, how), split, ref_names = min(hits, key=lambda h: h[0][0])
+        raise CLIError(f"{what}: {names[i]} is {how} of the {split} image {ref_names[j]}; "
+                       "synthetic images may only train, and must not be held-out images")

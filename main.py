@@ -325,8 +325,9 @@ def cmd_memorization(args) -> None:
     res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
     print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are exact "
           f"copies of a training image or closer to one than the {memorization.ordinal(res['percentile'])} percentile "
-          f"of the yardstick ({res['train']}); real unseen images: {res['chance_fraction']:.1%} (chance), one-sided "
-          f"binomial p = {res['p_value']:.3g}", file=sys.stderr if args.json else sys.stdout)
+          f"of the yardstick ({res['train']}); chance rate (real images judged the same way): "
+          f"{res['chance_fraction']:.1%}; one-sided binomial p = {res['p_value']:.3g}",
+          file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json_line(res))
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import classify
 import data
@@ -34,12 +32,7 @@ from common import CLIError, atomic_path, check_config, flag, save_image_grid
 
 PERCENTILE = 1.0  # flag synthetic images closer than the 1st percentile of real held-out NN distances
 OUTPUTS = ("memorization.json", "closest_pairs.png")  # what `memorization --out DIR` writes into DIR
-# Near-copies: 8x8 area-averaged thumbnails within 1.5 grey levels RMS. Measured at 32 px: a JPEG
-# re-encode (quality 75) moves them by at most 0.9, while the closest two distinct images of the
-# NIH 64 px sample are 3.7 apart (phantoms: 7.0). An 8x8 average hash (bits) would not do: it put
-# 53 pairs of distinct NIH images (10,038 of 600 phantoms) within 2 bits of each other.
-NEAR_SIZE = 8
-NEAR_RMS = 1.5
+
 
 
 def ordinal(p: float) -> str:
@@ -58,91 +51,6 @@ def train_folder(root: Path) -> tuple[Path, str | None]:
     if train.is_dir():
         return train, f"note: {root} is an extract layout: using its train split {train} only"
     return Path(root), None
-
-
-# --------------------------------------------------------------------------- nearest image, exact copies
-
-
-def nearest(query: torch.Tensor, reference: torch.Tensor, skip_self: bool = False,
-            chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distance from each query row (N, D) to its nearest reference row
-    (M, D), and its index. skip_self: query IS reference, and row i may not
-    pick itself (leave-one-out)."""
-    dists, idx = [], []
-    for start in range(0, query.shape[0], chunk):
-        d = torch.cdist(query[start:start + chunk].double(), reference.double())  # (n, M)
-        if skip_self:
-            rows = torch.arange(d.shape[0])
-            d[rows, rows + start] = math.inf
-        m = d.min(dim=1)
-        dists.append(m.values)
-        idx.append(m.indices)
-    return torch.cat(dists).numpy(), torch.cat(idx).numpy()
-
-
-def digest(*parts) -> str:
-    """A short stable hash of strings and bytes (what a study's work depends on)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else str(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def pixel_hashes(u8: torch.Tensor) -> list[str]:
-    """SHA-256 of each image's decoded pixels (uint8 (N, S, S)): equal hashes, equal images."""
-    return [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in u8.numpy()]
-
-
-def thumbnails(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, S, S) -> (N, 64) float64: the 8x8 area average, grey levels 0-255."""
-    return F.adaptive_avg_pool2d(u8.unsqueeze(1).double(), NEAR_SIZE).flatten(1)
-
-
-# --------------------------------------------------------------------------- the leakage guard
-
-
-def find_copy(candidates: torch.Tensor, references: torch.Tensor) -> tuple[int, int, str] | None:
-    """The first candidate image that equals (same pixels) or nearly equals (thumbnails
-    within NEAR_RMS) a reference image: (candidate, reference, how), or None.
-    Both uint8 (N, S, S) at one size."""
-    if len(candidates) == 0 or len(references) == 0:
-        return None
-    exact = {h: j for j, h in reversed(list(enumerate(pixel_hashes(references))))}
-    d, j = nearest(thumbnails(candidates), thumbnails(references))
-    rms = d / NEAR_SIZE  # Euclidean over 64 values -> RMS
-    for i, h in enumerate(pixel_hashes(candidates)):
-        if h in exact:
-            return i, exact[h], "a copy (identical pixels)"
-        if rms[i] <= NEAR_RMS:
-            return i, int(j[i]), f"a near-copy ({NEAR_SIZE}x{NEAR_SIZE} thumbnails {rms[i]:.2f} grey levels apart)"
-    return None
-
-
-def check_synthetic_folder(folder: Path, root: Path, what: str) -> Path:
-    """A folder of synthetic images must hold infiltration/ and no_finding/ with
-    images, and lie outside the validation and test splits of the data set `root`."""
-    for cls in data.CLASSES:
-        if not (folder / cls).is_dir():
-            raise CLIError(f"{what}: no {cls}/ subfolder (the folder must hold "
-                           f"{' and '.join(c + '/' for c in data.CLASSES)})")
-        data.list_images(folder / cls)  # an empty class folder is a one-line error
-    for split in ("validation", "test"):
-        a, b = folder.resolve(), (root / data.SPLIT_DIRS[split]).resolve()
-        if a == b or b in a.parents or a in b.parents:
-            raise CLIError(f"{what} overlaps the {split} split; synthetic images may only train")
-    return folder
-
-
-def check_no_heldout_copies(synthetic: torch.Tensor, names: list[str], heldout: dict, what: str) -> None:
-    """Refuse (CLIError naming the first offender) a synthetic set holding a copy or
-    near-copy of a held-out image. heldout: {split: (uint8 images, names)}."""
-    hits = [(hit, split, ref_names) for split, (x, ref_names) in heldout.items()
-            if (hit := find_copy(synthetic, x)) is not None]
-    if hits:
-        (i, j, how), split, ref_names = min(hits, key=lambda h: h[0][0])
-        raise CLIError(f"{what}: {names[i]} is {how} of the {split} image {ref_names[j]}; "
-                       "synthetic images may only train, and must not be held-out images")
 
 
 # --------------------------------------------------------------------------- the memorisation check
@@ -201,11 +109,11 @@ def memorization_check(train: torch.Tensor, synthetic: torch.Tensor, heldout: to
     if embed is not None:
         spaces["feature"] = lambda u8: _unit(embed(u8))
     yard = "heldout" if heldout is not None else "leave-one-out"
-    train_hashes = pixel_hashes(train)
+    train_hashes = data.pixel_hashes(train)
     seen = set(train_hashes)
-    exact = np.array([h in seen for h in pixel_hashes(synthetic)], bool)
+    exact = np.array([h in seen for h in data.pixel_hashes(synthetic)], bool)
     if heldout is not None:
-        exact_ref = np.array([h in seen for h in pixel_hashes(heldout)], bool)
+        exact_ref = np.array([h in seen for h in data.pixel_hashes(heldout)], bool)
     else:  # a training image with an identical twin in the training set
         counts = Counter(train_hashes)
         exact_ref = np.array([counts[h] > 1 for h in train_hashes], bool)
@@ -214,8 +122,8 @@ def memorization_check(train: torch.Tensor, synthetic: torch.Tensor, heldout: to
     flagged, chance = exact.copy(), exact_ref.copy()
     for name, f in spaces.items():
         t = f(train)
-        d_syn, i_syn = nearest(f(synthetic), t)
-        d_ref = nearest(f(heldout), t)[0] if heldout is not None else nearest(t, t, skip_self=True)[0]
+        d_syn, i_syn = data.nearest(f(synthetic), t)
+        d_ref = data.nearest(f(heldout), t)[0] if heldout is not None else data.nearest(t, t, skip_self=True)[0]
         if name == "feature":
             d_syn, d_ref = d_syn**2 / 2, d_ref**2 / 2  # cosine distance 1 - cos
         threshold = float(np.percentile(d_ref, percentile))

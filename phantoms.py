@@ -226,6 +226,7 @@ def write_phantoms(n: int, out: str | os.PathLike, size: int = 256, seed: int = 
     status, failed = render_entries(entries, out, size, workers, progress, previous)
     assert not failed  # phantoms are drawn, never decoded
     summary = {"source": "phantoms", "out": str(out), "size": size, "seed": seed, "dry_run": False,
+               "min_phantoms": min_phantoms(),
                "candidates": {c: sum(e.cls == c for e in entries) for c in CLASSES}, "skipped": {},
                **count_layout(entries), "written": status["written"], "reused": status["reused"]}
     if n < min_phantoms():

@@ -62,7 +62,7 @@ def distances(cfg, real, pools: dict, model) -> dict:
         n = min([cfg.fid_max_images] + [int((y == c).sum()) for _, y in sets.values()])
         for g, (_, y) in sets.items():
             picks[g, c] = np.sort(np.random.default_rng(0).permutation(np.flatnonzero(y.numpy() == c))[:n])
-    key = memorization.digest(*(memorization.pixel_hashes(sets[g][0][i]) for (g, _), i in picks.items()),
+    key = data.digest(*(data.pixel_hashes(sets[g][0][i]) for (g, _), i in picks.items()),
                               cfg.inception, model is None)
     path = cfg.out / "distances.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
@@ -77,7 +77,7 @@ def distances(cfg, real, pools: dict, model) -> dict:
             note = str(e)
     f = {(g, c): {s: fn(sets[g][0][i]) for s, fn in feats.items()} for (g, c), i in picks.items()}
     out = {"key": key, "inception_missing": note, "reference": "heldout (validation + test splits)",
-           "reference_images": memorization.digest(*(memorization.pixel_hashes(hx[picks["heldout", c]])
+           "reference_images": data.digest(*(data.pixel_hashes(hx[picks["heldout", c]])
                                                      for c in (0, 1))),
            "generators": {}}
     for g in pools:

@@ -42,7 +42,6 @@ import classify
 import data
 import dcgan
 import ddpm
-import memorization
 import phantoms
 import report
 import stats
@@ -180,7 +179,7 @@ def external_generators(specs: tuple[str, ...], root: Path) -> dict[str, Path]:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name) or name in GENERATORS + ("none", "real", "tstr", *out):
             raise CLIError(f"--synthetic {spec!r}: NAME must be letters, digits and '-', and not ddpm, gan, none, "
                            "real, tstr or a name given twice")
-        out[name] = memorization.check_synthetic_folder(Path(folder), root, f"--synthetic {name}={folder}")
+        out[name] = data.check_synthetic_folder(Path(folder), root, f"--synthetic {name}={folder}")
     return out
 
 
@@ -303,7 +302,7 @@ def synthetic_subset(labels: np.ndarray, per_class: dict[int, int], seed: int, s
 
 def folder_digest(folder: Path) -> str:
     """A hash of every image file under `folder`: its relative name and its bytes."""
-    return memorization.digest(*(f"{p.relative_to(folder).as_posix()}:{hashlib.sha256(p.read_bytes()).hexdigest()}"
+    return data.digest(*(f"{p.relative_to(folder).as_posix()}:{hashlib.sha256(p.read_bytes()).hexdigest()}"
                     for p in data.list_images(folder)))
 
 
@@ -312,7 +311,7 @@ def study_inputs(cfg: StudyConfig) -> dict[str, str]:
     manifest.csv, and every --synthetic folder."""
     inputs = {f"{s} split": folder_digest(cfg.data / d) for s, d in data.SPLIT_DIRS.items()}
     manifest = cfg.data / "manifest.csv"
-    inputs["manifest.csv"] = memorization.digest(manifest.read_bytes()) if manifest.is_file() else "none"
+    inputs["manifest.csv"] = data.digest(manifest.read_bytes()) if manifest.is_file() else "none"
     inputs |= {f"--synthetic {name}": folder_digest(folder) for name, folder in cfg.external.items()}
     return inputs
 
@@ -367,7 +366,7 @@ def subset_folder(cfg: StudyConfig, real: RealData, frac: float) -> tuple[Path, 
     class_of = {label: cls for cls, label in data.LABELS.items()}
     train = real.paths["train"]
     files = {f"{class_of[int(real.train_y[i])]}/{Path(train[i]).name}": train[i] for i in idx}
-    trained_on = memorization.digest(*sorted(files))
+    trained_on = data.digest(*sorted(files))
     if len(idx) == len(real.train_y):
         return cfg.data / data.SPLIT_DIRS["train"], trained_on
     folder = cfg.out / "real_subsets" / f"f{frac:g}"
@@ -415,7 +414,7 @@ def train_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, folder: P
 def noise_seed(gen: str, cls: str, frac: float) -> int:
     """The sampling seed of one generator, class and fraction, a hash of the three: with
     one seed for all, deterministic DDIM gives each infiltration sample a no_finding twin."""
-    return int(memorization.digest(gen, cls, f"{frac:g}")[:8], 16)
+    return int(data.digest(gen, cls, f"{frac:g}")[:8], 16)
 
 
 def sample_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, ckpt: Path, n: int, fresh: bool) -> Path:
@@ -449,8 +448,8 @@ def load_pool(cfg: StudyConfig, folder: Path, what: str, real: RealData) -> Pool
         raise CLIError(f"{what}: {s.paths[int(np.flatnonzero(s.labels.numpy() < 0)[0])]} is in no class folder "
                        f"({' or '.join(c + '/' for c in data.CLASSES)})")
     heldout = {"validation": (real.val_x, real.paths["validation"]), "test": (real.test_x, real.paths["test"])}
-    memorization.check_no_heldout_copies(s.images, s.paths, heldout, what)
-    return Pool(s.images, s.labels, memorization.digest(*memorization.pixel_hashes(s.images), *s.labels.tolist()))
+    data.check_no_heldout_copies(s.images, s.paths, heldout, what)
+    return Pool(s.images, s.labels, data.digest(*data.pixel_hashes(s.images), *s.labels.tolist()))
 
 
 def make_pools(cfg: StudyConfig, real: RealData, pools: dict) -> dict[str, dict[float, Pool]]:
@@ -552,7 +551,7 @@ def run_classifier(cfg: StudyConfig, run: Run, real: RealData, pools: dict) -> t
             per_class = {c: round(run.ratio * k) for c, k in counts.items()}
         else:  # TSTR: as many synthetic images as the real training set has, class by class
             per_class = counts
-        salt = int(memorization.digest(run.generator)[:8], 16)  # each generator its own draw order
+        salt = int(data.digest(run.generator)[:8], 16)  # each generator its own draw order
         pick = synthetic_subset(pool.labels.numpy(), per_class, run.seed, salt)
         if len(pick) < sum(per_class.values()):
             print(f"warning: {run.name} wants {sum(per_class.values())} synthetic images, only {len(pick)} exist "

@@ -122,12 +122,12 @@ def jpeg(u8: np.ndarray, quality: int) -> np.ndarray:
 
 def test_guard_finds_copies_but_not_distinct_images():
     a, b = phantoms(0, 200), phantoms(1, 200)
-    assert memorization.find_copy(a, b) is None  # phantoms are alike, but none is a copy of another
+    assert data.find_copy(a, b) is None  # phantoms are alike, but none is a copy of another
     re_encoded = torch.from_numpy(np.stack([jpeg(x, 75) for x in b[:20].numpy()]))
-    assert memorization.find_copy(torch.cat([a[:5], b[7:8]]), b)[:2] == (5, 7)
-    hit = memorization.find_copy(torch.cat([a[:5], re_encoded[3:4]]), b)
+    assert data.find_copy(torch.cat([a[:5], b[7:8]]), b)[:2] == (5, 7)
+    hit = data.find_copy(torch.cat([a[:5], re_encoded[3:4]]), b)
     assert hit[:2] == (5, 3) and "near-copy" in hit[2]
-    assert all(memorization.find_copy(re_encoded[i:i + 1], b)[1] == i for i in range(20))
+    assert all(data.find_copy(re_encoded[i:i + 1], b)[1] == i for i in range(20))
 
 
 def test_guard_is_silent_on_distinct_real_images():
@@ -136,7 +136,7 @@ def test_guard_is_silent_on_distinct_real_images():
     import data
 
     x = data.load_folder(NIH64, 32, progress=False).images  # 1,000 real images, several per patient
-    assert memorization.find_copy(x[::2], x[1::2]) is None
+    assert data.find_copy(x[::2], x[1::2]) is None
 
 
 @pytest.fixture
