@@ -19,6 +19,7 @@ from PIL import Image
 import dcgan
 import ddpm
 import classify
+import data
 import main
 import memorization
 import report
