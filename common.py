@@ -1,29 +1,31 @@
-"""Shared plumbing: devices, seeding, atomic files, checkpoints, EMA, DDP, and the
-training loop that both generators (ddpm.py, dcgan.py) run.
+"""Shared plumbing: typed configs, devices, seeding, atomic files and locks, checkpoints,
+downloads, EMA, DDP, and the training run that both generators (ddpm.py, dcgan.py) share.
 
-Nothing here knows about a particular model. A model file hands `train_loop` a
-step function and a state function; the loop owns everything a user expects of
-a long run: deterministic data order, a progress bar, a CSV loss log, a
-checkpoint per epoch written atomically, `--resume` that continues bit for bit,
-Ctrl-C that saves and exits, and a NaN loss that stops before it can overwrite
-the last good checkpoint.
+Nothing here knows about a particular model. A model file opens `training_run` (checks of
+--out and --data, the folder's lock, torchrun, the checkpoint to resume, seeds) and hands
+`train_loop` a step function and a state function; the loop owns everything a user expects
+of a long run: deterministic data order, a progress bar, a CSV loss log, a checkpoint per
+epoch written atomically, `--resume` that continues bit for bit, Ctrl-C that saves and
+exits, and a non-finite loss, gradient or weight that stops before anything is saved.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
-import json
+import hashlib
 import math
 import os
 import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, field, fields
+import urllib.request
+from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,6 +37,16 @@ from PIL import Image
 
 class CLIError(Exception):
     """A problem the user can fix; main.py prints it as one line and exits 2."""
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as text any stream prints: bytes that are not UTF-8 (a Latin-1 folder name) become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (else its type's name), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # --------------------------------------------------------------------------- typed configurations
@@ -73,6 +85,27 @@ def check_config(cfg) -> None:
                 raise CLIError(f"{option_name(f)} must be greater than {meta['above']}, got {v}")
             if meta.get("choices") and v not in meta["choices"]:
                 raise CLIError(f"{option_name(f)} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A generator's run options (read by training_run and train_loop); each model's TrainConfig adds its own."""
+
+    data: Path = flag(help="folder of training images, searched recursively")
+    out: Path = flag(help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
+    class_name: str | None = flag(None, "train on one class folder only, e.g. infiltration", flag="--class")
+    epochs: int = flag(20, "passes over the training images", min=1)
+    max_steps: int | None = flag(None, "stop after this many training steps in total", min=1)
+    batch_size: int = flag(32, "per process", min=1)
+    seed: int = flag(0, "seed of the initialisation, the noise and the data order")
+    resume: bool = flag(False, "continue OUT/checkpoint.pt (with its model settings; see README)")
+    amp: bool = flag(False, "bfloat16 autocast (CPU, or CUDA with bf16 support)")
+    compile: bool = flag(False, "torch.compile the network(s), worth it on GPUs")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+
+    def __post_init__(self):
+        self.data, self.out = Path(self.data), Path(self.out)
+        check_config(self)
 
 
 # --------------------------------------------------------------------------- devices and seeds
@@ -225,8 +258,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle refusing a global, truncated zip, not a checkpoint at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"cannot read checkpoint {path} ({first}); expected a .pt file written by this project") from e
+        raise CLIError(f"cannot read checkpoint {path} ({first_line(e)}); expected a .pt file written by this project") from e
 
 
 def first_nonfinite(state, prefix: str = "") -> str | None:
@@ -242,17 +274,11 @@ def first_nonfinite(state, prefix: str = "") -> str | None:
     return None
 
 
-def open_run(out: str | os.PathLike, resume: bool, kind: str) -> dict | None:
-    """The checkpoint a run continues (OUT/checkpoint.pt, which must be of this `kind`), or None
-    for a fresh run, which must not overwrite an existing checkpoint."""
-    path = Path(out) / "checkpoint.pt"
-    if not resume:
-        if path.exists():
-            raise CLIError(f"{path} exists: pass --resume to continue it, or choose another --out")
-        return None
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != kind:
-        raise CLIError(f"{path} is not a {kind} checkpoint (kind={ckpt.get('kind')!r})")
+def require_keys(ckpt: dict, keys, what: str) -> dict:
+    """`ckpt`, if it holds every one of `keys`; else one line naming what is missing."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CLIError(f"{what} is not a complete checkpoint: it lacks {', '.join(map(repr, missing))}")
     return ckpt
 
 
@@ -272,9 +298,12 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    x = x.permute(0, 2, 3, 1).numpy()
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB. Images holding
+    NaN or infinity are refused: they would be written as black pictures of a diverged model."""
+    x = images.detach().float().cpu()
+    if not torch.isfinite(x).all():
+        raise CLIError("the images hold NaN or infinity (non-finite): the model has diverged; no image written")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
@@ -305,52 +334,20 @@ class CSVLog:
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+# --------------------------------------------------------------------------- downloads
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The safetensors format: 8-byte little-endian header length N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensors."""
-    raw = Path(path).read_bytes()
-    try:
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        body = memoryview(raw)[8 + n:]
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-            if not 0 <= begin <= end <= len(body) or end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {name} has inconsistent offsets")
-            out[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape) if end > begin \
-                else torch.empty(shape, dtype=dtype)
-        return out
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CLIError(f"{path} is not a valid .safetensors file ({e})") from e
-
-
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a weights file: .safetensors parsed directly, anything else only
-    through torch.load(weights_only=True), which refuses any pickle that would run code."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        for line in str(e).splitlines():  # the refusal names the offending global
-            if "Unsupported global" in line or "Unsupported operand" in line:
-                first = line.strip()
-        raise CLIError(f"refusing to load {path}: not a plain tensor file (a pickle that would run code "
-                       f"or build arbitrary objects): {first}") from e
-    if not isinstance(sd, dict):
-        raise CLIError(f"{path} does not hold a state dict")
-    return sd
+def download(url: str, path: str | os.PathLike, sha256_prefix: str | None = None) -> None:
+    """Fetch `url` to `path` atomically: a failed or cut-off download leaves no file (nor a folder made before
+    the server answers); with sha256_prefix, another hash is refused. Network failures raise OSError."""
+    print(f"downloading {url} -> {path}", file=sys.stderr, flush=True)
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as r, atomic_path(path) as tmp, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            h.update(chunk)
+            f.write(chunk)
+        if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
+            raise CLIError(f"downloaded {url} has the wrong sha256 ({h.hexdigest()[:8]}...), not saved")
 
 
 # --------------------------------------------------------------------------- EMA
@@ -416,20 +413,6 @@ def setup_distributed(device_name: str | None = None) -> DistInfo:
     return DistInfo(rank, world, device)
 
 
-def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DistributedDataParallel around `model` when running under torchrun, else `model`."""
-    if info.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-
-
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DistributedDataParallel or torch.compile."""
     model = getattr(model, "module", model)
@@ -437,17 +420,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- the training loop
-
-
-@dataclass
-class LoopConfig:
-    epochs: int = 20
-    batch_size: int = 32
-    max_steps: int | None = None  # stop after this many optimiser steps in total
-    seed: int = 0
-    out: Path = Path("runs/out")
-    log_every: int = 1
-    keep_epoch_checkpoints: bool = False  # also keep checkpoint_epochNNN.pt beside checkpoint.pt
 
 
 class _StopRequest:
@@ -486,26 +458,20 @@ def train_loop(
     data: torch.Tensor,
     step_fn: Callable[[torch.Tensor], dict],
     state_fn: Callable[[], dict],
-    cfg: LoopConfig,
+    cfg: RunConfig,
     dist_info: DistInfo,
     start_step: int = 0,
     on_epoch_end: Callable[[int], None] | None = None,
     log_fields: tuple[str, ...] = ("loss",),
     monitor: Callable[[int, dict], str | None] | None = None,
+    keep_epoch_checkpoints: bool = False,
 ) -> int:
-    """Run `step_fn` over shuffled batches of `data` (N, ...) for cfg.epochs epochs.
-
-    step_fn(batch) does one optimiser step and returns metrics (floats); the first
-    of `log_fields` must be finite or the run stops. state_fn() returns the
-    model-specific part of the checkpoint; the loop adds step, epoch and RNG
-    state. Each rank takes every world_size-th sample of the epoch's order, so
-    the global batch is cfg.batch_size * world_size. Returns the final step.
-
-    To resume, the caller loads OUT/checkpoint.pt, builds its networks, restores
-    their and the optimisers' states, then set_rng_state(ckpt["rng"]) (after the
-    networks, whose initialisation would otherwise move the RNG), and passes
-    ckpt["step"] as start_step: the loop skips what that step already covered.
-    """
+    """Run `step_fn` over shuffled batches of `data` (N, ...) for cfg.epochs epochs (at most cfg.max_steps
+    steps in all), writing to cfg.out. step_fn(batch) does one optimiser step and returns metrics (floats),
+    each of `log_fields` finite or the run stops. state_fn() returns the model-specific part of the
+    checkpoint; the loop adds step, epoch, RNG state and the config (as "args"), and refuses to save a
+    non-finite tensor. Each rank takes every world_size-th sample of the epoch's order, so the global batch
+    is cfg.batch_size * world_size. To resume, pass the step Run.restore returns. Returns the final step."""
     from tqdm import tqdm  # imported here so that plain imports of common stay light
 
     out = Path(cfg.out)
@@ -524,7 +490,7 @@ def train_loop(
     def stop_message(what: str) -> str:
         kept = (f"{out / 'checkpoint.pt'} keeps the last good state (step {saved_step})" if saved_step is not None
                 else "no checkpoint was written")
-        return f"{what}; stopped, {kept} (try a lower --lr)"
+        return f"{what}; stopped, {kept} (try a lower learning rate)"
 
     def checkpoint(epoch_done: int) -> None:
         nonlocal saved_step
@@ -533,7 +499,8 @@ def train_loop(
             bad = first_nonfinite(state)
             if bad:  # never save weights that would sample black images
                 raise CLIError(stop_message(f"{bad} became non-finite by step {step}"))
-            state.update(step=step, epoch=epoch_done, rng=rng_state())
+            args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}
+            state.update(step=step, epoch=epoch_done, rng=rng_state(), args=args)
             save_checkpoint(state, out / "checkpoint.pt")
         saved_step = step
 
@@ -542,13 +509,13 @@ def train_loop(
         if dist_info.is_main:
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
-            if cfg.keep_epoch_checkpoints:
+            if keep_epoch_checkpoints:
                 with atomic_path(out / f"checkpoint_epoch{epoch + 1:03d}.pt") as tmp:
                     shutil.copyfile(out / "checkpoint.pt", tmp)
 
     bar = tqdm(total=total, initial=min(step, total), disable=not dist_info.is_main, desc="train", dynamic_ncols=True)
 
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, bar:  # closing the bar on any exit puts an error on a line of its own
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
             order = epoch_order(n, cfg.seed, epoch)[dist_info.rank::dist_info.world_size]
@@ -563,7 +530,7 @@ def train_loop(
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"img/s": f"{rate:.1f}"})
-                if log is not None and step % cfg.log_every == 0:
+                if log is not None:
                     log.write({"step": step, "epoch": epoch, **metrics, "images_per_s": rate})
                 if monitor is not None and dist_info.is_main:
                     warning = monitor(step, metrics)
@@ -576,7 +543,6 @@ def train_loop(
                     checkpoint(epoch_done)
                     if epoch_done > epoch:  # Ctrl-C on an epoch's last step still leaves that epoch's pictures
                         finish_epoch(epoch)
-                    bar.close()
                     raise CLIError(f"interrupted at step {step}; saved {out / 'checkpoint.pt'} (continue with --resume)")
                 if step >= total:
                     break
@@ -586,5 +552,99 @@ def train_loop(
                 finish_epoch(epoch)
             elif step >= total and dist_info.is_main and on_epoch_end is not None:
                 on_epoch_end(epoch)  # a run stopped mid-epoch by --max-steps still leaves its pictures
-    bar.close()
     return step
+
+
+# --------------------------------------------------------------------------- a generator's training run
+
+
+def check_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> None:
+    """Refuse, before any work, an --out that is a file or lies under one, or one inside --data
+    (a generator's sample grids there would be read as training images by the next run)."""
+    out = Path(out)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CLIError(f"--out {out} is not a folder ({blocker} is a file)")
+    if data is not None and out.resolve().is_relative_to(Path(data).resolve()):
+        raise CLIError(f"--out {out} is inside --data {data}: the run's images would become training images "
+                       "(choose an --out outside --data)")
+
+
+def open_run(out: str | os.PathLike, resume: bool, kind: str, keys: tuple[str, ...] = ()) -> dict | None:
+    """The checkpoint a run continues (OUT/checkpoint.pt, of this `kind`, holding `keys`), or None
+    for a fresh run, which must not overwrite an existing checkpoint."""
+    path = Path(out) / "checkpoint.pt"
+    if not resume:
+        if path.exists():
+            raise CLIError(f"{path} exists: pass --resume to continue it, or choose another --out")
+        return None
+    if not path.is_file():
+        raise CLIError(f"--resume: no checkpoint at {path}")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise CLIError(f"{path} is not a {kind} checkpoint (kind={ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
+    return require_keys(ckpt, ("step", "rng", *keys), str(path))
+
+
+def keep_saved(cfg, saved: dict):
+    """`cfg` with the checkpoint's `saved` settings, the truth on --resume. An option counts as given when it is
+    not at its field's default (one given at the default looks left out); given otherwise, it is an error."""
+    names = [f for f in fields(cfg) if f.name in saved]
+    for f in names:
+        given, was = getattr(cfg, f.name), saved[f.name]
+        if given != f.default and given != was:
+            trained = (f"{'with' if was else 'without'} {option_name(f)}" if isinstance(given, bool)
+                       else f"with {option_name(f)} {was}, not {given}")
+            raise CLIError(f"--resume: the checkpoint was trained {trained}")
+    return replace(cfg, **{f.name: saved[f.name] for f in names})
+
+
+@dataclass
+class Run:
+    """A generator's run: its config, its place in the torchrun world, the checkpoint it continues (or None)."""
+
+    cfg: Any
+    info: DistInfo
+    ckpt: dict | None
+
+    def restore(self, **parts) -> int:
+        """Load each part (network, optimiser, EMA) from the checkpoint's entry of that name, then the RNG (after
+        the networks, whose initialisation would move it); ranks but 0 get noise of their own. Returns the step."""
+        step = 0
+        if self.ckpt is not None:
+            for name, part in parts.items():
+                try:
+                    part.load_state_dict(self.ckpt[name])
+                except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                    raise CLIError(f"{self.cfg.out / 'checkpoint.pt'}: cannot restore {name!r} ({first_line(e)})") from e
+            set_rng_state(self.ckpt["rng"])
+            step = self.ckpt["step"]
+        if self.info.rank:
+            torch.manual_seed(self.cfg.seed * 7919 + self.info.rank * 1_000_003 + step)
+        return step
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a step runs: `model` in DistributedDataParallel under torchrun, compiled with --compile."""
+        if self.info.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.info.device.type == "cuda"
+            model = DistributedDataParallel(model, device_ids=[self.info.device.index] if cuda else None)
+        return torch.compile(model) if self.cfg.compile else model
+
+
+@contextmanager
+def training_run(cfg, kind: str, keys: tuple[str, ...] = ()) -> Iterator[Run]:
+    """What both generators do around their own part, in this order: check --out (check_out), join the
+    torchrun world, lock --out for the whole run (rank 0; run_lock), open the checkpoint to continue
+    (open_run, with its `keys`), seed everything with cfg.seed; at the end, leave the process group."""
+    check_out(cfg.out, cfg.data)
+    info = setup_distributed(cfg.device)
+    try:
+        with run_lock(cfg.out, f"{kind} run") if info.is_main else nullcontext():
+            ckpt = open_run(cfg.out, cfg.resume, kind, keys)
+            seed_everything(cfg.seed)
+            yield Run(cfg, info, ckpt)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -28,14 +28,9 @@ stride-2 stages at the image end: channel widths are counted from the image
 per stage away from the image, as in Radford et al.'s own code), so a 64 px
 net is G 256-128-64-32 and D 64-128-256, and D always ends at 8x8.
 
-What differs from the original experiment, and why:
-- one grey channel by default (X-rays are grey; `--channels 3` gives the original's RGB),
-- D outputs a logit and the loss is BCE-with-logits: log(sigmoid(x)) computed
-  as one fused, stable expression, where sigmoid + BCE saturates to log(0) and
-  clamps the very gradient that tells G how badly it is losing,
-- a checkpoint per epoch (the original run lost its state when interrupted),
-- a warning when the discriminator wins outright or G collapses (the original
-  run diverged, D winning within a few epochs, unnoticed).
+What differs from the original experiment (README, "DCGAN baseline", says why):
+one grey channel by default, a logit and BCE-with-logits instead of sigmoid + BCE,
+a checkpoint per epoch, and a warning when D wins outright, G collapses or a loss explodes.
 
 `python main.py gan --help` trains; `python main.py sample --checkpoint ...` samples.
 """
@@ -52,11 +47,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
-from common import (CLIError, LoopConfig, autocast, check_config, cleanup_distributed, flag, load_checkpoint,
-                    save_image_grid, set_rng_state, seed_everything, setup_distributed, train_loop, unwrap, wrap_ddp)
+from common import CLIError, autocast, flag, save_image_grid, train_loop, unwrap
 
 SIZES = (32, 64, 128, 256)
+LOSS_CEILING = 100.0  # a BCE above 100: the right answer got probability below e^-100, D or G is hopelessly wrong
 INIT_STD = 0.02  # Radford et al. 2016, section 4: "initialized from a zero-centered Normal with std 0.02"
 LEAK = 0.2  # slope of the discriminator's LeakyReLU (Radford et al. 2016, section 3)
 
@@ -96,21 +92,15 @@ class DCGANConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything `python main.py gan` sets; the defaults are the original experiment's.
-    size, channels, g_width and d_width None mean 256, 1, 32, 64, or the
-    checkpoint's on resume."""
+class TrainConfig(common.RunConfig):
+    """Everything `python main.py gan` sets: the run's options (common.RunConfig) and the GAN's below;
+    the defaults are the original experiment's. size, channels, g_width and d_width None mean 256, 1,
+    32, 64, or the checkpoint's on resume."""
 
-    data: Path = flag(help="folder of images (searched recursively)")
-    out: Path = flag(help="run folder: checkpoint.pt, samples_epochNNN.png, loss.csv")
-    class_name: str | None = flag(None, "train on one class folder only, e.g. infiltration", flag="--class")
     size: int | None = flag(None, "image side, 32/64/128/256 (default 256; on --resume the checkpoint's)")
     channels: int | None = flag(None, "1 grey, 3 the original experiment's RGB (default 1)", choices=(1, 3))
     g_width: int | None = flag(None, "channels of G's last hidden layer (default 32)", min=1)
     d_width: int | None = flag(None, "channels of D's first layer (default 64)", min=1)
-    epochs: int = flag(20, "passes over the training images", min=1)
-    max_steps: int | None = flag(None, "stop after this many steps in total", min=1)
-    batch_size: int = flag(32, "per process", min=1)
     lr_g: float = flag(2e-4, "generator Adam learning rate", above=0)
     lr_d: float = flag(1e-4, "discriminator Adam learning rate", above=0)
     g_steps: int = flag(2, "generator updates per discriminator update", min=1)
@@ -118,27 +108,20 @@ class TrainConfig:
     no_epoch_checkpoints: bool = flag(False, "keep only OUT/checkpoint.pt, not a copy per epoch "
                                              "(runs of many tiny epochs)")
     collapse_window: int = flag(200, "steps D must win for before a warning", min=1)
-    amp: bool = flag(False, "bfloat16 autocast")
-    compile: bool = flag(False, "torch.compile G and D (worth it on GPUs)")
-    seed: int = flag(0, "seed of the initialisation, the noise and the data order")
-    resume: bool = flag(False, "continue OUT/checkpoint.pt")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
     betas: tuple[float, float] = (0.5, 0.999)  # Adam's; beta1 = 0.5: Radford et al. found 0.9 oscillates
 
     def __post_init__(self):
-        check_config(self)
+        super().__post_init__()
         if self.size is not None and self.size not in SIZES:
             raise CLIError(f"--size {self.size}: must be a power of two from 32 to 256 ({', '.join(map(str, SIZES))})")
 
     def network(self, saved: dict | None = None) -> DCGANConfig:
-        """The networks' shape: the options given, else the checkpoint's (`saved`), else the defaults."""
-        given = {name: getattr(self, name) for name in ("size", "channels", "g_width", "d_width")}
+        """The networks' shape: the options given, else the checkpoint's (`saved`; one given
+        otherwise is an error, see common.keep_saved), else the defaults."""
         if saved is None:
-            return DCGANConfig(**{k: v for k, v in given.items() if v is not None})
-        for name, value in given.items():
-            if value is not None and value != saved[name]:
-                raise CLIError(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved[name]}, "
-                               f"not {value}")
+            return DCGANConfig(**{k: getattr(self, k) for k in ("size", "channels", "g_width", "d_width")
+                                  if getattr(self, k) is not None})
+        common.keep_saved(self, saved)
         return DCGANConfig(**saved)
 
 
@@ -234,9 +217,16 @@ def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64,
     The price: the running averages trail the weights by ~10 steps (momentum
     0.1), which only matters in the first steps of training.
     """
-    cfg = DCGANConfig(**ckpt["config"])
-    G = Generator(cfg)
-    G.load_state_dict(ckpt["generator"])
+    common.require_keys(ckpt, ("config", "generator"), "this GAN checkpoint")
+    bad = common.first_nonfinite(ckpt["generator"])
+    if bad:
+        raise CLIError(f"the checkpoint's weight generator.{bad} is non-finite (NaN or infinity); refusing to sample")
+    try:
+        cfg = DCGANConfig(**ckpt["config"])
+        G = Generator(cfg)
+        G.load_state_dict(ckpt["generator"])
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise CLIError(f"malformed GAN checkpoint: {common.first_line(e)}") from e
     G.to(device).eval()
     # The noise is drawn on the CPU from its own generator, so the result does not
     # depend on the device, the batch size, or anything else using the global RNG.
@@ -254,7 +244,7 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
 
 
 class CollapseMonitor:
-    """Watches the training metrics for the two failures the original run showed.
+    """Watches the training metrics for the two failures the original run showed, and for divergence.
 
     1. The discriminator wins: loss_d < `loss_d_floor` on every one of the last
        `window` steps, or D(x) - D(G(z)) > `gap_ceiling` on all of them. G then
@@ -264,6 +254,7 @@ class CollapseMonitor:
        below `diversity_floor`; the samples are nearly one image. (A 200-step
        run on the NIH 64 px set whose 64 samples looked like one image by eye
        measured 0.10-0.24; real-vs-real is 1 by construction.)
+    3. Divergence: a loss above LOSS_CEILING (a learning rate far too high).
 
     Called by train_loop after each step with (step, metrics); returns a warning
     once when a condition starts, and again only after it has cleared.
@@ -274,7 +265,7 @@ class CollapseMonitor:
         self.loss_d_floor, self.gap_ceiling, self.every, self.diversity_floor = loss_d_floor, gap_ceiling, every, diversity_floor
         self.diversity = diversity
         self.recent = deque(maxlen=window)
-        self.firing = {"d_wins": False, "collapse": False}
+        self.firing = {"d_wins": False, "collapse": False, "exploded": False}
 
     def _edge(self, name: str, condition: bool, message: str) -> str | None:
         fire = condition and not self.firing[name]
@@ -289,6 +280,10 @@ class CollapseMonitor:
         warnings = [self._edge("d_wins", d_wins,
                                f"discriminator has won for {len(self.recent)} steps (loss_d < {self.loss_d_floor} "
                                f"or D(x) - D(G(z)) > {self.gap_ceiling}): training has likely diverged")]
+        worst = max(metrics["loss_d"], metrics.get("loss_g", 0.0))
+        warnings.append(self._edge("exploded", worst > LOSS_CEILING,
+                                   f"a loss reached {worst:.3g} (a working GAN's stays far below {LOSS_CEILING:g}): "
+                                   "training has diverged; try a lower --lr-g / --lr-d"))
         if self.diversity is not None and step % self.every == 0:
             ratio = self.diversity()
             warnings.append(self._edge("collapse", ratio < self.diversity_floor,
@@ -308,7 +303,7 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
     D step:  maximise log D(x) + log(1 - D(G(z)))   (Goodfellow et al. 2014, Eq. 1)
     G step:  maximise log D(G(z)), the non-saturating loss of the same paper.
     """
-    D_plain = unwrap(D)
+    D_plain, G_plain = unwrap(D), unwrap(G)
 
     def step(real: torch.Tensor) -> dict:
         real = real.to(device, non_blocking=True)
@@ -326,6 +321,7 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
                   + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        grad_d = torch.nn.utils.clip_grad_norm_(D_plain.parameters(), float("inf"))  # the norm only: max inf
         opt_d.step()
 
         # G steps through the plain D with D's weights frozen: no gradient is
@@ -337,9 +333,10 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
             loss_g = F.binary_cross_entropy_with_logits(logits.float(), ones)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
+            grad_g = torch.nn.utils.clip_grad_norm_(G_plain.parameters(), float("inf"))
             opt_g.step()
         D_plain.requires_grad_(True)
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "grad_d": grad_d.item(), "grad_g": grad_g.item(),
                 "d_real": torch.sigmoid(logits_real.float()).mean().item(),
                 "d_fake": torch.sigmoid(logits_fake.float()).mean().item()}
 
@@ -347,62 +344,34 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
 
 
 def train(tcfg: TrainConfig) -> Path:
-    """Train on a folder, one checkpoint and sample grid per epoch (torchrun: DDP);
-    returns the checkpoint's path."""
-    info = setup_distributed(tcfg.device)
-    try:
-        return _train(tcfg, info)
-    finally:
-        cleanup_distributed()
+    """Train on a folder, one checkpoint and sample grid per epoch (torchrun: DDP); returns the
+    checkpoint's path. common.training_run does what both generators share (checks, lock, torchrun,
+    resume, seeds); rank 0 matches a single-process run, and DDP copies its initial weights to all ranks."""
+    with common.training_run(tcfg, "dcgan", ("config", "generator", "discriminator", "opt_g", "opt_d")) as run:
+        return _train(tcfg, run)
 
 
-def _train(tcfg: TrainConfig, info) -> Path:
-    out = Path(tcfg.out)
-    if not tcfg.resume and (out / "checkpoint.pt").exists():
-        raise CLIError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue it, or choose another --out")
-    ckpt = None
-    if tcfg.resume:  # read the config now; the RNG is restored below, after the networks are built
-        if not (out / "checkpoint.pt").is_file():
-            raise CLIError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
-        ckpt = load_checkpoint(out / "checkpoint.pt")
-        if ckpt.get("kind") != "dcgan":
-            raise CLIError(f"--resume: {out / 'checkpoint.pt'} is not a GAN checkpoint (kind={ckpt.get('kind')!r})")
-    cfg = tcfg.network(ckpt["config"] if ckpt else None)
-
+def _train(tcfg: TrainConfig, run: common.Run) -> Path:
+    info, device, out = run.info, run.info.device, tcfg.out
+    cfg = tcfg.network(run.ckpt["config"] if run.ckpt else None)
+    G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=tcfg.lr_g, betas=tcfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=tcfg.lr_d, betas=tcfg.betas)
+    start = run.restore(generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
     images = data.load_folder(tcfg.data, cfg.size, tcfg.class_name).images  # (N, S, S) uint8
     real = data.to_unit_range(images)  # (N, 1, S, S) in [-1, 1]
     if cfg.channels == 3:
         real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the original's input
-
-    # Every rank seeds differently so that each draws its own noise; DDP copies
-    # rank 0's initial weights to all ranks, and rank 0 matches a single-process run.
-    seed_everything(tcfg.seed + info.rank)
-    device = info.device
-    G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=tcfg.lr_g, betas=tcfg.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=tcfg.lr_d, betas=tcfg.betas)
-    start = 0
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"])  # now that the networks are built, so their init does not move it
-        G.load_state_dict(ckpt["generator"])
-        D.load_state_dict(ckpt["discriminator"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        start = ckpt["step"]
-        if info.rank > 0:  # the saved RNG is rank 0's; give the other ranks their own noise again
-            torch.manual_seed(tcfg.seed + info.rank + 1_000_003 * start)
     if info.is_main:
         print(f"DCGAN {cfg.size}x{cfg.size}x{cfg.channels}: generator {count_parameters(G):,} parameters, "
               f"discriminator {count_parameters(D):,}; {real.shape[0]} training images"
-              + (f", resuming at step {start}" if ckpt else ""))
+              + (f", resuming at step {start}" if start else ""))
     if info.world_size > 1 and device.type == "cuda":
         # One batch statistic over all GPUs, as a single-GPU run of the global batch would see.
         # On CPU (gloo) plain BatchNorm normalises each rank's own batch: the same per-batch
         # statistics a single process has at the per-rank batch size.
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    G_train, D_train = wrap_ddp(G, info), wrap_ddp(D, info)
-    if tcfg.compile:  # torch.compile the networks the step runs; state dicts still come from G and D
-        G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+    G_train, D_train = run.wrap(G), run.wrap(D)  # state dicts still come from G and D
 
     # Fixed noise for the per-epoch grids and the collapse check: its own generator,
     # so drawing it never moves the training RNG (resume stays bit-exact).
@@ -428,13 +397,10 @@ def _train(tcfg: TrainConfig, info) -> Path:
 
     monitor = CollapseMonitor(window=tcfg.collapse_window, every=100,
                               diversity=lambda: mean_pairwise_distance(fixed_samples()[:64]) / max(real_spread, 1e-8))
-    loop = LoopConfig(epochs=tcfg.epochs, batch_size=tcfg.batch_size, max_steps=tcfg.max_steps, seed=tcfg.seed,
-                      out=out, keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints)
-    step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, loop, info,
-                      start_step=start, on_epoch_end=on_epoch_end, log_fields=("loss_d", "loss_g", "d_real", "d_fake"),
-                      monitor=monitor)
+    step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, tcfg, info,
+                      start, on_epoch_end, ("loss_d", "loss_g", "d_real", "d_fake", "grad_d", "grad_g"), monitor,
+                      keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints)
     if info.is_main:
         save_image_grid(fixed_samples().cpu(), out / "samples_latest.png", nrow=8)
-        print(f"step {step}: checkpoint {out / 'checkpoint.pt'}, samples {out / 'samples_latest.png'}, "
-              f"log {out / 'loss.csv'}")
+        print(f"step {step}: checkpoint, samples_latest.png and loss.csv in {common.shown(out)}")
     return out / "checkpoint.pt"

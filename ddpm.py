@@ -17,10 +17,8 @@ reverse step is taken at code t = 0, where no noise is added.
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import pretrained
 from common import CLIError, flag
+from pretrained import DEFAULT_PRETRAINED, convert_diffusers_state_dict  # noqa: F401 (ddpm.X, as before)
 
 # --------------------------------------------------------------------------- 1. the noise schedule
 
@@ -350,54 +350,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class DownLevel(nn.Module):
-    """A level on the way down: resnets (each followed by attention at attention levels), then a stride-2
-    downsampler except at the lowest level; every output is a skip. Names follow diffusers' DownBlock2D."""
-
-    def __init__(self, resnets: list, attentions: list, downsample: nn.Module | None):
-        super().__init__()
-        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
-        self.downsamplers = nn.ModuleList([downsample] if downsample is not None else [])
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
-        for j, resnet in enumerate(self.resnets):
-            h = resnet(h, emb)
-            h = self.attentions[j](h) if len(self.attentions) else h
-            skips.append(h)
-        for downsample in self.downsamplers:
-            h = downsample(h)
-            skips.append(h)
-        return h
-
-
-class UpLevel(nn.Module):
-    """A level on the way up: resnets on [h, skip], the skips taken in reverse order of creation (each
-    followed by attention at attention levels), then an upsampler except at the top. Names as UpBlock2D."""
-
-    def __init__(self, resnets: list, attentions: list, upsample: nn.Module | None):
-        super().__init__()
-        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
-        self.upsamplers = nn.ModuleList([upsample] if upsample is not None else [])
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
-        for j, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
-            h = self.attentions[j](h) if len(self.attentions) else h
-        for upsample in self.upsamplers:
-            h = upsample(h)
-        return h
-
-
-class MidBlock(nn.Module):
-    """resnet, attention, resnet at the lowest resolution."""
-
-    def __init__(self, c: int, c_time: int, cfg: UNetConfig):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(c, c, c_time, cfg), ResnetBlock(c, c, c_time, cfg)])
-        self.attentions = nn.ModuleList([AttnBlock(c, cfg)])
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.resnets[1](self.attentions[0](self.resnets[0](h, emb)), emb)
+def level(resnets: list, attentions: list, sampler: str, layer: nn.Module | None) -> nn.ModuleDict:
+    """One resolution level, named as diffusers' blocks so that weights load by name: resnets, the attention
+    that follows each (nn.Identity, which has no weights, at levels without), and `sampler` ("downsamplers"
+    or "upsamplers") holding the stride-2 layer, or nothing at the level where the UNet turns."""
+    return nn.ModuleDict({"resnets": nn.ModuleList(resnets), "attentions": nn.ModuleList(attentions),
+                          sampler: nn.ModuleList([layer] if layer is not None else [])})
 
 
 class UNet(nn.Module):
@@ -413,23 +371,27 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimeEmbedding(chs[0], c_time, cfg)
 
+        def attention(i: int, c: int) -> nn.Module:
+            return AttnBlock(c, cfg) if i in cfg.attention_levels else nn.Identity()
+
         skip_chs, c = [chs[0]], chs[0]  # channels of every skip, in order of creation
         self.down_blocks = nn.ModuleList()
-        for i, c_out in enumerate(chs):
+        for i, c_out in enumerate(chs):  # down: layers_per_block resnets, then a downsampler except at the bottom
             resnets = [ResnetBlock(c if j == 0 else c_out, c_out, c_time, cfg) for j in range(cfg.layers_per_block)]
-            attns = [AttnBlock(c_out, cfg) for _ in resnets] if i in cfg.attention_levels else []
             last = i == n - 1
-            self.down_blocks.append(DownLevel(resnets, attns, None if last else Downsample(c_out, cfg.downsample_padding)))
+            self.down_blocks.append(level(resnets, [attention(i, c_out) for _ in resnets], "downsamplers",
+                                          None if last else Downsample(c_out, cfg.downsample_padding)))
             skip_chs += [c_out] * (cfg.layers_per_block + (0 if last else 1))
             c = c_out
-        self.mid_block = MidBlock(c, c_time, cfg)
+        self.mid_block = nn.ModuleDict({"resnets": nn.ModuleList([ResnetBlock(c, c, c_time, cfg) for _ in range(2)]),
+                                        "attentions": nn.ModuleList([AttnBlock(c, cfg)])})  # resnet, attention, resnet
         self.up_blocks = nn.ModuleList()
-        for i, c_out in reversed(list(enumerate(chs))):
+        for i, c_out in reversed(list(enumerate(chs))):  # up: one resnet more per level, on [h, skip]
             resnets = [ResnetBlock((c if j == 0 else c_out) + skip_chs.pop(), c_out, c_time, cfg)
                        for j in range(cfg.layers_per_block + 1)]
             c = c_out
-            attns = [AttnBlock(c_out, cfg) for _ in resnets] if i in cfg.attention_levels else []
-            self.up_blocks.append(UpLevel(resnets, attns, Upsample(c_out) if i > 0 else None))
+            self.up_blocks.append(level(resnets, [attention(i, c_out) for _ in resnets], "upsamplers",
+                                        Upsample(c_out) if i > 0 else None))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
         self.channels_last = True  # speed only, see forward; False gives the plain NCHW path
@@ -444,122 +406,38 @@ class UNet(nn.Module):
             # (nearest upsampling gets ~10x cheaper on a CPU); outputs agree to ~1e-6.
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            h = block(h, emb, skips)
-        h = self.mid_block(h, emb)
-        for block in self.up_blocks:
-            h = block(h, emb, skips)
+        skips = [h]  # every output on the way down, taken back in reverse order on the way up
+        for block in self.down_blocks:  # (B, C, H, W) -> (B, C_out, H/2, W/2), but for the lowest level
+            for resnet, attention in zip(block.resnets, block.attentions):
+                h = attention(resnet(h, emb))
+                skips.append(h)
+            for downsample in block.downsamplers:
+                h = downsample(h)
+                skips.append(h)
+        mid = self.mid_block
+        h = mid.resnets[1](mid.attentions[0](mid.resnets[0](h, emb)), emb)
+        for block in self.up_blocks:  # (B, C, H, W) -> (B, C_out, 2H, 2W), but for the top level
+            for resnet, attention in zip(block.resnets, block.attentions):
+                h = attention(resnet(torch.cat([h, skips.pop()], dim=1), emb))  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
+            for upsample in block.upsamplers:
+                h = upsample(h)
         return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
 
 
 # --------------------------------------------------------------------------- 4. pretrained weights (diffusers format)
 
-HF_REPO = "google/ddpm-cifar10-32"
-HF_URL = "https://huggingface.co/google/ddpm-cifar10-32/resolve/main/{}"
-DEFAULT_PRETRAINED = Path("models/ddpm-cifar10-32")
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-# Attention sub-keys of older diffusers checkpoints -> the current names, which ours follow.
-_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def config_from_diffusers(cfg: dict) -> UNetConfig:
-    """UNetConfig from a diffusers UNet2DModel config.json; refuses what this UNet does not implement."""
-    unsupported = {"time_embedding_type": "positional", "center_input_sample": False, "act_fn": "silu",
-                   "mid_block_scale_factor": 1, "resnet_time_scale_shift": "default", "class_embed_type": None,
-                   "num_class_embeds": None, "add_attention": True, "time_embedding_dim": None,
-                   "downsample_type": "conv", "upsample_type": "conv"}
-    for key, ok in unsupported.items():
-        if cfg.get(key, ok) != ok:
-            raise CLIError(f"config.json: {key}={cfg[key]!r} is not supported (this UNet implements {ok!r})")
-    down = cfg.get("down_block_types", [])
-    up = cfg.get("up_block_types", [])
-    levels = tuple(i for i, name in enumerate(down) if name.startswith("Attn"))
-    if tuple(len(up) - 1 - i for i, name in enumerate(up) if name.startswith("Attn"))[::-1] != levels:
-        raise CLIError("config.json: attention must sit at the same levels in down_block_types and up_block_types")
-    chs = tuple(cfg.get("block_out_channels", ()))
-    head = cfg.get("attention_head_dim")
-    if levels and head is not None and any(head != chs[i] for i in levels):
-        raise CLIError("config.json: only single-head attention (attention_head_dim null) is supported")
-    sample_size = cfg.get("sample_size", 32)
-    return UNetConfig(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-                      sample_size=sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size,
-                      block_out_channels=chs, layers_per_block=cfg.get("layers_per_block", 2),
-                      attention_levels=levels, norm_groups=cfg.get("norm_num_groups", 32),
-                      norm_eps=cfg.get("norm_eps", 1e-5), dropout=cfg.get("dropout", 0.0),
-                      freq_shift=cfg.get("freq_shift", 0), flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
-                      downsample_padding=cfg.get("downsample_padding", 1))
-
-
-def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Tensor]:
-    """Explicit key map, diffusers -> ours: names are the same except
-        attentions.*.{query,key,value,proj_attn}  -> {to_q,to_k,to_v,to_out}   (old generation)
-        attentions.*.to_out.0                     -> to_out                    (current generation)
-    and [C, C, 1, 1] attention projections (1x1 convolutions in old conversions) become [C, C].
-    Every tensor's shape is checked; the first missing, unexpected or mis-shaped key is an error."""
-    ours = model.state_dict()
-    out = {}
-    for key, value in sd.items():
-        parts = key.split(".")  # e.g. mid_block.attentions.0.query.weight
-        if "attentions" in parts:
-            parts[-2:-1] = _OLD_ATTENTION_NAMES.get(parts[-2], parts[-2]).split(".")
-            if parts[-3:-1] == ["to_out", "0"]:
-                del parts[-2]
-            if value.dim() == 4 and value.shape[2:] == (1, 1):
-                value = value[:, :, 0, 0]
-        new = ".".join(parts)
-        if new not in ours:
-            raise CLIError(f"unexpected key in pretrained weights: {key}")
-        if value.shape != ours[new].shape:
-            raise CLIError(f"shape mismatch for {key}: file has {tuple(value.shape)}, model expects {tuple(ours[new].shape)}")
-        out[new] = value.float()
-    missing = [k for k in ours if k not in out]
-    if missing:
-        raise CLIError(f"pretrained weights lack key {missing[0]} ({len(missing)} missing in all)")
-    return out
-
-
-def download_pretrained(folder: Path) -> None:
-    """Fetch config.json and the safetensors weights from the Hugging Face Hub into `folder`."""
-    for name in ("config.json", WEIGHT_FILES[0]):
-        if (folder / name).is_file():
-            continue
-        print(f"downloading {HF_URL.format(name)} -> {folder / name}", flush=True)
-        try:
-            with urllib.request.urlopen(HF_URL.format(name), timeout=30) as r, common.atomic_path(folder / name) as tmp:
-                tmp.write_bytes(r.read())
-        except OSError as e:  # URLError, timeouts, refused connections
-            raise CLIError(
-                f"no pretrained weights at {folder} and the download failed ({getattr(e, 'reason', e)}): fetch "
-                f"config.json and {WEIGHT_FILES[0]} from https://huggingface.co/{HF_REPO}/tree/main "
-                f"into {folder}/ (or pass --pretrained PATH)") from e
-
-
 def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True) -> UNet:
-    """UNet from a diffusers checkpoint: a folder with config.json and
-    diffusion_pytorch_model.{safetensors,bin}, or a lone weights file (implying the
-    cifar10-32 config). A folder without weights is downloaded into when `download` is set."""
-    path = Path(path)
-    is_folder = not path.is_file() and path.suffix not in (".bin", ".safetensors")
-    if is_folder and download and not any((path / f).is_file() for f in WEIGHT_FILES):
-        download_pretrained(path)
-    if is_folder and path.is_dir():
-        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
-        if weights is None:
-            raise CLIError(f"{path} holds neither {WEIGHT_FILES[0]} nor {WEIGHT_FILES[1]}")
-        cfg_file = path / "config.json"
-        try:
-            config = config_from_diffusers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else UNetConfig()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CLIError(f"{cfg_file} is not valid JSON ({e})") from e
-    elif path.is_file():
-        weights, config = path, UNetConfig()
-    else:
-        raise CLIError(f"pretrained weights not found: {path} (expected a folder with config.json and "
-                       f"{WEIGHT_FILES[0]}, or that file alone)")
-    model = UNet(config)
-    model.load_state_dict(convert_diffusers_state_dict(common.read_weights(weights), model))
+    """UNet from a diffusers checkpoint: a folder with config.json and diffusion_pytorch_model.{safetensors,bin}
+    (one without weights: the Hugging Face cache's google/ddpm-cifar10-32, else, with `download`, a download
+    into it), or a lone weights file, implying the cifar10-32 config. pretrained.py finds and reads the files
+    and holds the explicit key map from diffusers' names to ours."""
+    config, weights = pretrained.locate(Path(path), download)
+    try:
+        model = UNet(UNetConfig(**pretrained.unet_config(config)) if config is not None else None)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise CLIError(f"the config.json of {path} does not describe a UNet this project builds "
+                       f"({common.first_line(e)})") from e
+    model.load_state_dict(pretrained.convert_diffusers_state_dict(pretrained.read_weights(weights), model))
     return model
 
 
@@ -567,88 +445,69 @@ def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
-    """Everything `train` needs; `main.py ddpm` makes one option per field (`--class` for class_name)."""
+class TrainConfig(common.RunConfig):
+    """Everything `train` needs: the run's options (common.RunConfig: data, out, epochs, ...) and the
+    model's below; `main.py ddpm` makes one option per field."""
 
     finetune: bool = flag(False, "start from the pretrained CIFAR-10 UNet")
     pretrained: Path = flag(DEFAULT_PRETRAINED, "diffusers folder (config.json + diffusion_pytorch_model.safetensors/"
-                            ".bin) or a weights file; downloaded from the Hugging Face Hub when missing")
+                            ".bin) or a weights file; without weights: the Hugging Face cache's copy, else downloaded")
     preset: str = flag("cifar10", "UNet size when training from scratch", choices=tuple(PRESETS))
-    data: Path = flag(help="folder searched recursively for images")
-    out: Path = flag(help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
-    class_name: str | None = flag(None, "train on one class folder only, e.g. infiltration", flag="--class")
     image_size: int | None = flag(None, "training resolution (default: the model's, 32)")
-    epochs: int = flag(20, "passes over the data", min=1)
-    max_steps: int | None = flag(None, "stop after this many optimiser steps in total", min=1)
-    batch_size: int = flag(32, "per process", min=1)
     lr: float = flag(1e-5, "AdamW learning rate", above=0)
     warmup: int = flag(0, "linear learning-rate warm-up, in steps", min=0)
     grad_clip: float = flag(1.0, "clip the gradient norm (0: off)", min=0)
     ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling, in [0, 1); "
                             "warms up as min(decay, (1+step)/(10+step))", min=0)
-    beta_schedule: str = flag("linear", "noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal); "
-                              "--resume keeps the checkpoint's", choices=BETA_SCHEDULES)
-    variance: str = flag("fixed_large", "reverse-step variance sigma_t^2: beta_t (fixed_large) or beta~_t "
-                         "(fixed_small); --resume keeps the checkpoint's", choices=VARIANCE_TYPES)
+    beta_schedule: str = flag("linear", "noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
+                              choices=BETA_SCHEDULES)
+    variance: str = flag("fixed_large", "reverse-step variance: beta_t (fixed_large) or beta~_t (fixed_small)",
+                         choices=VARIANCE_TYPES)
     num_samples: int = flag(16, "images in the per-epoch sample grid", min=1)
     sample_steps: int = flag(50, f"DDIM steps for the per-epoch sample grid (1..{NUM_TIMESTEPS})", min=1)
-    seed: int = flag(0, "seed of the initialisation, data order and noise")
-    resume: bool = flag(False, "continue OUT/checkpoint.pt")
-    amp: bool = flag(False, "bfloat16 autocast (CPU, or CUDA with bf16 support)")
-    compile: bool = flag(False, "torch.compile the UNet")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
 
     def __post_init__(self):
-        self.data, self.out, self.pretrained = Path(self.data), Path(self.out), Path(self.pretrained)
-        common.check_config(self)
+        self.pretrained = Path(self.pretrained)
+        super().__post_init__()
         if not self.ema_decay < 1:
             raise CLIError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.sample_steps > NUM_TIMESTEPS:  # checked now, not when the first epoch's grid is drawn
             raise CLIError(f"--sample-steps must be in 1..{NUM_TIMESTEPS} (the schedule's length), got {self.sample_steps}")
 
+    def resumed(self, ckpt: dict) -> TrainConfig:
+        """This config continuing `ckpt`, whose model and schedule settings are the truth (common.keep_saved)."""
+        args, d = ckpt.get("args") or {}, ckpt["diffusion"]
+        saved = {k: Path(args[k]) if k == "pretrained" else args[k] for k in ("finetune", "preset", "pretrained") if k in args}
+        saved.update(beta_schedule=d.get("beta_schedule", "linear"), variance=d.get("variance_type", "fixed_large"))
+        return common.keep_saved(self, {**saved, **({"image_size": ckpt["image_size"]} if ckpt.get("image_size") else {})})
+
 
 def train(cfg: TrainConfig) -> Path:
-    """Fine-tune or train with DDPM Alg. 1 through common.train_loop (which owns data order,
-    logging, checkpoints, --resume, Ctrl-C and NaN handling). Returns OUT/checkpoint.pt."""
+    """Fine-tune or train with DDPM Alg. 1, inside common.training_run (checks, lock, torchrun, resume,
+    seeds) and common.train_loop (data order, log, checkpoints, Ctrl-C, NaN). Returns OUT/checkpoint.pt."""
     import data
 
-    info = common.setup_distributed(cfg.device)
-    device = info.device
-    try:
-        common.seed_everything(cfg.seed)
-        resumed = common.open_run(cfg.out, cfg.resume, "ddpm")
-        if resumed is not None:
-            model = UNet(UNetConfig(**resumed["config"]))
+    with common.training_run(cfg, "ddpm", ("config", "diffusion", "model", "ema", "optimizer")) as run:
+        if run.ckpt is not None:
+            given, cfg = (cfg.beta_schedule, cfg.variance), cfg.resumed(run.ckpt)
+            if run.info.is_main and given != (cfg.beta_schedule, cfg.variance):
+                print(f"note: --resume keeps the checkpoint's schedule ({cfg.beta_schedule}, {cfg.variance})")
+            model = UNet(UNetConfig(**run.ckpt["config"]))
         else:
             model = load_pretrained(cfg.pretrained) if cfg.finetune else UNet(PRESETS[cfg.preset])
-        ucfg, levels = model.config, 2 ** (len(model.config.block_out_channels) - 1)
-        size = cfg.image_size or (resumed or {}).get("image_size") or ucfg.sample_size
-        if size < 8 or size % levels:
-            raise CLIError(f"--image-size {size} must be divisible by {levels}")
-        images = data.load_folder(cfg.data, size, cfg.class_name).images  # (N, S, S) uint8, decoded once
-        if len(images) < cfg.batch_size * info.world_size:
-            raise CLIError(f"{len(images)} images under {cfg.data} but the batch needs {cfg.batch_size * info.world_size}"
-                           " (lower --batch-size)")
-
-        schedule = dict(beta_schedule=cfg.beta_schedule, variance_type=cfg.variance)
-        diffusion = GaussianDiffusion(**(resumed["diffusion"] if resumed else schedule)).to(device)
-        if resumed is not None and info.is_main and schedule.items() - diffusion.config().items():
-            print(f"note: --resume keeps the checkpoint's schedule ({diffusion.beta_schedule}, {diffusion.variance_type})")
-        model.to(device)
-        ema = common.EMA(model, cfg.ema_decay)
+        device, ucfg, levels = run.info.device, model.config, 2 ** (len(model.config.block_out_channels) - 1)
+        cfg = replace(cfg, image_size=cfg.image_size or ucfg.sample_size)  # the checkpoint's "args" say the size
+        if cfg.image_size < 8 or cfg.image_size % levels:
+            raise CLIError(f"--image-size {cfg.image_size} must be divisible by {levels}")
+        diffusion = GaussianDiffusion(beta_schedule=cfg.beta_schedule, variance_type=cfg.variance).to(device)
+        ema = common.EMA(model.to(device), cfg.ema_decay)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-        step = 0
-        if resumed is not None:
-            model.load_state_dict(resumed["model"])
-            ema.load_state_dict(resumed["ema"])
-            opt.load_state_dict(resumed["optimizer"])
-            step = resumed["step"]
-            common.set_rng_state(resumed["rng"])
-        start_step = step
-        if info.rank:  # other ranks draw other t and noise (DDP already shares the weights)
-            torch.manual_seed(cfg.seed * 7919 + info.rank * 1_000_003 + start_step)
-        net = common.wrap_ddp(model, info)
-        net = torch.compile(net) if cfg.compile else net
+        step = start_step = run.restore(model=model, ema=ema, optimizer=opt)
+        images = data.load_folder(cfg.data, cfg.image_size, cfg.class_name).images  # (N, S, S) uint8, decoded once
+        if len(images) < cfg.batch_size * run.info.world_size:
+            raise CLIError(f"{len(images)} images under {cfg.data} but the batch needs "
+                           f"{cfg.batch_size * run.info.world_size} (lower --batch-size)")
+        net = run.wrap(model)
 
         def step_fn(batch: torch.Tensor) -> dict:
             nonlocal step
@@ -667,39 +526,39 @@ def train(cfg: TrainConfig) -> Path:
             return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
 
         def state_fn() -> dict:
-            return {"kind": "ddpm", "config": asdict(ucfg), "diffusion": diffusion.config(), "image_size": size,
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
+            return {"kind": "ddpm", "config": asdict(ucfg), "diffusion": diffusion.config(), "image_size": cfg.image_size,
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
 
         # fixed noise, own generator: the grids of successive epochs are comparable and the training RNG is untouched
-        x_T = torch.randn((cfg.num_samples, ucfg.in_channels, size, size), generator=torch.Generator().manual_seed(cfg.seed))
+        x_T = torch.randn((cfg.num_samples, ucfg.in_channels, cfg.image_size, cfg.image_size),
+                          generator=torch.Generator().manual_seed(cfg.seed))
 
         def on_epoch_end(epoch: int) -> None:
             images = diffusion.sample(ema.model, x_T.shape, "ddim", cfg.sample_steps, x_T=x_T.to(device), progress=False)
             common.save_image_grid(images, cfg.out / f"samples_epoch{epoch + 1:03d}.png")
 
-        loop = common.LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
-                                 seed=cfg.seed, out=cfg.out)
-        final = common.train_loop(images, step_fn, state_fn, loop, info, start_step, on_epoch_end,
+        final = common.train_loop(images, step_fn, state_fn, cfg, run.info, start_step, on_epoch_end,
                                   log_fields=("loss", "grad_norm", "lr"))
-        if info.is_main:
-            print(f"trained to step {final}; checkpoint {cfg.out / 'checkpoint.pt'}")
+        if run.info.is_main:
+            print(f"trained to step {final}; checkpoint {common.shown(cfg.out / 'checkpoint.pt')}")
         return cfg.out / "checkpoint.pt"
-    finally:
-        common.cleanup_distributed()
 
 
 # --------------------------------------------------------------------------- 6. sampling: `main.py sample`
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[UNet, GaussianDiffusion, int]:
-    """The UNet (EMA weights when present), its diffusion and image size from a checkpoint of `train`."""
+    """The UNet (EMA weights when present), its diffusion and image size from a checkpoint of `train`.
+    Weights holding NaN or infinity are refused: they would sample black images."""
     try:
+        weights = common.require_keys(ckpt, ("config", "model"), "this DDPM checkpoint").get("ema") or ckpt["model"]
         model = UNet(UNetConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+        model.load_state_dict(weights)
         diffusion = GaussianDiffusion(**ckpt.get("diffusion", {}))
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise CLIError(f"malformed DDPM checkpoint: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise CLIError(f"malformed DDPM checkpoint: {common.first_line(e)}") from e
+    if common.first_nonfinite(weights):
+        raise CLIError(f"the checkpoint's weight {common.first_nonfinite(weights)} is non-finite (NaN or infinity)")
     return model.to(device).eval(), diffusion.to(device), ckpt.get("image_size", model.config.sample_size)
 
 

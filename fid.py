@@ -18,12 +18,10 @@ features are in precision_recall.py (`fid.prdc` is the same function).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
 import urllib.error
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from scipy import linalg
 
 import data
-from common import CLIError, atomic_path, check_config, flag, pick_device
+from common import CLIError, atomic_path, check_config, download, flag, pick_device
 from precision_recall import PRDC_K, knn_radii, prdc  # noqa: F401 (fid.prdc: the same features, another metric)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -245,19 +243,6 @@ def default_weights_path() -> Path:
     return Path(__file__).resolve().parent / "models" / WEIGHTS_FILE
 
 
-def _download(url: str, path: Path) -> None:
-    """Fetch url to path atomically; check the hash the file name promises."""
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-    h = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=60) as r, atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                h.update(chunk)
-                f.write(chunk)
-        if not h.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
-            raise CLIError(f"downloaded {url} has the wrong sha256 ({h.hexdigest()[:8]}...), not saved")
-
-
 def resolve_weights(path: str | os.PathLike | None) -> Path:
     """An explicit path must exist; the default one is downloaded when absent."""
     if path is not None:
@@ -269,7 +254,7 @@ def resolve_weights(path: str | os.PathLike | None) -> Path:
     if not path.is_file():
         made = not path.parent.exists()  # models/ is made for the download, and kept only if it succeeds
         try:
-            _download(WEIGHTS_URL, path)
+            download(WEIGHTS_URL, path, WEIGHTS_SHA256_PREFIX)
         except (urllib.error.URLError, OSError, TimeoutError, CLIError) as e:
             if made and path.parent.is_dir() and not any(path.parent.iterdir()):
                 path.parent.rmdir()

@@ -1,14 +1,14 @@
 """The Hugging Face side of the project: a DDPM checkpoint going out in diffusers'
-layout, and a user's Hub cache coming in. Imports neither diffusers, huggingface_hub
-nor safetensors. Read top to bottom:
+layout (the way in, google/ddpm-cifar10-32 from a folder, the Hub cache or a download, is
+pretrained.py). Imports neither diffusers, huggingface_hub nor safetensors.
+Read top to bottom:
   1. a writer of the safetensors format (github.com/huggingface/safetensors, README
-     "Format"), the inverse of ddpm.read_safetensors;
+     "Format"), the inverse of pretrained.read_safetensors;
   2. our UNetConfig, state dict and schedule -> diffusers' UNet2DModel and
-     DDPMScheduler (the inverse of ddpm.config_from_diffusers and its key map);
+     DDPMScheduler (the inverse of pretrained.unet_config and its key map);
   3. `main.py export`: the folder DDPMPipeline.from_pretrained reads (model_index.json,
      unet/{config.json, diffusion_pytorch_model.safetensors}, scheduler/scheduler_config.json)
-     and a model card, README.md;
-  4. google/ddpm-cifar10-32 in huggingface_hub's cache (models--OWNER--NAME/{refs,snapshots,blobs}).
+     and a model card, README.md.
 Checked against diffusers 0.42 and safetensors 0.8 in tests/test_hub.py.
 """
 
@@ -72,7 +72,7 @@ DIFFUSERS_VERSION = "0.42.1"  # the release tests/test_hub.py checks the layout 
 
 
 def unet_config_to_diffusers(cfg: ddpm.UNetConfig) -> dict:
-    """UNet2DModel's config.json for our UNet: the inverse of ddpm.config_from_diffusers,
+    """UNet2DModel's config.json for our UNet: the inverse of pretrained.unet_config,
     with every setting written out (diffusers' defaults differ from this UNet's).
     A UNetConfig field this table does not know is refused, never dropped."""
     ours = asdict(cfg)
@@ -263,40 +263,3 @@ def export(cfg: ExportConfig, distances: dict | None = None) -> Path:
     print(f"exported the {weights} weights (step {ckpt.get('step', '?')}) to {cfg.out}: "
           f"DDPMPipeline.from_pretrained({str(cfg.out)!r})")
     return cfg.out
-
-
-# --------------------------------------------------------------------------- the Hugging Face Hub cache
-
-
-def hub_cache_dir() -> Path:
-    """Where huggingface_hub keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub,
-    else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
-
-
-def find_cached_snapshot(repo: str = ddpm.HF_REPO) -> Path | None:
-    """The snapshot folder of `repo` in the Hub cache, if it holds config.json and a
-    weights file. Layout (huggingface_hub): models--OWNER--NAME/refs/main names a
-    revision; snapshots/REVISION/FILE are symlinks into blobs/ (copies on some systems).
-    Prefers the revision refs/main names, else the newest snapshot. A snapshot with a
-    dangling link is broken: None, and a line on stdout that says so."""
-    root = hub_cache_dir() / f"models--{repo.replace('/', '--')}"
-    snapshots, ref = root / "snapshots", root / "refs" / "main"
-    revision = ref.read_text().strip() if ref.is_file() else ""
-    snap = snapshots / revision if revision and Path(revision).name == revision != ".." else None
-    if snap is None or not snap.is_dir():
-        candidates = [p for p in snapshots.iterdir() if p.is_dir()] if snapshots.is_dir() else []
-        snap = max(candidates, key=lambda p: p.stat().st_mtime, default=None)
-    if snap is None:
-        return None
-    for name in ("config.json", *ddpm.WEIGHT_FILES):
-        if (snap / name).is_symlink() and not (snap / name).exists():
-            print(f"the Hugging Face cache copy at {snap} is broken ({name} points to a missing file); "
-                  "using the download path instead", flush=True)
-            return None
-    complete = (snap / "config.json").is_file() and any((snap / name).is_file() for name in ddpm.WEIGHT_FILES)
-    return snap if complete else None

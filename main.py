@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import re
 import sys
 import typing
 from pathlib import Path
@@ -164,7 +166,7 @@ class SampleConfig:
     rather than in ddpm.py or dcgan.py; in Python, call ddpm.generate or dcgan.generate."""
 
     checkpoint: Path = common.flag(help="checkpoint.pt written by `ddpm` or `gan`")
-    out: Path = common.flag(help="folder for the PNGs and grid.png")
+    out: Path = common.flag(help="folder for the PNGs, grid.png and samples.json (must be empty, or see --force)")
     n: int = common.flag(64, "number of images", flag="-n", min=1)
     sampler: str = common.flag("ddpm", "DDPM only: ancestral or DDIM", choices=("ddpm", "ddim"))
     steps: int | None = common.flag(None, "DDPM only: sampling steps (default 1000 ddpm, 50 ddim); ddpm with "
@@ -175,8 +177,11 @@ class SampleConfig:
     device: str = common.flag("auto", "auto, cpu, cuda, cuda:1")
     amp: bool = common.flag(False, "DDPM only: bf16 autocast for the network")
     compile: bool = common.flag(False, "DDPM only: torch.compile the network")
+    force: bool = common.flag(False, "replace an earlier sample's images in --out (only the files that its "
+                              "samples.json lists; anything else there is refused)")
 
     def __post_init__(self):
+        self.checkpoint, self.out = Path(self.checkpoint), Path(self.out)
         common.check_config(self)
 
 
@@ -194,31 +199,69 @@ def cmd_ddpm(args) -> None:
     ddpm.train(config_from_args(ddpm.TrainConfig, args))
 
 
+SAMPLE_FILE = re.compile(r"sample_\d{5}\.png|grid\.png")  # what `sample` writes, besides its samples.json
+
+
+def earlier_samples(out: Path, force: bool) -> list[Path]:
+    """The files an earlier `sample` wrote into OUT (its samples.json lists them), which --force replaces.
+    Refused: an OUT that is a file, a non-empty OUT without --force, and with it anything that an
+    earlier sample did not write (hidden files such as the run lock aside)."""
+    common.check_out(out)
+    found = sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if found and not force:
+        raise CLIError(f"--out {out} is not empty: pass --force to replace an earlier sample's images, "
+                       "or choose an empty --out")
+    manifest, listed = out / "samples.json", []
+    if manifest.is_file():
+        try:
+            listed = [n for n in json.loads(manifest.read_text())["files"] if SAMPLE_FILE.fullmatch(str(n))]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CLIError(f"{manifest} is not a list of samples written by `sample` ({e})") from e
+    ours = [out / n for n in listed if (out / n).is_file()] + ([manifest] if manifest.is_file() else [])
+    other = next((p for p in found if p not in ours), None)
+    if other is not None:
+        raise CLIError(f"--out {out} holds {other.name}, which `sample` did not write; refusing to mix or "
+                       "delete it (choose an empty --out)")
+    return ours
+
+
 def cmd_sample(args) -> None:
-    """Sample from a checkpoint of either generator; PNGs are grey, like the data."""
-    from common import load_checkpoint, pick_device, save_image_grid, save_png, to_uint8
+    """Sample from a checkpoint of either generator; PNGs are grey, like the data. OUT and the
+    checkpoint are checked before OUT is locked and before any sampling; no image is written
+    until all are drawn and finite."""
+    import dcgan
+    import ddpm
+    from common import save_image_grid, save_png, to_uint8
 
     cfg = config_from_args(SampleConfig, args)
-    ckpt = load_checkpoint(cfg.checkpoint)
+    earlier_samples(cfg.out, cfg.force)
+    ckpt = common.load_checkpoint(cfg.checkpoint)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    device = pick_device(cfg.device)
-    if kind == "ddpm":
-        import ddpm
-
-        images = ddpm.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device, sampler=cfg.sampler,
-                               steps=cfg.steps, eta=cfg.eta, amp=cfg.amp, compile=cfg.compile)
-    elif kind == "dcgan":
-        import dcgan
-
-        images = dcgan.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device)
-    else:
+    if kind not in ("ddpm", "dcgan"):
         raise CLIError(f"{cfg.checkpoint} is not a DDPM or GAN checkpoint of this project (kind={kind!r})")
-    grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(to_uint8(grey)):
-        save_png(img, cfg.out / f"sample_{i:05d}.png")
-    save_image_grid(grey[:64], cfg.out / "grid.png")
-    print(f"wrote {cfg.n} images and grid.png to {cfg.out}")
+    bad = common.first_nonfinite(ckpt)
+    if bad:
+        raise CLIError(f"{cfg.checkpoint}: {bad} is non-finite (NaN or infinity); refusing to sample from it")
+    device = common.pick_device(cfg.device)
+    with common.run_lock(cfg.out, "sample"):
+        earlier = earlier_samples(cfg.out, cfg.force)  # again: nothing can write here from now on
+        if kind == "ddpm":
+            images = ddpm.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                                   sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, amp=cfg.amp, compile=cfg.compile)
+        else:
+            images = dcgan.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device)
+        grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey
+        pngs = to_uint8(grey)  # refuses non-finite images, before any file is touched
+        for p in earlier:
+            p.unlink()
+        names = [f"sample_{i:05d}.png" for i in range(cfg.n)] + ["grid.png"]
+        with common.atomic_path(cfg.out / "samples.json") as tmp:  # first: lists what may be written next
+            tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "kind": kind, "seed": cfg.seed,
+                                       "files": names}, indent=1) + "\n")
+        for name, img in zip(names, pngs):
+            save_png(img, cfg.out / name)
+        save_image_grid(grey[:64], cfg.out / "grid.png")
+    print(f"wrote {cfg.n} images and grid.png to {common.shown(cfg.out)}")
 
 
 # --------------------------------------------------------------------------- commands: the GAN baseline

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from common import CLIError, LoopConfig, DistInfo
+from common import CLIError, DistInfo, RunConfig
 
 
 def test_atomic_path_keeps_old_file_when_block_fails(tmp_path):
@@ -82,7 +82,7 @@ def _run(out, max_steps, resume=False, data=None, nan_at=None):
         calls.append(1)
         return {"loss": float("nan") if nan_at == len(calls) else loss.item()}
 
-    cfg = LoopConfig(epochs=3, batch_size=4, max_steps=max_steps, seed=1, out=out)
+    cfg = RunConfig(data=out, out=out, epochs=3, batch_size=4, max_steps=max_steps, seed=1)
     common.train_loop(data, step, lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()},
                       cfg, DistInfo(), start_step=start)
     return model.weight.detach().clone()
@@ -125,7 +125,7 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends, mid-step
         return {"loss": 1.0}
 
-    cfg = LoopConfig(epochs=10, batch_size=2, seed=0, out=tmp_path)
+    cfg = RunConfig(data=tmp_path, out=tmp_path, epochs=10, batch_size=2, seed=0)
     with pytest.raises(CLIError, match="interrupted at step 3"):
         common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo())
     assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # the finished step is kept
@@ -207,7 +207,7 @@ def test_nonfinite_weights_are_never_saved_even_with_a_finite_loss(tmp_path):
             model.weight.fill_(float("nan"))  # diverged weights, yet the loss it returned was finite
         return {"loss": 1.0}
 
-    cfg = LoopConfig(epochs=1, batch_size=2, max_steps=1, seed=0, out=tmp_path)
+    cfg = RunConfig(data=tmp_path, out=tmp_path, epochs=1, batch_size=2, max_steps=1, seed=0)
     with pytest.raises(CLIError, match="model.weight became non-finite by step 1; stopped, no checkpoint was written"):
         common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo())
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -226,10 +226,10 @@ def test_ctrl_c_on_an_epochs_last_step_still_writes_its_pictures(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
         return {"loss": 1.0}
 
-    cfg = LoopConfig(epochs=10, batch_size=2, seed=0, out=tmp_path, keep_epoch_checkpoints=True)
+    cfg = RunConfig(data=tmp_path, out=tmp_path, epochs=10, batch_size=2, seed=0)
     with pytest.raises(CLIError, match="interrupted at step 4"):
         common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo(),
-                          on_epoch_end=pictures.append)
+                          on_epoch_end=pictures.append, keep_epoch_checkpoints=True)
     assert pictures == [0] and (tmp_path / "checkpoint_epoch001.pt").is_file()
 
 

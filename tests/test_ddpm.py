@@ -18,6 +18,7 @@ from PIL import Image
 import common
 import ddpm
 import main
+import pretrained
 from common import CLIError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,14 +244,16 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, capsys):
     with pytest.raises(CLIError, match="refusing to load"):
         ddpm.load_pretrained(path)
     assert not marker.exists()
-    code = main.main(["ddpm", "--finetune", "--pretrained", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    code = main.main(["ddpm", "--finetune", "--pretrained", str(path), "--data", str(tmp_path / "data"),
+                      "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists()
     assert err.count("\n") == 1 and err.startswith("error: refusing to load") and "Traceback" not in err
 
 
 def test_offline_download_gives_one_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(ddpm, "HF_URL", "http://127.0.0.1:9/{}")  # nothing listens on the discard port
+    monkeypatch.setattr(pretrained, "HF_URL", "http://127.0.0.1:9/{}")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no_cache"))  # nor may a real Hugging Face cache answer
     folder = tmp_path / "models" / "ddpm-cifar10-32"
     with pytest.raises(CLIError) as e:
         ddpm.load_pretrained(folder)

@@ -1,6 +1,7 @@
 """hub.py: our safetensors writer against the safetensors package, the exported
 folder against diffusers (UNet2DModel, DDPMScheduler, DDPMPipeline; used here
-only as oracles), the export's refusals, and the Hub-cache lookup on a fake cache."""
+only as oracles), the export's refusals, and the Hub-cache lookup (pretrained.find_cached_snapshot,
+used by ddpm.load_pretrained) on a fake cache."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import common
 import ddpm
 import hub
 import main
+import pretrained
 from common import CLIError
 
 diffusers = pytest.importorskip("diffusers")
@@ -60,7 +62,7 @@ def test_safetensors_writer_read_back_bit_exact(tmp_path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0 and raw[8:9] == b"{"
-    for reader in (safetensors_torch.load_file, common.read_safetensors):
+    for reader in (safetensors_torch.load_file, pretrained.read_safetensors):
         back = reader(path)
         assert back.keys() == tensors.keys()
         for k, v in tensors.items():
@@ -84,7 +86,7 @@ def test_safetensors_writer_gives_the_reference_bytes(tmp_path):
 def test_unet_config_is_the_inverse_of_the_loader(preset):
     cfg = ddpm.PRESETS[preset]
     config = hub.unet_config_to_diffusers(cfg)
-    assert ddpm.config_from_diffusers(config) == cfg
+    assert ddpm.UNetConfig(**pretrained.unet_config(config)) == cfg
     assert config["_class_name"] == "UNet2DModel" and config["attention_head_dim"] is None
     if preset == "cifar10":  # the released model's block types (REFERENCE.md section 1)
         assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]
@@ -167,7 +169,7 @@ def test_export_falls_back_to_model_weights_and_writes_a_model_card(tmp_path, ca
         {"ddpm/infiltration": {"n_real": 500, "classifier": {"fd": 12.345678}}, "inception_missing": "offline"}))
     out = export(tmp_path, ckpt)
     assert "exported the model weights (step 123)" in capsys.readouterr().out
-    back = common.read_safetensors(out / hub.WEIGHTS_FILE)
+    back = pretrained.read_safetensors(out / hub.WEIGHTS_FILE)
     assert torch.equal(back["conv_in.weight"], ckpt["model"]["conv_in.weight"])
     card = (out / "README.md").read_text()
     for text in ("must not be used for diagnosis", "`data/nih/train`, class infiltration", "123 training steps",
@@ -274,41 +276,45 @@ def no_hf_env(monkeypatch, tmp_path):
 UNET_FILES = {"config.json": b"{}", "diffusion_pytorch_model.safetensors": b"weights"}
 
 
+def cached():
+    return pretrained.find_cached_snapshot()
+
+
 def test_cache_prefers_refs_main_else_the_newest(tmp_path, monkeypatch, no_hf_env):
     cache = tmp_path / "cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    assert hub.find_cached_snapshot() is None  # no cache at all
+    assert cached() is None  # no cache at all
     old = fake_snapshot(cache, "a" * 40, UNET_FILES, ref=True)
     new = fake_snapshot(cache, "b" * 40, UNET_FILES)
     os.utime(old, (1, 1))
-    assert hub.find_cached_snapshot() == old  # refs/main wins over the newer folder
+    assert cached() == old  # refs/main wins over the newer folder
     (cache / REPO_DIR / "refs" / "main").unlink()
-    assert hub.find_cached_snapshot() == new
+    assert cached() == new
     (cache / REPO_DIR / "refs" / "main").write_text("../../elsewhere")  # not a revision name: ignored
-    assert hub.find_cached_snapshot() == new
+    assert cached() == new
 
 
 def test_cache_locations_and_their_precedence(tmp_path, monkeypatch, no_hf_env):
     home_cache = tmp_path / "home" / ".cache" / "huggingface" / "hub"
     fake_snapshot(home_cache, "c" * 40, UNET_FILES)
-    assert hub.find_cached_snapshot() == home_cache / REPO_DIR / "snapshots" / ("c" * 40)  # ~/.cache by default
+    assert cached() == home_cache / REPO_DIR / "snapshots" / ("c" * 40)  # ~/.cache by default
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    assert hub.find_cached_snapshot() is None  # HF_HOME replaces ~/.cache/huggingface
+    assert cached() is None  # HF_HOME replaces ~/.cache/huggingface
     fake_snapshot(tmp_path / "hf_home" / "hub", "d" * 40, UNET_FILES)
-    assert hub.find_cached_snapshot().name == "d" * 40
+    assert cached().name == "d" * 40
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
     fake_snapshot(tmp_path / "hub_cache", "e" * 40, UNET_FILES)
-    assert hub.find_cached_snapshot().name == "e" * 40  # HF_HUB_CACHE beats HF_HOME
+    assert cached().name == "e" * 40  # HF_HUB_CACHE beats HF_HOME
 
 
 def test_cache_broken_or_incomplete_snapshot_is_not_used(tmp_path, monkeypatch, no_hf_env, capsys):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     snap = fake_snapshot(tmp_path / "cache", "f" * 40, UNET_FILES, ref=True)
     next((tmp_path / "cache" / REPO_DIR / "blobs").glob("*safetensors")).unlink()  # a dangling link
-    assert hub.find_cached_snapshot() is None
+    assert cached() is None
     assert f"{snap} is broken" in capsys.readouterr().out
     (snap / "diffusion_pytorch_model.safetensors").unlink()  # config.json alone: incomplete
-    assert hub.find_cached_snapshot() is None
+    assert cached() is None
 
 
 def test_cached_snapshot_loads_through_its_symlinks(tmp_path, monkeypatch, no_hf_env):
@@ -316,5 +322,22 @@ def test_cached_snapshot_loads_through_its_symlinks(tmp_path, monkeypatch, no_hf
     unet = export(tmp_path, ckpt) / "unet"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     fake_snapshot(tmp_path / "hf" / "hub", "0" * 40, {p.name: p.read_bytes() for p in unet.iterdir()}, ref=True)
-    model = ddpm.load_pretrained(hub.find_cached_snapshot(), download=False)
+    model = ddpm.load_pretrained(cached(), download=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
+
+
+def test_load_pretrained_uses_the_cache_before_downloading(tmp_path, monkeypatch, no_hf_env, capsys):
+    ckpt = ddpm_checkpoint()
+    unet = export(tmp_path, ckpt) / "unet"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    snap = fake_snapshot(tmp_path / "cache", "1" * 40, {p.name: p.read_bytes() for p in unet.iterdir()}, ref=True)
+
+    def no_network(*a, **k):
+        raise AssertionError("load_pretrained went to the network although the cache holds the model")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    folder = tmp_path / "models" / "ddpm-cifar10-32"  # the default folder's shape: missing, so a download was due
+    model = ddpm.load_pretrained(folder)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
+    assert f"using the Hugging Face cache's {pretrained.HF_REPO} at {snap}" in capsys.readouterr().out
+    assert not folder.exists()  # nothing downloaded, nothing made
