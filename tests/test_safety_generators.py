@@ -7,70 +7,24 @@ did not write may ever disappear or change.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import common
 import dcgan
-import main
+from clitools import ROOT, cli, images, quiet, refused, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_DDPM = ("--preset", "tiny", "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--num-samples", "2",
              "--sample-steps", "2", "--device", "cpu")
 TINY_GAN = ("--size", "32", "--g-width", "8", "--d-width", "8", "--epochs", "1", "--max-steps", "2",
             "--batch-size", "4", "--num-samples", "4", "--no-epoch-checkpoints", "--device", "cpu")
 DDIM2 = ("--sampler", "ddim", "--steps", "2", "--device", "cpu")
-
-
-def cli(capsys, *argv):
-    """main.main in-process: (exit code, stdout, stderr); never a traceback."""
-    try:
-        code = main.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse rejects a bad value before main's handler
-        code = e.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return code, out, err
-
-
-def refused(code, err, *words) -> str:
-    """A non-zero exit with exactly one `error:` line that mentions every word."""
-    assert code not in (0, None), err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under root with the hash of its content."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def quiet(*argv) -> int:
-    try:
-        return main.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-
-
-def images(folder: Path, n: int, size: int = 32, ext: str = ".png") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / f"img_{i}{ext}")
-    return folder
 
 
 def pngs(folder: Path) -> list[Path]:
