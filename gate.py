@@ -29,17 +29,22 @@ split but no classifier of the grid is selected or trained with it.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+import json
+import time
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 
 import classify
+import data
+import dcgan
+from common import atomic_path
 
 FAKE_FLOOR = 0.95  # detectability interval entirely above this: a classifier tells every sample from real
 CHANCE = 0.5
-COLLAPSE_FLOOR = 0.25  # sample spread below 1/4 of the real images': collapsed (the DCGAN monitor's floor)
+MIN_SAMPLES = 30  # ten per third: fewer leave the detectability classifier nothing to train, select or test on
+COLLAPSE_FLOOR = dcgan.DIVERSITY_FLOOR  # spread below 1/4 of the real images': collapsed (one floor for all)
 
 
 @dataclass
@@ -99,10 +104,10 @@ def train_on_synthetic(fake_x: torch.Tensor, fake_y: torch.Tensor, real_val: tup
 
 def diversity(samples: torch.Tensor, real: torch.Tensor, n: int = 64) -> float:
     """Mean pairwise RMS distance of up to n samples over that of up to n real
-    images: about 1 for a generator as varied as the data, near 0 when collapsed."""
+    images (dcgan.mean_pairwise_distance, the GAN monitor's measure): about 1 for
+    a generator as varied as the data, near 0 when collapsed."""
     def spread(x: torch.Tensor) -> float:
-        flat = x[:n].flatten(1).double() / 255.0
-        return (torch.pdist(flat) / math.sqrt(flat.shape[1])).mean().item() if len(flat) > 1 else 0.0
+        return dcgan.mean_pairwise_distance(x[:n].double()) if len(x) > 1 else 0.0
     return spread(samples) / max(spread(real), 1e-12)
 
 
@@ -111,7 +116,7 @@ def diversity(samples: torch.Tensor, real: torch.Tensor, n: int = 64) -> float:
 
 @dataclass
 class GateResult:
-    usable: bool
+    usable: bool | None  # None: not measured (too few samples)
     reason: str  # one sentence a reader can act on
     warnings: list
     detectability: dict
@@ -150,6 +155,53 @@ def check_generator(samples: torch.Tensor, labels: torch.Tensor, real: dict, cfg
     (1 = infiltration); real: {"train": (x, y), "validation": (x, y), "test": (x, y)},
     uint8 images at cfg.size. Detectability pools both classes."""
     (tx, _), (vx, vy), (ex, ey) = real["train"], real["validation"], real["test"]
+    if len(samples) < MIN_SAMPLES or set(labels.tolist()) != {0, 1}:
+        return GateResult(None, f"not measured: {len(samples)} samples of {len(set(labels.tolist()))} class(es); the "
+                                f"gate needs {MIN_SAMPLES} of both classes", [], {}, {}, diversity(samples, tx))
     detect = detectability(tx, vx, ex, samples, cfg)
     tstr = train_on_synthetic(samples, labels, (vx, vy), (ex, ey), cfg)
     return decide(detect, tstr, diversity(samples, tx))
+
+
+# --------------------------------------------------------------------------- the gate in the study: every pool, cached
+
+
+def _verdict(r: GateResult) -> str:
+    return ("UNUSABLE: " if r.usable is False else "") + r.reason + "".join(f"; warning: {w}" for w in r.warnings)
+
+
+def check_pools(cfg, real, pools: dict) -> dict[str, GateResult]:
+    """The gate for every synthetic pool of a study, before its grid: each trained
+    generator's samples at each real fraction (named GEN at the largest, GEN@f<frac>
+    below it, as memorization.json names them) and each external set once (it is
+    the same at every fraction). The gate's size and device are the study's.
+
+    Cached in OUT/gate.json, each entry under a key of everything it read: the
+    pool's pixels and labels, the real images and labels of the three splits and
+    the gate's settings; an entry whose key differs is measured again, never reused.
+    cfg: study.StudyConfig; real: study.RealData; pools: {generator: {fraction: study.Pool}}."""
+    gcfg = replace(cfg.gate, size=cfg.size, device=cfg.device)
+    splits = {"train": (real.train_x, real.train_y), "validation": (real.val_x, real.val_y),
+              "test": (real.test_x, real.test_y)}
+    real_key = data.digest(*(h for x, y in splits.values() for h in (*data.pixel_hashes(x), *y.tolist())))
+    print("\n== the usability gate: detectability, train-on-synthetic and diversity on real images", flush=True)
+    path, top, results = cfg.out / "gate.json", max(cfg.real_fractions), {}
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    for gen, by_frac in pools.items():
+        for frac, pool in sorted(by_frac.items(), reverse=True):
+            if gen in cfg.external and frac != top:
+                continue
+            name = gen if frac == top else f"{gen}@f{frac:g}"
+            key = data.digest(real_key, pool.digest, json.dumps(asdict(gcfg), sort_keys=True))
+            old = cache.get(name, {})
+            if old.get("key") == key and set(old.get("result", {})) == {f.name for f in fields(GateResult)}:
+                results[name] = GateResult(**old["result"])
+                print(f"gate {name} (measured before): {_verdict(results[name])}", flush=True)
+                continue
+            t0 = time.time()
+            results[name] = check_generator(pool.images, pool.labels, splits, gcfg)
+            cache[name] = {"key": key, "seconds": round(time.time() - t0, 1), "result": results[name].to_json()}
+            with atomic_path(path) as tmp:  # after each: an interruption loses at most one measurement
+                tmp.write_text(json.dumps(cache, indent=1))
+            print(f"gate {name} ({time.time() - t0:.0f}s): {_verdict(results[name])}", flush=True)
+    return results
