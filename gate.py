@@ -12,9 +12,10 @@ model family. Two measurements, both on real images the generator never saw:
     real test images vs fresh samples. 0.5: indistinguishable; 1.0: trivially
     fake. (A classifier two-sample test: Lopez-Paz and Oquab, ICLR 2017.)
   * train-on-synthetic, test-on-real (TSTR): the test AUROC of the
-    Infiltration classifier trained on this generator's samples alone, its
-    epoch chosen on real validation images. Above 0.5: the samples carry
-    the class signal.
+    Infiltration classifier trained on this generator's samples alone, for a
+    fixed budget (no epoch chosen on real images: see train_on_synthetic).
+    Above 0.5: the samples carry the class signal.
+  * diversity (beside the rule: a warning below COLLAPSE_FLOOR).
 
 The rule (README, "Is a generator usable?"), with 95% bootstrap intervals:
   unusable    detectability interval above FAKE_FLOOR (0.95) AND the TSTR
@@ -24,7 +25,11 @@ The rule (README, "Is a generator usable?"), with 95% bootstrap intervals:
               small real data the real-only classifier is weak too, so TSTR
               alone never condemns a generator), or low diversity.
 Neither measurement touches the augmentation verdict: the gate reads the test
-split but no classifier of the grid is selected or trained with it.
+split but no classifier of the grid is selected or trained with it. Known gap
+(README): a classifier trained on noise is an arbitrary function of real images,
+so on data whose classes differ globally (phantoms) its TSTR interval lies above
+0.5 by luck now and then (1 of 8 simulated gates); a label-permutation null
+would close it. check_pools runs the gate over a study's samples, cached.
 """
 
 from __future__ import annotations
