@@ -30,7 +30,7 @@ net is G 256-128-64-32 and D 64-128-256, and D always ends at 8x8.
 
 What differs from the original experiment (README, "DCGAN baseline", says why):
 one grey channel by default, a logit and BCE-with-logits instead of sigmoid + BCE,
-a checkpoint per epoch, and a warning when D wins outright, G collapses or a loss explodes.
+a checkpoint per epoch, and a warning when D wins outright, G ends collapsed or a loss explodes.
 
 `python main.py gan --help` trains; `python main.py sample --checkpoint ...` samples.
 """
@@ -236,6 +236,8 @@ def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64,
 
 # --------------------------------------------------------------------------- collapse detection
 
+DIVERSITY_FLOOR = 0.25  # samples' spread below 1/4 of the real images': collapsed (gate.py uses the same floor)
+
 
 def mean_pairwise_distance(x: torch.Tensor) -> float:
     """Mean L2 distance between all pairs of a batch (N, ...), per pixel (RMS)."""
@@ -249,28 +251,40 @@ class CollapseMonitor:
     1. The discriminator wins: loss_d < `loss_d_floor` on every one of the last
        `window` steps, or D(x) - D(G(z)) > `gap_ceiling` on all of them. G then
        receives vanishing gradients and rarely recovers.
-    2. Mode collapse: every `every` steps, `diversity()` (the mean pairwise
-       distance of G's fixed-noise samples over that of real images) falls
-       below `diversity_floor`; the samples are nearly one image. (A 200-step
-       run on the NIH 64 px set whose 64 samples looked like one image by eye
-       measured 0.10-0.24; real-vs-real is 1 by construction.)
+    2. Mode collapse: `diversity()` (the mean pairwise distance of G's fixed-noise
+       samples over that of real images) below `diversity_floor`; the samples are
+       nearly one image. (A 200-step run on the NIH 64 px set whose 64 samples
+       looked like one image by eye measured 0.10-0.24; real-vs-real is 1 by
+       construction.) Measured every `every` steps and once more by `finish`.
     3. Divergence: a loss above LOSS_CEILING (a learning rate far too high).
 
     Called by train_loop after each step with (step, metrics); returns a warning
-    once when a condition starts, and again only after it has cleared.
+    for 1 and 3 once when the condition starts, and again only after it has
+    cleared. Diversity raises no warning mid-run: a GAN's samples often look alike
+    early and spread out later (issue 16: "collapse" at step 100, diverse samples
+    at the end), so `finish` judges the END state and reports the worst point
+    beside it, as two separate facts.
     """
 
     def __init__(self, window: int = 200, loss_d_floor: float = 0.05, gap_ceiling: float = 0.99,
-                 every: int = 100, diversity_floor: float = 0.25, diversity: Callable[[], float] | None = None):
+                 every: int = 100, diversity_floor: float = DIVERSITY_FLOOR,
+                 diversity: Callable[[], float] | None = None):
         self.loss_d_floor, self.gap_ceiling, self.every, self.diversity_floor = loss_d_floor, gap_ceiling, every, diversity_floor
         self.diversity = diversity
         self.recent = deque(maxlen=window)
-        self.firing = {"d_wins": False, "collapse": False, "exploded": False}
+        self.firing = {"d_wins": False, "exploded": False}
+        self.worst: tuple[float, int] | None = None  # (lowest diversity ratio, its step) since this run started
 
     def _edge(self, name: str, condition: bool, message: str) -> str | None:
         fire = condition and not self.firing[name]
         self.firing[name] = condition
         return message if fire else None
+
+    def _measure(self, step: int) -> float:
+        ratio = self.diversity()
+        if self.worst is None or ratio < self.worst[0]:
+            self.worst = (ratio, step)
+        return ratio
 
     def __call__(self, step: int, metrics: dict) -> str | None:
         self.recent.append((metrics["loss_d"], metrics.get("d_real", 0.5) - metrics.get("d_fake", 0.5)))
@@ -285,12 +299,37 @@ class CollapseMonitor:
                                    f"a loss reached {worst:.3g} (a working GAN's stays far below {LOSS_CEILING:g}): "
                                    "training has diverged; try a lower --lr-g / --lr-d"))
         if self.diversity is not None and step % self.every == 0:
-            ratio = self.diversity()
-            warnings.append(self._edge("collapse", ratio < self.diversity_floor,
-                                       f"mode collapse: samples are nearly identical (pairwise distance "
-                                       f"{ratio:.3f} x that of real images)"))
+            self._measure(step)
         found = [w for w in warnings if w]
         return "; ".join(found) if found else None
+
+    def finish(self, step: int) -> tuple[str, bool] | None:
+        """The diversity verdict at the end of training (step `step`), with the worst
+        point of the run beside it: (one line, collapsed at the end?); None without
+        a diversity measure."""
+        if self.diversity is None:
+            return None
+        end = self._measure(step)
+        collapsed = end < self.diversity_floor
+        low, at = self.worst
+        state = "mode collapse: the samples are nearly identical" if collapsed else "not collapsed"
+        return (f"diversity (samples' pairwise distance over the real images'; collapsed below "
+                f"{self.diversity_floor:g}): worst {low:.3f} at step {at}; at the end (step {step}) {end:.3f}: "
+                f"{state}", collapsed)
+
+    def report(self, step: int, out: Path) -> None:
+        """`finish`, printed and kept: OUT/diversity.txt always, OUT/warnings.log too
+        when the samples are collapsed at the end (the state the run's samples are in)."""
+        found = self.finish(step)
+        if found is None:
+            return
+        line, collapsed = found
+        print(("warning: " if collapsed else "") + line, flush=True)
+        with common.atomic_path(out / "diversity.txt") as tmp:
+            tmp.write_text(line + "\n")
+        if collapsed:
+            with open(out / "warnings.log", "a") as f:
+                f.write(f"step {step}: {line}\n")
 
 
 # --------------------------------------------------------------------------- training
@@ -402,5 +441,6 @@ def _train(tcfg: TrainConfig, run: common.Run) -> Path:
                       keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints)
     if info.is_main:
         save_image_grid(fixed_samples().cpu(), out / "samples_latest.png", nrow=8)
+        monitor.report(step, out)  # diversity at the end, beside the run's worst point
         print(f"step {step}: checkpoint, samples_latest.png and loss.csv in {common.shown(out)}")
     return out / "checkpoint.pt"

@@ -7,13 +7,17 @@ same seed and real subset by stats.compare_generators: a two-level bootstrap
 over training seeds and test PATIENTS (so the interval covers both training
 noise and test sampling), Holm's adjustment over the generators of a cell, and
 the verdict rule with the --margin (stats.py has the details and references;
-tests/test_stats.py proves the rule by simulation).
+tests/test_stats.py proves the rule by simulation). A generator that failed the
+usability gate (gate.py) is named in the report's first lines, and its rows are
+given as what they are: the result of samples that are not X-rays, no verdict
+about its model family.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import torch
 import classify
 import data
 import fid
+import gate
 import memorization
 import stats
 from common import atomic_path, pick_device
@@ -32,6 +37,7 @@ HEADLINE_KEYS = ("generator", "ratio", "real_fraction", "diff", "ci_low", "ci_hi
 DISTANCE_KEYS = ("reference", "n_real", "n_fake", "fid", "kid_mean", "kid_std", "is_mean", "is_std", "feature_fd",
                  "feature_kid_mean", "feature_kid_std")
 MEMORIZATION_KEYS = ("flagged_fraction", "chance_fraction", "p_value")
+FAMILY = {"ddpm": "diffusion models", "gan": "GANs"}  # what a trained generator's rows would be read as evidence on
 
 
 # --------------------------------------------------------------------------- held-out distances and memorisation
@@ -118,6 +124,19 @@ def memorisation(cfg, real, pools: dict, model) -> dict:
     return memo
 
 
+def evaluate_and_write(cfg, real, pools: dict, gates: dict, rows: list[dict], elapsed: float) -> Path:
+    """After the grid: the memorisation check and the held-out distances in the
+    real-only reference classifier's features (seed 0: a chest X-ray feature
+    space), then report.md and summary.json. Returns report.md's path."""
+    ref = cfg.out / "classifiers" / "reference.pt"
+    model = classify.load_classifier(ref)[0] if ref.is_file() else None
+    print("\n== memorisation check and held-out image distances", flush=True)
+    memo = memorisation(cfg, real, pools, model)
+    with warnings.catch_warnings():  # FID's small-N warnings: the report states the counts and the caveat
+        warnings.simplefilter("ignore")
+        dist = distances(cfg, real, pools, model)
+    return write_report(cfg, real, pools, memo, dist, gates, rows, elapsed)
+
 
 # --------------------------------------------------------------------------- the verdicts
 
@@ -192,14 +211,17 @@ def primary(settings: list[Setting]) -> list[dict]:
     return [s.comparison for s in aug if s.fraction == frac and s.ratio == ratio]
 
 
-def headline(rows: list[dict]) -> str:
-    """The answer in one sentence, from the primary comparison's rows."""
+def headline(rows: list[dict], unusable: frozenset = frozenset()) -> str:
+    """The answer in one sentence, from the primary comparison's rows; a generator
+    in `unusable` (it failed the gate) gets its numbers but no verdict."""
     if not rows:
         return "No augmented run has finished yet, so there is no answer yet."
     r0 = rows[0]
     share = "all" if r0["real_fraction"] == 1 else f"{r0['real_fraction']:.0%} of the"
     parts = [f"{r['diff']:+.3f} for the {r['generator'].upper()} ({100 * r['ci_level']:.3g}% CI {r['ci_low']:+.3f} "
-             f"to {r['ci_high']:+.3f}, Holm-adjusted p = {r['p_adjusted']:.2g}: {r['verdict']})" for r in rows]
+             f"to {r['ci_high']:+.3f}, Holm-adjusted p = {r['p_adjusted']:.2g}: "
+             + ("no verdict, its generator failed the usability gate" if r["generator"] in unusable else r["verdict"])
+             + ")" for r in rows]
     text = (f"On this data ({r0['seeds']} seed{'s' if r0['seeds'] > 1 else ''}, {share} real training images, "
             f"{r0['n_test_images']} test images of {r0['n_test_patients']} patients), adding synthetic images at "
             f"ratio {r0['ratio']:g} changed test AUROC over real-only by {' and '.join(parts)}")
@@ -212,14 +234,44 @@ def _finite(v):
     """JSON has no NaN: a non-finite number becomes null."""
     if isinstance(v, dict):
         return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
     if isinstance(v, (float, np.floating)):
         return float(v) if math.isfinite(v) else None
     return v.item() if isinstance(v, np.generic) else v
 
 
-def summary(head: list[dict], dist: dict, memo: dict) -> dict:
-    """summary.json: the headline rows, the held-out distances and the memorisation
-    check per generator (the samples of its largest real fraction)."""
+def gate_lines(gates: dict, memo: dict) -> list[str]:
+    """The report's first lines: each set of samples the gate found unusable (its
+    rows say nothing about its model family), each usable one with a warning, and
+    each generator whose samples the memorisation check flags above chance.
+    gates: {name: gate.GateResult}, named as memorization.json names its entries."""
+    lines = []
+    for name, r in gates.items():
+        gen, _, frac = name.partition("@f")
+        what = gen.upper() + (f" (the generators of real fraction {frac})" if frac else "")
+        if r.usable is None:
+            lines.append(f"Gate not measured, {what}: {r.reason}.")
+        elif not r.usable:
+            family = FAMILY.get(gen, f"the model that made the {gen} samples")
+            lines.append(f"**Unusable generator: {what}.** Its {r.reason}. The {gen.upper()} never learned to draw "
+                         f"these images, so its rows say nothing about {family}; they stay in the tables, marked "
+                         "unusable.")
+        elif r.warnings:
+            lines.append(f"Gate warning, {what}: {'; '.join(r.warnings)}.")
+    for g, m in memo.items():
+        if "@" not in g and m["p_value"] < 0.05 and m["flagged_fraction"] > m["chance_fraction"]:
+            lines.append(f"**Memorisation, {g.upper()}**: {m['flagged_fraction']:.0%} of its samples are flagged as "
+                         f"copies of training images (chance {m['chance_fraction']:.0%}, p = {m['p_value']:.2g}): "
+                         "its rows measure copied real images, not generation.")
+    return lines
+
+
+def summary(head: list[dict], dist: dict, memo: dict, gates: dict | None = None) -> dict:
+    """summary.json: the headline rows (each with its generator's gate verdict), the
+    held-out distances, the memorisation check per generator (the samples of its
+    largest real fraction) and the gate's verdict and measurements per set of samples."""
+    gates = gates or {}
     dists = {}
     for g, e in dist["generators"].items():
         inc, feat = e.get("inception", {}), e.get("feature", {})
@@ -227,8 +279,11 @@ def summary(head: list[dict], dist: dict, memo: dict) -> dict:
                                             inc.get("kid_mean"), inc.get("kid_std"), inc.get("is_mean"),
                                             inc.get("is_std"), feat.get("fd"), feat.get("kid_mean"),
                                             feat.get("kid_std"))))
-    return _finite({"headline": [{k: r[k] for k in HEADLINE_KEYS} for r in head], "distances": dists,
-                    "memorization": {g: {k: m[k] for k in MEMORIZATION_KEYS} for g, m in memo.items() if "@" not in g}})
+    return _finite({"headline": [{**{k: r[k] for k in HEADLINE_KEYS},
+                                  "usable": gates[r["generator"]].usable if r["generator"] in gates else None}
+                                 for r in head], "distances": dists,
+                    "memorization": {g: {k: m[k] for k in MEMORIZATION_KEYS} for g, m in memo.items() if "@" not in g},
+                    "gate": {name: r.to_json() for name, r in gates.items()}})
 
 
 # --------------------------------------------------------------------------- the report: figures
@@ -331,14 +386,45 @@ def _vs(c: dict | None) -> str:
             f"{_num(c['seed_sd'])} / {c['test_sd']:.3f} | {c['verdict']} |")
 
 
-def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict], elapsed: float) -> Path:
+def _gate_table(gates: dict) -> list[str]:
+    """The gate's section of report.md: the rule, then one row per set of samples."""
+    L = ["## Is each generator usable? The gate", "",
+         "Measured before the grid, on real images no generator trained on. *Detectability*: test AUROC of a small "
+         "classifier trained to tell the samples from real training images (0.5: indistinguishable, 1: trivially "
+         "fake). *TSTR*: test AUROC of the Infiltration classifier trained on the samples alone (above 0.5: they "
+         f"carry the class). *Diversity*: the samples' mean pairwise distance over the real images' (collapsed below "
+         f"{gate.COLLAPSE_FLOOR:g}). The rule: **unusable** when the detectability interval lies above "
+         f"{gate.FAKE_FLOOR:g} AND the TSTR interval does not lie above {gate.CHANCE:g} (trivially fake and no class "
+         "signal); trivially fake but class-bearing, or realistic with little class signal, or collapsed: usable "
+         "with a warning (on small real data the real-only classifier is weak too, so TSTR alone never condemns a "
+         "generator). 95% intervals: bootstrap over test images.", "",
+         "| samples | usable | detectability (95% CI) | TSTR (95% CI) | diversity | reason; warnings |",
+         "|---|---|---|---|---|---|"]
+
+    def auroc(m: dict) -> str:
+        return f"{m['auroc']:.3f} ({_ci(m['ci_low'], m['ci_high'])})" if m else "-"
+    for name, r in gates.items():
+        usable = {True: "yes", False: "**no**", None: "not measured"}[r.usable]
+        L.append(f"| {name.upper()} | {usable} | {auroc(r.detectability)} | {auroc(r.tstr)} | {r.diversity:.2f} | "
+                 f"{'; '.join([r.reason, *r.warnings])} |")
+    return L + [""]
+
+
+def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, rows: list[dict],
+                 elapsed: float) -> Path:
     """OUT/report.md, OUT/summary.json and the figures. cfg is study.StudyConfig,
-    real study.RealData, pools study.make_pools' result, rows the grid's rows of results.csv."""
+    real study.RealData, pools study.make_pools' result, gates gate.check_pools',
+    rows the grid's rows of results.csv."""
     settings = summarise(rows, cfg.out / "scores", real.test_patients, cfg.bootstrap, cfg.margin)
     head = primary(settings)
     with atomic_path(cfg.out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary(head, dist, memo), indent=1, allow_nan=False))
+        tmp.write_text(json.dumps(summary(head, dist, memo, gates), indent=1, allow_nan=False))
     top = max(cfg.real_fractions)
+    unusable = frozenset(n for n, r in gates.items() if r.usable is False)
+
+    def name(gen: str, frac: float) -> str:  # a table's generator cell, marked when its samples failed the gate
+        key = gen if frac == top or gen in cfg.external else f"{gen}@f{frac:g}"
+        return gen.upper() + (" (unusable)" if key in unusable else "")
     plot_auroc(settings, cfg.out / "auroc_vs_ratio.png")
     plot_distances(dist, cfg.out / "distances.png")
     for cls in data.CLASSES:
@@ -346,7 +432,9 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict
     made = [f"{cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM"] if "ddpm" in cfg.generators else []
     made += [f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px"] if cfg.gan else []
     n_test, n_pat = len(real.test_y), len(set(real.test_patients))
-    L = [headline(head), "", f"# Does synthetic data help? Report of {cfg.title}", ""]
+    first = gate_lines(gates, memo)
+    L = [*first, *([""] if first else []), headline(head, unusable), "",
+         f"# Does synthetic data help? Report of {cfg.title}", ""]
     L += [f"Data: `{cfg.data}` ({len(real.train_y)} train, {len(real.val_y)} validation, {n_test} test images; "
           f"{int(real.test_y.sum())} test images show infiltration; {n_pat} test patients, {real.patients_note}). "
           f"Classifier: `{cfg.classifier}` at {cfg.size}x{cfg.size} px; model and threshold chosen on the real "
@@ -361,6 +449,7 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict
              "take part in the matched-fraction cells (at a fraction below 1 they may carry the rest of the data). "
              if cfg.external else "")
           + f"{cfg.seeds} seed(s); {len(rows)} classifier runs; this invocation took {elapsed / 60:.1f} min.", ""]
+    L += _gate_table(gates) if gates else []
     L += ["## The verdict", "",
           "The pre-declared comparison: ratio nearest 1 at the largest real fraction. *Difference*: mean over seeds of "
           "AUROC(augmented) - AUROC(real-only), paired by seed. *CI*: a two-level bootstrap over training seeds and "
@@ -370,7 +459,7 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict
           f"Margin: {cfg.margin:g} AUROC, the smallest difference worth having (published augmentation gains on chest "
           "X-rays are about +0.02).", "",
           "| generator | difference | CI | Holm p | seed SD | test SD | verdict |", "|---|---|---|---|---|---|---|"]
-    L += [f"| {r['generator'].upper()} | {r['diff']:+.3f} | {_ci(r['ci_low'], r['ci_high'], True)} "
+    L += [f"| {name(r['generator'], top)} | {r['diff']:+.3f} | {_ci(r['ci_low'], r['ci_high'], True)} "
           f"({100 * r['ci_level']:.3g}%) | {r['p_adjusted']:.2g} | {_num(r['seed_sd'])} | {r['test_sd']:.3f} | "
           f"{r['verdict']} |" for r in head]
     L += ["", "Verdicts: **benefit** / **harm**: Holm-adjusted p < 0.05 and the interval above / below zero; "
@@ -388,7 +477,7 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict
     for s in settings:
         if s.mode != "tstr":
             L.append(f"| {'real only' if s.mode == 'real' else 'real + synthetic'} | "
-                     f"{s.generator.upper() if s.mode != 'real' else '-'} | {s.ratio:g} | {s.fraction:g} | "
+                     f"{name(s.generator, s.fraction) if s.mode != 'real' else '-'} | {s.ratio:g} | {s.fraction:g} | "
                      f"{s.auroc:.3f} | {_ci(s.low, s.high)} | {_num(s.seed_sd)} | {s.steps:.0f} | {_vs(s.comparison)} "
                      f"{s.n_train:.0f} / {s.n_synthetic:.0f} |")
     tstr = [s for s in settings if s.mode == "tstr"]
@@ -399,7 +488,8 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict
               "carries the class signal; near 0.5: it does not.", "",
               "| generator | AUROC | 95% CI | vs real-only | CI | Holm p | seed / test SD | verdict |",
               "|---|---|---|---|---|---|---|---|"]
-        L += [f"| {s.generator.upper()} | {s.auroc:.3f} | {_ci(s.low, s.high)} | {_vs(s.comparison)}" for s in tstr]
+        L += [f"| {name(s.generator, s.fraction)} | {s.auroc:.3f} | {_ci(s.low, s.high)} | {_vs(s.comparison)}"
+              for s in tstr]
     L += ["", "![AUROC against synthetic ratio](auroc_vs_ratio.png)", "", "## How close are the synthetic images?", ""]
     ns = sorted({(e["n_real"], e["n_fake"]) for e in dist["generators"].values()})
     counts = " / ".join(f"{a} real, {b} synthetic" for a, b in ns)
@@ -427,6 +517,10 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, rows: list[dict
               for line in p.read_text().splitlines() if line.strip()]  # e.g. the GAN's collapse check
     if warned:
         L += ["", "Warnings raised while training the generators:", ""] + [f"- `{n}`: {w}" for n, w in warned]
+    spread = [(p.parent.name, p.read_text().strip()) for p in sorted((cfg.out / "generators").glob("*/diversity.txt"))]
+    if spread:  # the GAN monitor's end state, with the worst point of the run beside it
+        L += ["", "Sample diversity while training (the end decides; the worst point is shown beside it):", ""]
+        L += [f"- `{n}`: {line}" for n, line in spread]
     p = memorization.ordinal(memorization.PERCENTILE)
     L += ["", "## Memorisation", "",
           "Every synthetic image against ALL real training images: its nearest one by RMS pixel difference at "

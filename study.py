@@ -12,12 +12,14 @@ validation split; a grid of ratios x real fractions x generators x seeds, each
 run PAIRED with the real-only run of its seed, every run of a fraction taking
 the same optimiser steps; the verdict of stats.compare_generators (seeds and
 test patients resampled together, Holm, a margin); TSTR, held-out distances
-and the memorisation check with its chance rate (report.py).
+and the memorisation check with its chance rate (report.py). Every synthetic set
+first passes the usability gate (gate.py); one that fails stays in the grid,
+marked unusable in summary.json and in the report's first lines.
 
 Everything lands in OUT: study.json (the inputs it depends on; a changed one is
-refused), real_subsets/, generators/, synthetic/, scores/, results.csv (one row
-per classifier run, rewritten after each, so a study resumes where it stopped),
-summary.json and report.md with its plots.
+refused), real_subsets/, generators/, synthetic/, gate.json, scores/,
+results.csv (one row per classifier run, rewritten after each, so a study
+resumes where it stopped), summary.json and report.md with its plots.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import math
 import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -42,6 +43,7 @@ import classify
 import data
 import dcgan
 import ddpm
+import gate
 import phantoms
 import report
 import stats
@@ -109,6 +111,7 @@ class StudyConfig:
     sample_steps: int = 50
     n_synthetic: int | None = None  # per class and cell; None = enough for the largest ratio
     title: str = "the augmentation experiment"
+    gate: gate.GateConfig = field(default_factory=gate.GateConfig)  # its size and device are the study's
 
     def __post_init__(self):
         missing = [g for g in self.generators if getattr(self, g) is None]
@@ -318,7 +321,7 @@ def study_inputs(cfg: StudyConfig) -> dict[str, str]:
 
 # Settings that may grow or change between invocations of one study: they add runs or change the report only.
 GRID_EXTENT = ("out", "generators", "external", "ratios", "real_fractions", "seeds", "margin", "tstr", "bootstrap",
-               "fid_max_images", "inception", "device", "title")
+               "fid_max_images", "inception", "device", "title", "gate")
 
 
 def check_same_study(cfg: StudyConfig, inputs: dict[str, str]) -> None:
@@ -631,15 +634,9 @@ def _run_study(cfg: StudyConfig) -> Path:
     print(f"real data at {cfg.size}px: {len(real.train_y)} train, {len(real.val_y)} validation, "
           f"{len(real.test_y)} test ({len(set(real.test_patients))} test patients; {real.patients_note})", flush=True)
     pools = make_pools(cfg, real, external)
+    gates = gate.check_pools(cfg, real, pools)  # before the grid: is each set of samples usable?
     rows = run_grid(cfg, real, pools, inputs["test split"])
-    ref = cfg.out / "classifiers" / "reference.pt"  # the real-only classifier of seed 0: a chest X-ray feature space
-    model = classify.load_classifier(ref)[0] if ref.is_file() else None
-    print("\n== memorisation check and held-out image distances", flush=True)
-    memo = report.memorisation(cfg, real, pools, model)
-    with warnings.catch_warnings():  # FID's small-N warnings: the report states the counts and the caveat
-        warnings.simplefilter("ignore")
-        dist = report.distances(cfg, real, pools, model)
-    path = report.write_report(cfg, real, pools, memo, dist, rows, elapsed=time.time() - t_start)
+    path = report.evaluate_and_write(cfg, real, pools, gates, rows, elapsed=time.time() - t_start)
     print(f"\nwrote {path}, {cfg.out / 'summary.json'} and {cfg.out / 'results.csv'} ({time.time() - t_start:.0f}s)",
           flush=True)
     return path
@@ -667,7 +664,7 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                           gan=gan_recipe(size=64, epochs=1, max_steps=8, batch_size=16),
                           ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, classifier="small",
                           classifier_epochs=2, classifier_batch_size=32, bootstrap=200, fid_max_images=64,
-                          inception=False, device=device, sample_steps=4,
+                          inception=False, device=device, sample_steps=4, gate=gate.GateConfig(epochs=2, patience=1),
                           title="the quick demo (phantoms, tiny models: a smoke test)")
         return cfg, 120
     # Measured on an idle 2-core CPU: the tiny UNet (0.18 M parameters) at lr 2e-3 draws recognisable
@@ -693,6 +690,6 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> Path:
             phantoms.write_phantoms(n_phantoms, cfg.data, size=64, seed=0)
         check_out(cfg.out, cfg.data)
         path = _run_study(cfg)
-    lines = path.read_text().splitlines()
-    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; {path} begins:\n\n" + "\n".join(lines[:1]), flush=True)
+    first = path.read_text().split("\n# ")[0]  # the answer, after any gate and memorisation warnings
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; {path} begins:\n\n{first}", flush=True)
     return path

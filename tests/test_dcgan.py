@@ -1,4 +1,5 @@
-"""DCGAN baseline: shapes, the original network, training outputs, resume, sampling, collapse warning."""
+"""DCGAN baseline: shapes, the original network, training outputs, resume, sampling, collapse warnings and
+the end-of-training diversity verdict."""
 
 import csv
 import functools
@@ -167,10 +168,29 @@ def test_collapse_monitor_fires_on_a_winning_discriminator():
     again = [m(s, {"loss_d": 0.01, "d_real": 0.999, "d_fake": 0.001}) for s in range(702, 902)]
     assert sum(bool(w) for w in again) == 1
 
-    ratio = iter([0.8, 0.02])
-    m = dcgan.CollapseMonitor(every=10, diversity=lambda: next(ratio))
-    out = [m(s, {"loss_d": 1.0}) for s in range(1, 21)]
-    assert not any(out[:19]) and "mode collapse" in out[19]
+
+
+def test_collapse_is_judged_at_the_end_with_the_worst_point_beside_it(tmp_path):
+    def monitor(*ratios):
+        ratio = iter(ratios)
+        m = dcgan.CollapseMonitor(every=10, diversity=lambda: next(ratio))
+        assert not any(m(s, {"loss_d": 1.0}) for s in range(1, 21))  # measured at 10 and 20, no warning mid-run
+        return m
+
+    # Issue 16: samples alike at step 10 and diverse at the end leave no standing warning.
+    line, collapsed = monitor(0.02, 0.5, 0.9).finish(25)
+    assert not collapsed and line.endswith("worst 0.020 at step 10; at the end (step 25) 0.900: not collapsed"), line
+    monitor(0.02, 0.5, 0.9).report(25, tmp_path)
+    assert (tmp_path / "diversity.txt").read_text() == line + "\n" and not (tmp_path / "warnings.log").exists()
+
+    # Collapsed at the end: a warning, in warnings.log as well, with the worst point (here the end itself).
+    line, collapsed = monitor(0.6, 0.1, 0.05).finish(22)
+    assert collapsed and line.endswith("worst 0.050 at step 22; at the end (step 22) 0.050: mode collapse: the "
+                                       "samples are nearly identical"), line
+    monitor(0.6, 0.1, 0.05).report(22, tmp_path)
+    assert (tmp_path / "warnings.log").read_text() == f"step 22: {line}\n"
+    assert (tmp_path / "diversity.txt").read_text() == line + "\n"
+    assert dcgan.CollapseMonitor().finish(5) is None  # no diversity measure: nothing to judge
 
 
 def test_collapse_warning_reaches_the_log(tmp_path, monkeypatch, capsys):
@@ -181,6 +201,7 @@ def test_collapse_warning_reaches_the_log(tmp_path, monkeypatch, capsys):
     assert gan(data, out, "--size", 32, "--batch-size", 4, "--max-steps", 1, "--collapse-window", 1) == 0
     assert "step 1: discriminator has won" in (out / "warnings.log").read_text()
     assert "warning: discriminator has won" in capsys.readouterr().out
+    assert "at the end (step 1)" in (out / "diversity.txt").read_text()  # the end state, measured once more
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,6 +1,11 @@
 """gate.py: the usability gate marks noise unusable, passes a cheat that copies
-training images (which the memorisation check then flags), and its rule maps
-intervals to verdicts exactly as the README states."""
+training images (which the memorisation check then flags) or held-out images
+(which the study's content guard refuses), its rule maps intervals to verdicts
+exactly as the README states, and the study's gate cache is reused only for the
+same inputs."""
+
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ import torch
 import data
 import gate
 import main
+import memorization
 
 
 def _interval(a, lo, hi):
@@ -52,11 +58,63 @@ def test_pure_noise_is_unusable(real):
 
 
 def test_a_cheat_that_copies_training_images_passes_but_is_flagged_as_memorised(real):
-    import memorization
-
     tx, ty = real["train"]
     r = gate.check_generator(tx, ty, real, CFG)
     assert r.usable and r.detectability["ci_low"] < gate.FAKE_FLOOR, r
     assert r.tstr["ci_low"] > gate.CHANCE  # real images carry the class signal
     memo = memorization.memorization_check(tx, tx[:40], real["test"][0])
     assert memo["n_flagged"] == 40  # every copy is flagged
+
+
+def test_a_cheat_that_returns_held_out_images_passes_the_gate_but_not_the_content_guard(real):
+    # The gate cannot see a copy of held-out images: they look real (and TSTR would test on its
+    # own training images). The study refuses such a set before any work
+    # (data.check_no_heldout_copies; tests/test_study.py runs it end to end).
+    (vx, vy), (ex, ey) = real["validation"], real["test"]
+    cheat, labels = torch.cat([vx, ex]), torch.cat([vy, ey])
+    r = gate.check_generator(cheat, labels, real, CFG)
+    assert r.usable and r.detectability["ci_low"] < gate.FAKE_FLOOR, r
+    assert data.find_copy(cheat, ex) is not None
+
+
+def test_too_few_samples_are_not_measured(real):
+    r = gate.check_generator(real["train"][0][:10], real["train"][1][:10], real, CFG)
+    assert r.usable is None and "not measured" in r.reason and not r.detectability
+
+
+def test_diversity_is_one_for_real_images_and_zero_for_one_image(real):
+    tx = real["train"][0]
+    assert gate.diversity(tx, tx) == pytest.approx(1.0)
+    assert gate.diversity(tx[:1].expand(40, -1, -1), tx) == 0.0
+    assert gate.COLLAPSE_FLOOR == gate.dcgan.DIVERSITY_FLOOR  # one floor for the GAN monitor and the gate
+
+
+def test_study_gate_is_cached_by_its_inputs(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_check(samples, labels, splits, cfg):
+        calls.append(int(samples[0, 0, 0]))
+        return gate.GateResult(bool(samples[0, 0, 0]), "reason", [], {"auroc": 1.0}, {}, 1.0)
+    monkeypatch.setattr(gate, "check_generator", fake_check)
+    x, y = torch.zeros(4, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    real = SimpleNamespace(train_x=x, train_y=y, val_x=x, val_y=y, test_x=x, test_y=y)
+
+    def pool(value: int):
+        return SimpleNamespace(images=torch.full((4, 8, 8), value, dtype=torch.uint8), labels=y, digest=str(value))
+    cfg = SimpleNamespace(gate=gate.GateConfig(), size=8, device="cpu", out=tmp_path, real_fractions=(1.0, 0.5),
+                          external={"ext": tmp_path})
+    pools = {"ddpm": {1.0: pool(0), 0.5: pool(1)}, "ext": {1.0: pool(2), 0.5: pool(2)}}
+    first = gate.check_pools(cfg, real, pools)
+    assert list(first) == ["ddpm", "ddpm@f0.5", "ext"] and calls == [0, 1, 2]  # an external set once
+    assert [r.usable for r in first.values()] == [False, True, True]
+    assert set(json.loads((tmp_path / "gate.json").read_text())) == set(first)
+    assert gate.check_pools(cfg, real, pools) == first and calls == [0, 1, 2]  # same inputs: reused
+    pools["ddpm"][1.0] = pool(3)  # new samples
+    gate.check_pools(cfg, real, pools)
+    assert calls == [0, 1, 2, 3]
+    real.test_x = torch.ones_like(x)  # other real images: everything again
+    gate.check_pools(cfg, real, pools)
+    assert calls == [0, 1, 2, 3, 3, 1, 2]
+    cfg.gate = gate.GateConfig(epochs=3)  # other settings: everything again
+    gate.check_pools(cfg, real, pools)
+    assert len(calls) == 10

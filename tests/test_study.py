@@ -1,7 +1,8 @@
 """The augmentation study: memorisation check, content guard, nested subsets,
 equal step budgets, independent sampling noise, held-out distances, the
-resumable grid and its input fingerprint, summary.json, the quick demo end to
-end, CLI errors. (The verdict rule itself is proved in tests/test_stats.py.)"""
+resumable grid and its input fingerprint, summary.json, the usability gate in
+the report, the quick demo end to end, CLI errors. (The verdict rule itself is
+proved in tests/test_stats.py; the gate's rule in tests/test_gate.py.)"""
 
 import csv
 import io
@@ -246,7 +247,14 @@ def _rows(out: Path) -> list[dict]:
 
 def test_demo_writes_report_results_and_plots(demo_dir):
     report = (demo_dir / "report.md").read_text().splitlines()
-    assert report[0].startswith("On this data") and "changed test AUROC over real-only" in report[0]
+    answer = next(i for i, line in enumerate(report) if line.startswith("On this data"))
+    assert "changed test AUROC over real-only" in report[answer]
+    gates = json.loads((demo_dir / "summary.json").read_text())["gate"]
+    failed = [g for g, r in gates.items() if r["usable"] is False]
+    # The first lines, before the answer, name every generator the gate found unusable, and nothing else precedes.
+    for g in failed:
+        assert any(line.startswith(f"**Unusable generator: {g.split('@')[0].upper()}") for line in report[:answer])
+    assert all(line == "" or line.startswith(("**Unusable", "Gate ", "**Memorisation")) for line in report[:answer])
     cfg, _ = study.demo_config(demo_dir, quick=True, device="cpu")
     rows = _rows(demo_dir)
     assert sorted(r["run"] for r in rows) == sorted(r.name for r in study.plan_runs(cfg))
@@ -261,10 +269,15 @@ def test_demo_writes_report_results_and_plots(demo_dir):
 
 def test_summary_json_has_the_issue_keys(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
-    assert set(summary) == {"headline", "distances", "memorization"}
+    assert set(summary) == {"headline", "distances", "memorization", "gate"}
     assert [r["generator"] for r in summary["headline"]] == ["ddpm", "gan"]
+    assert set(summary["gate"]) == {"ddpm", "gan", "ddpm@f0.5", "gan@f0.5"}  # every pool, before the grid
+    for g in summary["gate"].values():
+        assert set(g) == {"usable", "reason", "warnings", "detectability", "tstr", "diversity"} and g["reason"]
+        assert set(g["detectability"]) == set(g["tstr"]) == {"auroc", "ci_low", "ci_high", "n_test"}
+        assert g["detectability"]["ci_low"] <= g["detectability"]["auroc"] <= g["detectability"]["ci_high"]
     for r in summary["headline"]:
-        assert set(r) == set(report.HEADLINE_KEYS)
+        assert set(r) == {*report.HEADLINE_KEYS, "usable"} and r["usable"] == summary["gate"][r["generator"]]["usable"]
         assert r["verdict"] in stats.VERDICTS and r["seeds"] == 2 and r["ratio"] == 1 and r["real_fraction"] == 1
         assert r["ci_low"] <= r["diff"] <= r["ci_high"] and r["n_test_images"] == r["n_test_patients"] == 24
     for g in ("ddpm", "gan"):
@@ -506,3 +519,31 @@ def test_a_second_study_in_the_same_folder_is_refused(phantom_data, tmp_path, ca
         assert main.main(_experiment(phantom_data, out, "--synthetic", f"x={phantom_data / 'train_data'}")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in use by another study" in err[0]
+
+
+def test_gate_marks_noise_unusable_and_memorisation_flags_a_copying_cheat(tmp_path, capsys):
+    root = tmp_path / "data"
+    assert main.main(["extract", "--phantoms", "120", "--out", str(root), "--size", "32", "--seed", "0"]) == 0
+    g = torch.Generator().manual_seed(0)
+    noise = tmp_path / "noise"
+    for cls in ("infiltration", "no_finding"):
+        save_pngs(noise / cls, torch.randint(0, 256, (20, 32, 32), generator=g, dtype=torch.uint8))
+    out = tmp_path / "study"
+    # "cheat": the real training images themselves, a generator that copies (copies of held-out
+    # images are refused outright: test_external_samples_guard_and_changed_data).
+    assert main.main(_experiment(root, out, "--synthetic", f"noise={noise}", "--synthetic",
+                                 f"cheat={root / 'train_data'}")) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gate"]["noise"]["usable"] is False and "no class signal" in summary["gate"]["noise"]["reason"]
+    assert summary["gate"]["cheat"]["usable"] is True  # real images pass the gate...
+    assert summary["memorization"]["cheat"]["flagged_fraction"] == 1.0  # ...and the memorisation check flags them
+    assert {r["generator"]: r["usable"] for r in summary["headline"]} == {"noise": False, "cheat": True}
+    lines = (out / "report.md").read_text().splitlines()
+    assert lines[0].startswith("**Unusable generator: NOISE.**") and "say nothing about the model" in lines[0]
+    assert lines[1].startswith("**Memorisation, CHEAT**")
+    answer = next(line for line in lines if line.startswith("On this data"))
+    assert "NOISE (" in answer and "no verdict, its generator failed the usability gate" in answer
+    assert "| NOISE (unusable) |" in "\n".join(lines)  # kept in the tables, marked
+    cached = json.loads((out / "gate.json").read_text())
+    assert set(cached) == {"noise", "cheat"} and all(e["seconds"] >= 0 for e in cached.values())
