@@ -62,9 +62,8 @@ SCRATCH = dict(preset="tiny", lr=2e-3, warmup=50, ema_decay=0.995)  # the DDPM f
 
 def ddpm_recipe(preset: str | None = None, pretrained: Path | None = None, lr: float | None = None,
                 **settings) -> ddpm.TrainConfig:
-    """The DDPM of each cell: fine-tune google/ddpm-cifar10-32 (the original recipe, AdamW lr 1e-5) when its
-    weights are given or on disk, else train from scratch with SCRATCH, measured on 518 real X-rays (README,
-    "Real X-rays at small scale"). `preset`, `lr` and `settings` (ddpm.TrainConfig fields) win over it."""
+    """The DDPM of each cell: fine-tune google/ddpm-cifar10-32 (AdamW lr 1e-5, the original recipe) when its weights
+    are given or on disk, else train from scratch with SCRATCH; `preset`, `lr`, `settings` win over either."""
     if pretrained is None and preset is None:
         local = Path(ddpm.DEFAULT_PRETRAINED)
         if (local / "config.json").is_file() or local.is_file():
@@ -142,7 +141,7 @@ class ExperimentOptions:
     ddpm_finetune: bool = flag(False, "fine-tune google/ddpm-cifar10-32 (needs --pretrained)")
     pretrained: Path | None = flag(None, "google/ddpm-cifar10-32 weights (file or folder)")
     ddpm_preset: str | None = flag(None, "train this DDPM from scratch (default: fine-tune when weights are found, "
-                                         "else small)", choices=tuple(ddpm.PRESETS))
+                                         "else tiny)", choices=tuple(ddpm.PRESETS))
     ddpm_max_steps: int = flag(DDPM_STEPS, "DDPM steps per class at fraction 1 (scaled); given, wins over epochs", min=1)
     ddpm_epochs: int | None = flag(None, "DDPM epochs per class, the budget when --ddpm-max-steps is left out", min=1)
     gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
@@ -225,13 +224,12 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
     external = external_generators(o.synthetic, o.data)
     if not gens and not external:
         raise CLIError("--generators is empty and no --synthetic NAME=DIR is given: nothing to compare")
-    # a budget at its default counts as left out (as in common.keep_saved): --ddpm-epochs / --gan-epochs then rule
     ddpm_steps = None if o.ddpm_epochs and o.ddpm_max_steps == DDPM_STEPS else o.ddpm_max_steps
     gan_steps = None if o.gan_epochs and o.gan_max_steps == GAN_STEPS else o.gan_max_steps
     return StudyConfig(
         o.data, o.out,
-        ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=ddpm_steps, eval_every=EVAL_EVERY)
-        if "ddpm" in gens else None,
+        ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=ddpm_steps,
+                         eval_every=EVAL_EVERY) if "ddpm" in gens else None,
         gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=gan_steps, eval_every=EVAL_EVERY)
         if "gan" in gens else None,
         generators=gens, external=external, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size,
@@ -679,8 +677,7 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
     # phantoms after ~700 steps of batch 32 (~0.17 s a step; 400 steps are still mostly noise); the
     # 0.25 cells' generators take a quarter of the steps. The GAN runs at 32 px, 4x cheaper than 64.
     cfg = StudyConfig(out / "data", out,
-                      ddpm=ddpm_recipe("tiny", lr=2e-3, max_steps=700, batch_size=32, warmup=50,
-                                       sample_steps=2, num_samples=4, ema_decay=0.995),
+                      ddpm=ddpm_recipe("tiny", lr=2e-3, max_steps=700, warmup=50, sample_steps=2, num_samples=4),
                       gan=gan_recipe(size=32, max_steps=400, batch_size=32),
                       ratios=(0.0, 1.0, 2.0), real_fractions=(1.0, 0.25), seeds=2, classifier="small",
                       classifier_epochs=8, classifier_batch_size=32, bootstrap=1000, fid_max_images=200,
