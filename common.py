@@ -87,6 +87,9 @@ def check_config(cfg) -> None:
                 raise CLIError(f"{option_name(f)} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
 
 
+DEFAULT_EPOCHS = 20  # the budget of a run given neither --max-steps nor --epochs
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """A generator's run options (read by training_run and train_loop); each model's TrainConfig adds its own."""
@@ -94,18 +97,32 @@ class RunConfig:
     data: Path = flag(help="folder of training images, searched recursively")
     out: Path = flag(help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
     class_name: str | None = flag(None, "train on one class folder only, e.g. infiltration", flag="--class")
-    epochs: int = flag(20, "passes over the training images", min=1)
-    max_steps: int | None = flag(None, "stop after this many training steps in total", min=1)
+    max_steps: int | None = flag(None, "the training budget in optimiser steps (in all, not per epoch); "
+                                 "when given, it wins over --epochs", min=1)
+    epochs: int | None = flag(None, f"passes over the training images: the budget when --max-steps is left out "
+                              f"(both left out: {DEFAULT_EPOCHS})", min=1)
     batch_size: int = flag(32, "per process", min=1)
     seed: int = flag(0, "seed of the initialisation, the noise and the data order")
     resume: bool = flag(False, "continue OUT/checkpoint.pt (with its model settings; see README)")
     amp: bool = flag(False, "bfloat16 autocast (CPU, or CUDA with bf16 support)")
     compile: bool = flag(False, "torch.compile the network(s), worth it on GPUs")
     device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+    eval_every: int | None = flag(None, "every N steps: KID and a detectability proxy against held-out real images "
+                                  "in loss.csv, best.pt, curves.png (monitor.py)", min=1)
+    eval_data: Path | None = flag(None, "the held-out real images --eval-every compares with (default: "
+                                  "validation_data beside --data, in the extract layout; never the test split)")
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
+        self.eval_data = None if self.eval_data is None else Path(self.eval_data)
         check_config(self)
+
+
+def total_steps(cfg: RunConfig, n: int, world_size: int = 1) -> tuple[int, int]:
+    """(steps of the run, steps per epoch) for n training images: --max-steps when given, else --epochs
+    (default DEFAULT_EPOCHS) passes of n // (batch * world) steps (a set smaller than a batch is one step)."""
+    per_epoch = max(1, (n // world_size) // cfg.batch_size)
+    return (cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or DEFAULT_EPOCHS) * per_epoch), per_epoch
 
 
 # --------------------------------------------------------------------------- devices and seeds
@@ -324,7 +341,7 @@ class CSVLog:
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields)
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")  # a resumed run may log other columns
             w.writeheader()
             w.writerows(rows)
 
@@ -465,13 +482,16 @@ def train_loop(
     log_fields: tuple[str, ...] = ("loss",),
     monitor: Callable[[int, dict], str | None] | None = None,
     keep_epoch_checkpoints: bool = False,
+    evaluate: Callable[[int], dict] | None = None,
 ) -> int:
-    """Run `step_fn` over shuffled batches of `data` (N, ...) for cfg.epochs epochs (at most cfg.max_steps
-    steps in all), writing to cfg.out. step_fn(batch) does one optimiser step and returns metrics (floats),
+    """Run `step_fn` over shuffled batches of `data` (N, ...) for the steps of total_steps (cfg.max_steps, else
+    cfg.epochs epochs), writing to cfg.out. step_fn(batch) does one optimiser step and returns metrics (floats),
     each of `log_fields` finite or the run stops. state_fn() returns the model-specific part of the
     checkpoint; the loop adds step, epoch, RNG state and the config (as "args"), and refuses to save a
-    non-finite tensor. Each rank takes every world_size-th sample of the epoch's order, so the global batch
-    is cfg.batch_size * world_size. To resume, pass the step Run.restore returns. Returns the final step."""
+    non-finite tensor. evaluate(step) (rank 0; monitor.Monitor) returns measures that join the step's
+    loss.csv row (their names among `log_fields`), or {} when it has nothing to say. Each rank takes every
+    world_size-th sample of the epoch's order, so the global batch is cfg.batch_size * world_size. To resume,
+    pass the step Run.restore returns. Returns the final step."""
     from tqdm import tqdm  # imported here so that plain imports of common stay light
 
     out = Path(cfg.out)
@@ -480,9 +500,9 @@ def train_loop(
         # gathered there, with no host-to-device copy per step and nothing to pin.
         data = data.to(dist_info.device)
     n = data.shape[0]
-    per_rank = n // dist_info.world_size
-    steps_per_epoch = max(1, per_rank // cfg.batch_size)  # a set smaller than a batch is one short step
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    total, steps_per_epoch = total_steps(cfg, n, dist_info.world_size)
+    if cfg.max_steps is not None and cfg.epochs is not None and dist_info.is_main:
+        print(f"note: --max-steps {cfg.max_steps} is the budget; --epochs {cfg.epochs} is ignored")
     log = CSVLog(out / "loss.csv", list(log_fields) + ["images_per_s"], resume_step=start_step) if dist_info.is_main else None
     step = start_step
     saved_step = start_step if start_step else None  # the step OUT/checkpoint.pt holds, if any
@@ -505,9 +525,12 @@ def train_loop(
         saved_step = step
 
     def finish_epoch(epoch: int) -> None:
-        """The epoch's pictures and (optionally) its checkpoint copy, once per finished epoch."""
+        """The epoch's pictures and (optionally) its checkpoint copy, once per finished epoch. With --eval-every N,
+        pictures only for the epochs that hold an evaluation: a small set's epochs of a few steps would
+        otherwise spend more time drawing grids than training."""
         if dist_info.is_main:
-            if on_epoch_end is not None:
+            every = cfg.eval_every or 1
+            if on_epoch_end is not None and step // every > (step - steps_per_epoch) // every:
                 on_epoch_end(epoch)
             if keep_epoch_checkpoints:
                 with atomic_path(out / f"checkpoint_epoch{epoch + 1:03d}.pt") as tmp:
@@ -530,6 +553,8 @@ def train_loop(
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"img/s": f"{rate:.1f}"})
+                if evaluate is not None and dist_info.is_main:
+                    metrics = {**metrics, **evaluate(step)}
                 if log is not None:
                     log.write({"step": step, "epoch": epoch, **metrics, "images_per_s": rate})
                 if monitor is not None and dist_info.is_main:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import monitor as quality  # --eval-every: held-out KID and 1-NN (CollapseMonitor below watches D and G)
 from common import CLIError, autocast, flag, save_image_grid, train_loop, unwrap
 
 SIZES = (32, 64, 128, 256)
@@ -418,11 +419,16 @@ def _train(tcfg: TrainConfig, run: common.Run) -> Path:
     real_spread = mean_pairwise_distance(real[:64])
 
     @torch.no_grad()
-    def fixed_samples() -> torch.Tensor:
+    def fixed_samples(z: torch.Tensor = fixed_z) -> torch.Tensor:
         G.eval()  # eval: no BatchNorm running-statistics update, same as `sample` (see generate)
-        x = G(fixed_z).float()
+        x = G(z).float()
         G.train()
         return x
+
+    def eval_samples(n: int) -> torch.Tensor:
+        """n samples of fixed noise (another seed than the grids') as grey uint8 (n, S, S), for monitor.py."""
+        z = sample_noise(n, cfg, torch.Generator().manual_seed(tcfg.seed + 1)).to(device)
+        return torch.from_numpy(common.to_uint8(fixed_samples(z).mean(dim=1, keepdim=True).cpu()))
 
     def on_epoch_end(epoch: int) -> None:
         save_image_grid(fixed_samples().cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=8)
@@ -436,9 +442,13 @@ def _train(tcfg: TrainConfig, run: common.Run) -> Path:
 
     monitor = CollapseMonitor(window=tcfg.collapse_window, every=100,
                               diversity=lambda: mean_pairwise_distance(fixed_samples()[:64]) / max(real_spread, 1e-8))
+    total = common.total_steps(tcfg, real.shape[0], info.world_size)[0]
+    watch = (quality.setup(tcfg, cfg.size, total, eval_samples, state, ("loss_d", "loss_g"), device, start)
+             if info.is_main else None)
+    fields = ("loss_d", "loss_g", "d_real", "d_fake", "grad_d", "grad_g") + (quality.FIELDS if watch else ())
     step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, tcfg, info,
-                      start, on_epoch_end, ("loss_d", "loss_g", "d_real", "d_fake", "grad_d", "grad_g"), monitor,
-                      keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints)
+                      start, on_epoch_end, fields, monitor, keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints,
+                      evaluate=watch)
     if info.is_main:
         save_image_grid(fixed_samples().cpu(), out / "samples_latest.png", nrow=8)
         monitor.report(step, out)  # diversity at the end, beside the run's worst point

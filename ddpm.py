@@ -484,8 +484,10 @@ class TrainConfig(common.RunConfig):
 
 def train(cfg: TrainConfig) -> Path:
     """Fine-tune or train with DDPM Alg. 1, inside common.training_run (checks, lock, torchrun, resume,
-    seeds) and common.train_loop (data order, log, checkpoints, Ctrl-C, NaN). Returns OUT/checkpoint.pt."""
+    seeds) and common.train_loop (data order, log, checkpoints, Ctrl-C, NaN); with --eval-every, monitor.py
+    measures the samples against held-out images and keeps OUT/best.pt. Returns OUT/checkpoint.pt."""
     import data
+    import monitor
 
     with common.training_run(cfg, "ddpm", ("config", "diffusion", "model", "ema", "optimizer")) as run:
         if run.ckpt is not None:
@@ -537,8 +539,18 @@ def train(cfg: TrainConfig) -> Path:
             images = diffusion.sample(ema.model, x_T.shape, "ddim", cfg.sample_steps, x_T=x_T.to(device), progress=False)
             common.save_image_grid(images, cfg.out / f"samples_epoch{epoch + 1:03d}.png")
 
-        final = common.train_loop(images, step_fn, state_fn, cfg, run.info, start_step, on_epoch_end,
-                                  log_fields=("loss", "grad_norm", "lr"))
+        def eval_samples(n: int) -> torch.Tensor:
+            """n samples of fixed noise (another seed than the grids') as grey uint8 (n, S, S), for monitor.py."""
+            noise = torch.randn((n, *x_T.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 1))
+            x = diffusion.sample(ema.model, noise.shape, "ddim", cfg.sample_steps, x_T=noise.to(device), progress=False)
+            return torch.from_numpy(common.to_uint8(x.mean(dim=1, keepdim=True)))  # RGB -> grey, as `sample` writes
+
+        total = common.total_steps(cfg, len(images), run.info.world_size)[0]
+        watch = monitor.setup(cfg, cfg.image_size, total, eval_samples, state_fn, ("loss",), device,
+                              start_step) if run.info.is_main else None
+        fields = ("loss", "grad_norm", "lr") + (monitor.FIELDS if watch else ())
+        final = common.train_loop(images, step_fn, state_fn, cfg, run.info, start_step, on_epoch_end, fields,
+                                  evaluate=watch)
         if run.info.is_main:
             print(f"trained to step {final}; checkpoint {common.shown(cfg.out / 'checkpoint.pt')}")
         return cfg.out / "checkpoint.pt"

@@ -55,6 +55,8 @@ RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
                  "n_test", "test_set", "seconds", "finished_at", "steps", "synthetic_set")
 SUBSET_SEED = 0  # the one random order of the real training images that every nested subset is cut from
+DDPM_STEPS, GAN_STEPS, EVAL_EVERY = 1500, 500, 100  # per class at fraction 1 (README, "Real X-rays at small scale")
+SCRATCH = dict(preset="tiny", lr=2e-3, warmup=50, ema_decay=0.995)  # the DDPM from scratch: same section
 
 
 # --------------------------------------------------------------------------- configuration
@@ -62,20 +64,18 @@ SUBSET_SEED = 0  # the one random order of the real training images that every n
 
 def ddpm_recipe(preset: str | None = None, pretrained: Path | None = None, lr: float | None = None,
                 **settings) -> ddpm.TrainConfig:
-    """The DDPM of each cell: fine-tune google/ddpm-cifar10-32 (the original recipe,
-    AdamW lr 1e-5) when its weights are given or on disk, else train a preset from
-    scratch at Ho et al.'s CIFAR-10 lr, 2e-4. `settings`: other ddpm.TrainConfig fields."""
+    """The DDPM of each cell: fine-tune google/ddpm-cifar10-32 (AdamW lr 1e-5, the original recipe) when its weights
+    are given or on disk, else train from scratch with SCRATCH; `preset`, `lr`, `settings` win over either."""
     if pretrained is None and preset is None:
         local = Path(ddpm.DEFAULT_PRETRAINED)
         if (local / "config.json").is_file() or local.is_file():
             pretrained = local
         else:
-            print(f"note: no google/ddpm-cifar10-32 weights at {local}; training the 'small' DDPM from scratch "
-                  "(pass --pretrained PATH to fine-tune)", flush=True)
-            preset = "small"
+            print(f"note: no google/ddpm-cifar10-32 weights at {local}; training the '{SCRATCH['preset']}' DDPM "
+                  "from scratch (pass --pretrained PATH to fine-tune)", flush=True)
     plan = (dict(finetune=True, pretrained=pretrained, lr=lr or 1e-5) if pretrained is not None
-            else dict(preset=preset, lr=lr or 2e-4))
-    return ddpm.TrainConfig(data=Path(), out=Path(), **plan, **settings)
+            else {**SCRATCH, "preset": preset or SCRATCH["preset"], "lr": lr or SCRATCH["lr"]})
+    return ddpm.TrainConfig(data=Path(), out=Path(), **{**plan, **settings})
 
 
 def gan_recipe(**settings) -> dcgan.TrainConfig:
@@ -144,12 +144,12 @@ class ExperimentOptions:
     ddpm_finetune: bool = flag(False, "fine-tune google/ddpm-cifar10-32 (needs --pretrained)")
     pretrained: Path | None = flag(None, "google/ddpm-cifar10-32 weights (file or folder)")
     ddpm_preset: str | None = flag(None, "train this DDPM from scratch (default: fine-tune when weights are found, "
-                                         "else small)", choices=tuple(ddpm.PRESETS))
-    ddpm_epochs: int = flag(20, "DDPM training epochs per class", min=1)
-    ddpm_max_steps: int | None = flag(None, "cap each full-data DDPM's steps (scaled by the fraction)", min=1)
+                                         "else tiny)", choices=tuple(ddpm.PRESETS))
+    ddpm_max_steps: int = flag(DDPM_STEPS, "DDPM steps per class at fraction 1 (scaled); given, wins over epochs", min=1)
+    ddpm_epochs: int | None = flag(None, "DDPM epochs per class, the budget when --ddpm-max-steps is left out", min=1)
     gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
-    gan_epochs: int = flag(20, "GAN training epochs per class", min=1)
-    gan_max_steps: int | None = flag(None, "cap each full-data GAN's steps (scaled by the fraction)", min=1)
+    gan_max_steps: int = flag(GAN_STEPS, "GAN steps per class at fraction 1 (scaled); given, wins over epochs", min=1)
+    gan_epochs: int | None = flag(None, "GAN epochs per class, the budget when --gan-max-steps is left out", min=1)
     sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=("ddim", "ddpm"))
     sample_steps: int = flag(50, "DDPM sampling steps", min=1)
     tstr: bool = flag(True, "train on synthetic, test on real (TSTR); --no-tstr skips it", flag="--no-tstr")
@@ -227,11 +227,14 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
     external = external_generators(o.synthetic, o.data)
     if not gens and not external:
         raise CLIError("--generators is empty and no --synthetic NAME=DIR is given: nothing to compare")
+    ddpm_steps = None if o.ddpm_epochs and o.ddpm_max_steps == DDPM_STEPS else o.ddpm_max_steps
+    gan_steps = None if o.gan_epochs and o.gan_max_steps == GAN_STEPS else o.gan_max_steps
     return StudyConfig(
         o.data, o.out,
-        ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=o.ddpm_max_steps)
-        if "ddpm" in gens else None,
-        gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=o.gan_max_steps) if "gan" in gens else None,
+        ddpm=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, max_steps=ddpm_steps,
+                         eval_every=EVAL_EVERY) if "ddpm" in gens else None,
+        gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=gan_steps, eval_every=EVAL_EVERY)
+        if "gan" in gens else None,
         generators=gens, external=external, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size,
         classifier=o.classifier, classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, margin=o.margin,
         tstr=o.tstr, bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
@@ -387,10 +390,9 @@ def subset_folder(cfg: StudyConfig, real: RealData, frac: float) -> tuple[Path, 
 
 def train_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, folder: Path, trained_on: str,
                     share: float) -> tuple[Path, bool]:
-    """Train (or reuse) the generator of one class and real fraction on that cell's
-    real images only; return its checkpoint and whether it was trained now. A
-    max_steps cap scales with `share` (cell images / all), so every generator
-    takes the same epochs. inputs.json records the images (others are refused);
+    """Train (or reuse) the generator of one class and real fraction on that cell's real images only; return
+    its checkpoint and whether it was trained now. Its steps and monitoring cadence scale with `share` (cell
+    images / all): every generator takes the same epochs. inputs.json records the images (others are refused);
     done.json marks a finished run; without it, a checkpoint is resumed."""
     out = cfg.out / "generators" / f"{gen}_{cls}_f{frac:g}"
     done, ckpt, inputs = out / "done.json", out / "checkpoint.pt", out / "inputs.json"
@@ -401,10 +403,10 @@ def train_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, folder: P
         print(f"reusing {gen} for {cls} at real fraction {frac:g}: {ckpt}", flush=True)
         return ckpt, False
     base = getattr(cfg, gen)
-    steps = base.max_steps if base.max_steps is None else max(1, math.ceil(base.max_steps * share))
+    steps, every = (n if n is None else max(1, math.ceil(n * share)) for n in (base.max_steps, base.eval_every))
     print(f"\n== training the {gen} of class {cls} on the real {frac:g} subset ({folder})", flush=True)
     run = dataclasses.replace(base, data=folder, out=out, class_name=cls, device=cfg.device, resume=ckpt.is_file(),
-                              max_steps=steps)
+                              max_steps=steps, eval_every=every, eval_data=cfg.data / data.SPLIT_DIRS["validation"])
     with atomic_path(inputs) as tmp:
         tmp.write_text(json.dumps({"trained_on": trained_on, "data": str(folder)}))
     ckpt = {"ddpm": ddpm.train, "gan": dcgan.train}[gen](run)
@@ -428,6 +430,7 @@ def sample_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, ckpt: Pa
         print(f"reusing {n} {gen} samples of {cls} at real fraction {frac:g}: {folder}", flush=True)
         return folder
     print(f"\n== sampling {n} {gen} images of class {cls} at real fraction {frac:g}", flush=True)
+    ckpt = ckpt.with_name("best.pt") if ckpt.with_name("best.pt").is_file() else ckpt  # monitor.py's pick
     checkpoint, device, seed = load_checkpoint(ckpt), pick_device(cfg.device), noise_seed(gen, cls, frac)
     if gen == "ddpm":
         images = ddpm.generate(checkpoint, n, seed=seed, batch_size=64, device=device, sampler=cfg.sampler,
@@ -659,9 +662,9 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
     on a 2-core CPU for the full demo, a minute or two for --quick (the tests)."""
     if quick:
         cfg = StudyConfig(out / "data", out,
-                          ddpm=ddpm_recipe("tiny", epochs=1, max_steps=8, batch_size=16, sample_steps=2, num_samples=4,
+                          ddpm=ddpm_recipe("tiny", max_steps=8, batch_size=16, sample_steps=2, num_samples=4,
                                            ema_decay=0.5),
-                          gan=gan_recipe(size=64, epochs=1, max_steps=8, batch_size=16),
+                          gan=gan_recipe(size=64, max_steps=8, batch_size=16),
                           ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, classifier="small",
                           classifier_epochs=2, classifier_batch_size=32, bootstrap=200, fid_max_images=64,
                           inception=False, device=device, sample_steps=4, gate=gate.GateConfig(epochs=2, patience=1),
@@ -671,9 +674,8 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
     # phantoms after ~700 steps of batch 32 (~0.17 s a step; 400 steps are still mostly noise); the
     # 0.25 cells' generators take a quarter of the steps. The GAN runs at 32 px, 4x cheaper than 64.
     cfg = StudyConfig(out / "data", out,
-                      ddpm=ddpm_recipe("tiny", lr=2e-3, epochs=1000, max_steps=700, batch_size=32, warmup=50,
-                                       sample_steps=2, num_samples=4, ema_decay=0.995),
-                      gan=gan_recipe(size=32, epochs=1000, max_steps=400, batch_size=32),
+                      ddpm=ddpm_recipe("tiny", lr=2e-3, max_steps=700, warmup=50, sample_steps=2, num_samples=4),
+                      gan=gan_recipe(size=32, max_steps=400, batch_size=32),
                       ratios=(0.0, 1.0, 2.0), real_fractions=(1.0, 0.25), seeds=2, classifier="small",
                       classifier_epochs=8, classifier_batch_size=32, bootstrap=1000, fid_max_images=200,
                       device=device, sample_steps=20, title="the demo (embedded phantoms, small models, two seeds)")
