@@ -168,6 +168,26 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XRAY_CACHE", Path.home() / ".cache" / "xray-synth"))
 
 
+def training_folder(root: str | os.PathLike) -> tuple[Path, str | None]:
+    """The folder to read as a training set, and a note to print: an extract-layout
+    root (one holding train_data/) gives its train split only, never its
+    validation or test patients; any other folder is itself (no note). The
+    generators and the memorisation check train on, or search, this folder."""
+    train = Path(root) / SPLIT_DIRS["train"]
+    if train.is_dir():
+        return train, f"note: {root} is an extract layout: using its train split {train} only"
+    return Path(root), None
+
+
+def load_training_folder(root: str | os.PathLike, size: int, class_name: str | None = None) -> ImageSet:
+    """load_folder of training_folder(root): a generator given an extract root trains on
+    its train split only, and says so on stdout."""
+    folder, note = training_folder(root)
+    if note is not None:
+        print(note, flush=True)
+    return load_folder(folder, size, class_name)
+
+
 def load_folder(root: str | os.PathLike, size: int, class_name: str | None = None,
                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> ImageSet:
     """Every image under root (optionally one class), centre-cropped and resized

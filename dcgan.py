@@ -398,7 +398,7 @@ def _train(tcfg: TrainConfig, run: common.Run) -> Path:
     opt_g = torch.optim.Adam(G.parameters(), lr=tcfg.lr_g, betas=tcfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=tcfg.lr_d, betas=tcfg.betas)
     start = run.restore(generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
-    images = data.load_folder(tcfg.data, cfg.size, tcfg.class_name).images  # (N, S, S) uint8
+    images = data.load_training_folder(tcfg.data, cfg.size, tcfg.class_name).images  # (N, S, S) uint8
     real = data.to_unit_range(images)  # (N, 1, S, S) in [-1, 1]
     if cfg.channels == 3:
         real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the original's input

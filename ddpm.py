@@ -505,7 +505,7 @@ def train(cfg: TrainConfig) -> Path:
         ema = common.EMA(model.to(device), cfg.ema_decay)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
         step = start_step = run.restore(model=model, ema=ema, optimizer=opt)
-        images = data.load_folder(cfg.data, cfg.image_size, cfg.class_name).images  # (N, S, S) uint8, decoded once
+        images = data.load_training_folder(cfg.data, cfg.image_size, cfg.class_name).images  # (N, S, S) uint8, decoded once
         if len(images) < cfg.batch_size * run.info.world_size:
             raise CLIError(f"{len(images)} images under {cfg.data} but the batch needs "
                            f"{cfg.batch_size * run.info.world_size} (lower --batch-size)")

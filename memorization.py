@@ -43,16 +43,6 @@ def ordinal(p: float) -> str:
     return f"{n}{'th' if n % 100 in (11, 12, 13) else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-def train_folder(root: Path) -> tuple[Path, str | None]:
-    """The folder to read as a training set, and a note to print: an extract-layout
-    root (one holding train_data/) gives its train split only, never its
-    validation or test patients; any other folder is itself (no note)."""
-    train = Path(root) / data.SPLIT_DIRS["train"]
-    if train.is_dir():
-        return train, f"note: {root} is an extract layout: using its train split {train} only"
-    return Path(root), None
-
-
 # --------------------------------------------------------------------------- the memorisation check
 
 
@@ -181,7 +171,7 @@ def run(cfg: MemorizationConfig) -> dict:
         for name in OUTPUTS:
             data.check_output(cfg.out / name, "--out", folder=False)
     data.list_images(cfg.synthetic)  # a missing or empty --synthetic fails now, before the training set is read
-    folder, note = train_folder(cfg.train)
+    folder, note = data.training_folder(cfg.train)
     train = data.load_folder(folder, cfg.size).images
     heldout = None
     if note is not None:  # extract layout: other patients are the yardstick

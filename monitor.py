@@ -101,21 +101,21 @@ class Features:
 
 
 def heldout_folder(cfg: common.RunConfig) -> tuple[Path | None, str]:
-    """The held-out real images to compare with: --eval-data, else validation_data beside --data
-    (DIR/train_data -> DIR/validation_data). None and the reason when there are none."""
+    """The held-out real images to compare with: --eval-data, else the extract's validation_data
+    (--data DIR/train_data or DIR itself -> DIR/validation_data). None and the reason when there are none."""
     train, val = data.SPLIT_DIRS["train"], data.SPLIT_DIRS["validation"]
     if cfg.eval_data is not None:
         folder = Path(cfg.eval_data)
     elif Path(cfg.data).name == train:
         folder = Path(cfg.data).parent / val
-    elif (Path(cfg.data) / val).is_dir():
-        return None, f"--data {cfg.data} holds {val} itself, so none of its images is held out (train on {train})"
+    elif (Path(cfg.data) / train).is_dir():  # an extract root: training reads its train split only
+        folder = Path(cfg.data) / val
     else:
         return None, (f"--data {cfg.data} is a plain folder, not the {train} of an extract: no held-out images "
                       "beside it (give --eval-data DIR)")
     if not folder.is_dir():
         return None, f"no held-out images: {folder} is not a folder"
-    train_dir, held = Path(cfg.data).resolve(), folder.resolve()
+    train_dir, held = data.training_folder(cfg.data)[0].resolve(), folder.resolve()  # what training reads
     if train_dir == held or train_dir in held.parents or held in train_dir.parents:
         return None, f"{folder} overlaps --data {cfg.data}: its images are not held out"
     return folder, ""

@@ -158,19 +158,26 @@ def test_one_nn_accuracy_exact_cases():
 # --------------------------------------------------------------------------- bad input: one line, training goes on
 
 
-@pytest.mark.parametrize("case", ["too_large", "plain_folder", "extract_root"])
+@pytest.mark.parametrize("case", ["too_large", "plain_folder"])
 def test_monitoring_bad_input_is_one_line_and_training_goes_on(layout, tmp_path, capsys, case):
-    data_dir = {"too_large": layout / "train_data", "plain_folder": layout / "train_data" / "infiltration",
-                "extract_root": layout}[case]
+    data_dir = {"too_large": layout / "train_data", "plain_folder": layout / "train_data" / "infiltration"}[case]
     out = tmp_path / "run"
     code, stdout, err = _run(capsys, "ddpm", "--data", data_dir, "--out", out, *TINY_DDPM, "--max-steps", 3,
                              "--eval-every", 5 if case == "too_large" else 1)
     notes = [line for line in stdout.splitlines() if "without monitoring" in line]
     assert code == 0 and len(notes) == 1 and "Traceback" not in err
-    assert {"too_large": "larger than the run (3 steps)", "plain_folder": "plain folder",
-            "extract_root": "holds validation_data itself"}[case] in notes[0]
+    assert {"too_large": "larger than the run (3 steps)", "plain_folder": "plain folder"}[case] in notes[0]
     assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 3 and "kid" not in _rows(out)[0]
     assert not (out / "best.pt").exists()
+
+
+def test_an_extract_root_trains_on_its_train_split_and_watches_its_validation_split(layout, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, "ddpm", "--data", layout, "--out", out, *TINY_DDPM, "--max-steps", 2,
+                             "--eval-every", 1)
+    assert code == 0 and "Traceback" not in err, err
+    assert f"using its train split {layout / 'train_data'} only" in stdout and "without monitoring" not in stdout
+    assert len(_rows(out)) == 2 and all(row["kid"] for row in _rows(out))
 
 
 def test_missing_eval_data_is_refused_in_one_line(layout, tmp_path, capsys):
