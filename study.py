@@ -116,6 +116,7 @@ class StudyConfig:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
         if not self.margin >= 0:
             raise CLIError(f"--margin must be at least 0, got {self.margin}")
+        ddpm.check_sampler(self.sampler, self.sample_steps, option="--sample-steps")  # before any generator trains
 
     @property
     def all_generators(self) -> tuple[str, ...]:
@@ -147,7 +148,7 @@ class ExperimentOptions:
     gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
     gan_epochs: int = flag(20, "GAN training epochs per class", min=1)
     gan_max_steps: int | None = flag(None, "cap each full-data GAN's steps (scaled by the fraction)", min=1)
-    sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=("ddim", "ddpm"))
+    sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=tuple(ddpm.DEFAULT_STEPS))
     sample_steps: int = flag(50, "DDPM sampling steps", min=1)
     tstr: bool = flag(True, "train on synthetic, test on real (TSTR); --no-tstr skips it", flag="--no-tstr")
     bootstrap: int = flag(2000, "bootstrap resamples (seeds x test patients) for the report's intervals", min=100)
