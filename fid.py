@@ -628,13 +628,13 @@ def run(cfg: FIDConfig) -> dict:
             raise CLIError(f"not found: {p}")
     # k against the set sizes before any network runs (fewer than 2 images is refused below, as for FID)
     counts = [int(load_stats(p)["n"]) if _is_npz(p) else len(data.list_images(p)) for p in (cfg.real, cfg.fake)]
-    smaller, pr_k = min([n for n in counts if n >= 2] or [PRDC_K + 1]), cfg.pr_k or PRDC_K
+    smaller, pr_k = min((n for n in counts if n >= 2), default=math.inf), cfg.pr_k or PRDC_K  # inf: no features
     if smaller <= pr_k and cfg.pr_k is not None:
         raise CLIError(f"--pr-k {pr_k} needs more than {pr_k} images per side; the smaller set has {smaller}")
     pr_k = pr_k if smaller > pr_k else None  # the default k on a tiny set: not computed, with a note at the end
     try:
-        res = dict.fromkeys(PRDC_KEYS) | evaluate(cfg.real, cfg.fake, cfg.inception_weights, cfg.device,
-                                                  cfg.batch_size, pr_k=pr_k)
+        res = evaluate(cfg.real, cfg.fake, cfg.inception_weights, cfg.device, cfg.batch_size, pr_k=pr_k)
+        res |= {k: res.get(k) for k in PRDC_KEYS}  # null where not computed, after the other numbers
     except InceptionWeightsMissing as e:
         if cfg.classifier is None:
             raise
@@ -642,8 +642,8 @@ def run(cfg: FIDConfig) -> dict:
         res = dict(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None, n_real=None, n_fake=None,
                    **dict.fromkeys(PRDC_KEYS))
     if cfg.classifier is not None:
-        res |= {f"cxr_{k}": None for k in PRDC_KEYS} | classifier_feature_distance(
-            cfg.real, cfg.fake, cfg.classifier, pr_k=pr_k)
+        res |= classifier_feature_distance(cfg.real, cfg.fake, cfg.classifier, pr_k=pr_k)
+        res |= {f"cxr_{k}": res.get(f"cxr_{k}") for k in PRDC_KEYS}
         if res["n_real"] is None:
             res["n_real"], res["n_fake"] = res["cxr_n_real"], res["cxr_n_fake"]
     if pr_k is None:
