@@ -7,12 +7,15 @@ beside it and the ratio (higher is better for ours):
   1. UNet (full google/ddpm-cifar10-32 config) forward and training step
      (forward + backward + AdamW) at batch 16, ours vs diffusers' UNet2DModel
      with the same weights and input (skipped where diffusers is absent);
-  2. sampling cost per image: DDPM 1000 steps vs DDIM 50 steps;
+  2. sampling cost per image, each sampler at its default steps: DDPM 1000
+     vs DDIM 50, and DPM-Solver++(2M) 20 vs DDIM 50;
   3. FID feature extraction, ours vs pytorch-fid, same weights and images;
   4. DCGAN training step (1 D + 2 G updates) at 256x256 and 64x64, batch 32;
   5. the data path: images/s from the resized-tensor cache vs decoding PNGs,
      and the fraction of a training step spent waiting for data;
-  6. peak memory of a fine-tuning step at batch 32 (RSS on CPU, allocated on GPU).
+  6. peak memory of a fine-tuning step at batch 32 (RSS on CPU, allocated on GPU);
+  7. with --compile: torch.compile against eager on this device for the UNet
+     training step and DPM-Solver++ 20-step sampling (compiling takes minutes on a CPU).
 The reference packages (diffusers, pytorch-fid) are test-only dependencies: a
 column whose reference is not installed is reported as skipped.
 """
@@ -175,8 +178,12 @@ def bench_sampling(device, args, rows: list[Row]) -> None:
     x = torch.randn(shape, device=device)
     with torch.inference_mode():
         model(x, torch.zeros(batch, dtype=torch.long, device=device))  # warm-up: one network call
-    ddim_s = median_time(lambda: diffusion.sample(model, shape, "ddim", 50, generator=g, progress=False), device,
-                         repeats=1 if args.quick else 3, warmup=0)
+
+    def run(sampler: str):
+        return lambda: diffusion.sample(model, shape, sampler, ddpm.DEFAULT_STEPS[sampler], generator=g, progress=False)
+
+    r = interleaved({s: run(s) for s in ("ddim", "dpmpp")}, device, 1 if args.quick else 3, warmup=0)
+    ddim_s, dpmpp_s = r["ddim"], r["dpmpp"]
     k = 1000 if args.full else (10 if args.quick else 50)
 
     @torch.inference_mode()
@@ -189,9 +196,62 @@ def bench_sampling(device, args, rows: list[Row]) -> None:
 
     ddpm_s = median_time(ddpm_slice, device, repeats=1 if args.quick else 3, warmup=0) * 1000 / k
     note = "" if args.full else f"; DDPM timed over {k} of its 1000 steps and scaled"
+    per_image = {"ddpm_s_per_image": ddpm_s / batch, "ddim_s_per_image": ddim_s / batch,
+                 "dpmpp_s_per_image": dpmpp_s / batch}
     rows.append(Row(f"sampling, s per image: DDIM 50 vs DDPM 1000 (batch {batch})", ddim_s / batch, ddpm_s / batch,
-                    "s/img", f"network calls 50 vs 1000{note}",
-                    {"ddpm_s_per_image": ddpm_s / batch, "ddim_s_per_image": ddim_s / batch}))
+                    "s/img", f"network calls 50 vs 1000{note}", per_image))
+    rows.append(Row(f"sampling, s per image: DPM-Solver++ 20 vs DDIM 50 (batch {batch})", dpmpp_s / batch,
+                    ddim_s / batch, "s/img", "network calls 20 vs 50"))
+
+
+# --------------------------------------------------------------------------- 7. torch.compile against eager
+
+
+def bench_compile(device, args, rows: list[Row]) -> None:
+    """The full UNet, eager and torch.compile'd (same weights), timed in alternation after a first
+    compiled call that compiles (its time is in the note): a training step, and DPM-Solver++ 20 steps.
+    Train and eval mode are the same network here (dropout 0), so both parts use the one module."""
+    import copy
+
+    import ddpm
+
+    if not args.compile:
+        return
+    batch = 4 if args.quick else 16
+    torch.manual_seed(0)
+    eager = ddpm.UNet().to(device)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
+    diffusion = ddpm.GaussianDiffusion().to(device)
+    x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+
+    def train_step(net, params):
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+        def f():
+            with common.autocast(device, args.amp):
+                loss = diffusion.training_loss(net, x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return f
+
+    def sample(net):
+        return lambda: diffusion.sample(net, x0.shape, "dpmpp", 20, generator=torch.Generator(device).manual_seed(0),
+                                        progress=False)
+
+    for what, fns, unit, per in (
+            (f"UNet training step, batch {batch}", {"eager": train_step(eager, eager.parameters()),
+                                                    "compile": train_step(compiled, compiled_model.parameters())},
+             "s/step", 1),
+            (f"DPM-Solver++ 20 steps, batch {batch}", {"eager": sample(eager), "compile": sample(compiled)},
+             "s/img", batch)):
+        t0 = time.perf_counter()
+        fns["compile"]()  # compiles (the inference graph is another compilation)
+        compile_s = time.perf_counter() - t0
+        r = interleaved(fns, device, 2 if args.quick else 3)
+        rows.append(Row(f"torch.compile vs eager: {what}", r["compile"] / per, r["eager"] / per, unit,
+                        f"first compiled call (compilation) {compile_s:.0f} s"))
 
 
 # --------------------------------------------------------------------------- 3. FID features
@@ -364,8 +424,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for our paths")
-    p.add_argument("--compile", action="store_true", help="torch.compile our UNet")
-    p.add_argument("--only", default="unet,sampling,fid,dcgan,data,memory", help="comma-separated parts to run")
+    p.add_argument("--compile", action="store_true", help="torch.compile our UNet, and time it against eager")
+    p.add_argument("--only", default="unet,sampling,fid,dcgan,data,memory,compile", help="comma-separated parts to run")
     p.add_argument("--_memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
@@ -388,7 +448,8 @@ def main(argv=None) -> int:
                          ("fid", lambda: bench_fid(device, args, rows, tmp)),
                          ("dcgan", lambda: bench_dcgan(device, args, rows)),
                          ("data", lambda: bench_data(device, args, rows, tmp)),
-                         ("memory", lambda: bench_memory(device, args, rows))):
+                         ("memory", lambda: bench_memory(device, args, rows)),
+                         ("compile", lambda: bench_compile(device, args, rows))):
             if name in parts:
                 t0 = time.perf_counter()
                 fn()

@@ -1,14 +1,15 @@
 """Denoising diffusion: the DDPM of Ho, Jain and Abbeel (NeurIPS 2020) with the
-DDIM sampler of Song, Meng and Ermon (ICLR 2021), the UNet of the released
-CIFAR-10 model, fine-tuning and sampling. Read top to bottom:
+DDIM sampler of Song, Meng and Ermon (ICLR 2021) and DPM-Solver++(2M) of Lu et al.
+(2022), the UNet of the released CIFAR-10 model, fine-tuning and sampling. Read top to bottom:
   1. the noise schedule (linear, or the cosine of Nichol & Dhariwal 2021),
   2. the diffusion process: forward q (Eq. 4), posterior (Eq. 6-7), reverse p
-     (Eq. 11, Alg. 2), one DDIM step (Song et al. Eq. 12, 16) and the loops,
+     (Eq. 11, Alg. 2), one DDIM step (Song et al. Eq. 12, 16), one DPM-Solver++
+     step (Lu et al. Prop. 4.1, Alg. 2) and the loops,
   3. the UNet, whose default configuration is exactly `google/ddpm-cifar10-32`,
   4. loading that model's diffusers-format weights (an explicit key map),
   5. training (Alg. 1; `main.py ddpm`), 6. sampling (`main.py sample`).
 Checked against diffusers 0.42 in tests/test_ddpm.py (UNet2DModel, DDPMScheduler,
-DDIMScheduler give the same numbers); nothing here imports diffusers.
+DDIMScheduler, DPMSolverMultistepScheduler give the same numbers); nothing here imports diffusers.
 
 Timestep convention: code t = 0 .. T-1 is the paper's t = 1 .. T. So betas[0] is
 the paper's beta_1, x_0 in code names the data only as "x0", and the last
@@ -35,6 +36,7 @@ from pretrained import DEFAULT_PRETRAINED, convert_diffusers_state_dict  # noqa:
 NUM_TIMESTEPS = 1000  # T of the released model
 BETA_SCHEDULES = ("linear", "cosine")
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
+DEFAULT_STEPS = {"ddpm": NUM_TIMESTEPS, "ddim": 50, "dpmpp": 20}  # network calls per image, by sampler
 
 
 def make_betas(schedule: str, T: int) -> torch.Tensor:
@@ -61,7 +63,7 @@ def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor
 
 class GaussianDiffusion(nn.Module):
     """The forward process q(x_t | x_0), its posterior, and the learned reverse
-    process p(x_{t-1} | x_t) of DDPM, plus the DDIM sampler. The model predicts
+    process p(x_{t-1} | x_t) of DDPM, plus the DDIM and DPM-Solver++ samplers. The model predicts
     the noise eps that was added (Ho et al. Eq. 11)."""
 
     def __init__(self, num_timesteps: int = NUM_TIMESTEPS, beta_schedule: str = "linear",
@@ -116,11 +118,24 @@ class GaussianDiffusion(nn.Module):
         """x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), Eq. 4 solved for x_0."""
         return extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
 
+    def predict_noise_from_start(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(alpha-bar_t) x_0) / sqrt(1 - alpha-bar_t), Eq. 4 solved for eps."""
+        return (x_t - extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x0) / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+
     def model_predictions(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor):
-        """(eps, x_0): the network's noise and the x_0 it implies, clipped to [-1, 1] as the released sampler does."""
+        """(eps, x_0): the x_0 the network's noise implies, clipped to [-1, 1] as the released sampler does,
+        and the noise that this x_0 implies in turn, so x_t = sqrt(a) x_0 + sqrt(1 - a) eps still holds.
+        DDPM's posterior mean reads x_0 only; DDIM's step reads both."""
         eps = model(x_t, t).float()
         x0 = self.predict_start_from_noise(x_t, t, eps)
-        return eps, (x0.clamp(-1.0, 1.0) if self.clip_sample else x0)
+        if not self.clip_sample:
+            return eps, x0
+        x0 = x0.clamp(-1.0, 1.0)
+        # Patch: diffusers' DDIMScheduler keeps the network's eps beside the clipped x_0 by default
+        # (use_clipped_model_output=False). Then every step that clips jumps by sqrt(a_t) (clip(x_0) - x_0),
+        # however small the step, and DDIM gets worse with more steps on a model whose early x_0 leaves
+        # [-1, 1] (README, "Sampler quality"). Re-deriving eps is its use_clipped_model_output=True.
+        return self.predict_noise_from_start(x_t, t, x0), x0
 
     # ---- reverse process (DDPM)
 
@@ -175,14 +190,14 @@ class GaussianDiffusion(nn.Module):
         """One DDIM update x_t -> x_{t_prev} (Song et al. Eq. 12), with a = alpha-bar:
             x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
             sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)  (Eq. 16),
-        x0 and eps from model_predictions. eta = 0 is deterministic, eta = 1 ancestral sampling on
-        the strided chain; z is `noise` (None: no noise term). t_prev = -1 ends the chain with
-        a_prev = 1, so the last step returns x0 (diffusers' set_alpha_to_one)."""
+        x0 and eps from model_predictions (eps re-derived from the clipped x0: diffusers' step with
+        use_clipped_model_output=True). eta = 0 is deterministic, and then the same step as DPM-Solver++'s
+        first order; eta = 1 is ancestral sampling on the strided chain; z is `noise` (None: no noise term).
+        t_prev = -1 ends the chain with a_prev = 1, so the last step returns x0 (diffusers' set_alpha_to_one)."""
         eps, x0 = self.model_predictions(model, x_t, t)
         a_t = extract(self.alphas_cumprod, t, x_t.shape)
         a_prev = extract(self.alphas_cumprod_prev, t_prev + 1, x_t.shape)  # alpha-bar_{t_prev}; 1 at t_prev = -1
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        # the direction uses the unclipped eps, as diffusers does by default
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         x_prev = x_prev if noise is None else x_prev + sigma * noise
         return (x_prev, x0) if return_x0 else x_prev
@@ -205,20 +220,71 @@ class GaussianDiffusion(nn.Module):
             x = x_prev
         return x if keep is None else (x, _trajectory(record))
 
+    # ---- DPM-Solver++ (Lu et al. 2022): the probability-flow ODE solved in lambda, on the data prediction
+
+    def dpmpp_timesteps(self, steps: int) -> list[int]:
+        """diffusers' "linspace" spacing, DPMSolverMultistepScheduler's default: round(i (T - 1) / steps) for
+        i = steps .. 1, ties to even as numpy rounds. For 20 of 1000: 999, 949, 899, ..., 100, 50.
+        At most T - 1 steps: with T, i = 500 and 501 would both round to 500."""
+        if not 1 <= steps < self.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_timesteps - 1}, got {steps}")
+        return [round(i * ((self.num_timesteps - 1) / steps)) for i in range(steps, 0, -1)]
+
+    def dpmpp_step(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                   x0_last: torch.Tensor | None = None, t_last: torch.Tensor | None = None):
+        """One DPM-Solver++(2M) update x_t -> x_{t_prev} (Lu et al. 2022, arXiv:2211.01095). With a = alpha-bar,
+        alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma) and h = lambda_prev - lambda_t:
+            x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^-h - 1) D,
+        the exact solution of the ODE in lambda (their Prop. 4.1) with the data prediction held at D.
+        First order (Alg. 2, line 4): D = x0 of model_predictions, clipped as in every sampler here.
+        Second order, given the previous step's x0_last at t_last (the multistep buffer; Alg. 2, lines 7-9):
+            D = (1 + 1/(2r)) x0 - 1/(2r) x0_last,  r = h_last / h = (lambda_t - lambda_last) / h.
+        t_prev = -1 ends at sigma = 0 (lambda = +inf), where the first-order step returns x0 exactly and the
+        second order is undefined (r = 0). Returns (x_prev, x0): the loop keeps x0 for the next step."""
+        lam = lambda a: 0.5 * (a / (1 - a)).log()  # noqa: E731  lambda from a = alpha-bar; +inf at a = 1
+        _, x0 = self.model_predictions(model, x_t, t)
+        a_t = extract(self.alphas_cumprod, t, x_t.shape)
+        a_prev = extract(self.alphas_cumprod_prev, t_prev + 1, x_t.shape)  # alpha-bar_{t_prev}; 1 at t_prev = -1
+        h, d = lam(a_prev) - lam(a_t), x0
+        if x0_last is not None:
+            half_inv_r = h / (2 * (lam(a_t) - lam(extract(self.alphas_cumprod, t_last, x_t.shape))))  # 1 / (2r)
+            d = (1 + half_inv_r) * x0 - half_inv_r * x0_last
+        x_prev = ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - a_prev.sqrt() * torch.expm1(-h) * d
+        return x_prev, x0
+
+    @torch.inference_mode()
+    def dpmpp_sample(self, model: nn.Module, shape, steps: int = 20, x_T=None, generator=None, progress=True, keep=None):
+        """DPM-Solver++(2M) along tau = dpmpp_timesteps(steps), ending at sigma = 0: one network call per step,
+        first order at the first step (nothing buffered yet) and at the last, as diffusers does by default
+        (final_sigmas_type "zero"); second order in between. Deterministic: only x_T is drawn.
+        keep: as in p_sample_loop (timesteps of tau)."""
+        from tqdm import tqdm
+
+        device, tau, record, x0_last, t_last = self.betas.device, self.dpmpp_timesteps(steps), [], None, None
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
+        for i, i_prev in tqdm(list(zip(tau, tau[1:] + [-1])), desc="DPM-Solver++", disable=not progress, leave=False):
+            t, t_prev = (torch.full((shape[0],), s, device=device, dtype=torch.long) for s in (i, i_prev))
+            x_prev, x0 = self.dpmpp_step(model, x, t, t_prev, *((x0_last, t_last) if i_prev >= 0 else ()))
+            record += [(i, x, x0)] if keep is not None and i in keep else []
+            x, x0_last, t_last = x_prev, x0, t
+        return x if keep is None else (x, _trajectory(record))
+
     def sample(self, model: nn.Module, shape, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                x_T=None, generator=None, progress: bool = True, keep=None):
         """Images (B, C, H, W) in [-1, 1] (with keep: (images, trajectory), see p_sample_loop).
-        "ddim": `steps` (default 50) DDIM steps with `eta`.
-        "ddpm": Alg. 2 over all T steps. Given fewer steps (1 <= steps < T) it is NOT Alg. 2 but ancestral
-        sampling on the strided chain, i.e. DDIM with eta = 1, and `eta` is ignored: what
-        `main.py sample --sampler ddpm --steps N` has always done, kept for the command line."""
+        "ddim": `steps` (default 50) DDIM steps with `eta`. "dpmpp": `steps` (default 20) DPM-Solver++(2M)
+        steps (an ODE solver: eta must be 0). "ddpm": Alg. 2 over all T steps. Given fewer steps (1 <= steps < T)
+        it is NOT Alg. 2 but ancestral sampling on the strided chain, i.e. DDIM with eta = 1, and `eta` is
+        ignored: what `main.py sample --sampler ddpm --steps N` has always done, kept for the command line."""
         if sampler == "ddpm" and steps in (None, self.num_timesteps):
             out = self.p_sample_loop(model, shape, x_T, generator, progress, keep)
         elif sampler in ("ddpm", "ddim"):
             eta = 1.0 if sampler == "ddpm" else eta
-            out = self.ddim_sample(model, shape, steps or 50, eta, x_T, generator, progress, keep)
+            out = self.ddim_sample(model, shape, steps or DEFAULT_STEPS["ddim"], eta, x_T, generator, progress, keep)
+        elif sampler == "dpmpp" and not eta:
+            out = self.dpmpp_sample(model, shape, steps or DEFAULT_STEPS["dpmpp"], x_T, generator, progress, keep)
         else:
-            raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
+            raise ValueError(f"sampler {sampler!r} with eta {eta:g}: expected ddpm, ddim (any eta) or dpmpp (eta 0)")
         return out.clamp(-1.0, 1.0) if keep is None else (out[0].clamp(-1.0, 1.0), out[1])
 
     # ---- the objective
@@ -228,6 +294,20 @@ class GaussianDiffusion(nn.Module):
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         return F.mse_loss(model(self.q_sample(x0, t, noise), t).float(), noise)
+
+
+def check_sampler(sampler: str, steps: int | None, eta: float = 0.0, num_timesteps: int = NUM_TIMESTEPS,
+                  option: str = "--steps") -> None:
+    """A sampler setting as one-line errors, before any work: steps in 1..T (1..T-1 for dpmpp, see
+    dpmpp_timesteps; None: the sampler's default) and eta only where it is defined (not for the ODE solver)."""
+    if sampler not in DEFAULT_STEPS:
+        raise CLIError(f"unknown sampler {sampler!r} (choose from {', '.join(DEFAULT_STEPS)})")
+    limit = num_timesteps - (sampler == "dpmpp")
+    if steps is not None and not 1 <= steps <= limit:
+        raise CLIError(f"{option} must be in 1..{limit}" + (" for --sampler dpmpp" if sampler == "dpmpp" else
+                                                            " (the schedule's length)") + f", got {steps}")
+    if sampler == "dpmpp" and eta:
+        raise CLIError(f"--eta {eta:g} is not defined for --sampler dpmpp (an ODE solver, deterministic)")
 
 
 def _trajectory(record: list) -> dict:
@@ -464,15 +544,17 @@ class TrainConfig(common.RunConfig):
     variance: str = flag("fixed_large", "reverse-step variance: beta_t (fixed_large) or beta~_t (fixed_small)",
                          choices=VARIANCE_TYPES)
     num_samples: int = flag(16, "images in the per-epoch sample grid", min=1)
-    sample_steps: int = flag(50, f"DDIM steps for the per-epoch sample grid (1..{NUM_TIMESTEPS})", min=1)
+    sample_sampler: str = flag("ddim", "sampler of the per-epoch sample grid: DDIM or DPM-Solver++(2M)",
+                               choices=("ddim", "dpmpp"))
+    sample_steps: int | None = flag(None, "steps for the per-epoch sample grid (default: the sampler's, "
+                                    f"{DEFAULT_STEPS['ddim']} ddim, {DEFAULT_STEPS['dpmpp']} dpmpp)", min=1)
 
     def __post_init__(self):
         self.pretrained = Path(self.pretrained)
         super().__post_init__()
         if not self.ema_decay < 1:
             raise CLIError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.sample_steps > NUM_TIMESTEPS:  # checked now, not when the first epoch's grid is drawn
-            raise CLIError(f"--sample-steps must be in 1..{NUM_TIMESTEPS} (the schedule's length), got {self.sample_steps}")
+        check_sampler(self.sample_sampler, self.sample_steps, option="--sample-steps")  # now, not at the first grid
 
     def resumed(self, ckpt: dict) -> TrainConfig:
         """This config continuing `ckpt`, whose model and schedule settings are the truth (common.keep_saved)."""
@@ -536,7 +618,8 @@ def train(cfg: TrainConfig) -> Path:
                           generator=torch.Generator().manual_seed(cfg.seed))
 
         def on_epoch_end(epoch: int) -> None:
-            images = diffusion.sample(ema.model, x_T.shape, "ddim", cfg.sample_steps, x_T=x_T.to(device), progress=False)
+            images = diffusion.sample(ema.model, x_T.shape, cfg.sample_sampler, cfg.sample_steps, x_T=x_T.to(device),
+                                      progress=False)
             common.save_image_grid(images, cfg.out / f"samples_epoch{epoch + 1:03d}.png")
 
         def eval_samples(n: int) -> torch.Tensor:
@@ -580,8 +663,7 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
     amp: bf16 autocast for the network (the sampler's arithmetic stays float32);
     compile: torch.compile the network once, worth it for thousands of images."""
     unet, diffusion, size = model_from_checkpoint(ckpt, device)
-    if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
-        raise CLIError(f"--steps must be in 1..{diffusion.num_timesteps}")
+    check_sampler(sampler, steps, eta, diffusion.num_timesteps)
     if sampler == "ddpm" and steps not in (None, diffusion.num_timesteps):
         print(f"note: --sampler ddpm with --steps {steps} < {diffusion.num_timesteps} samples ancestrally on the "
               "strided chain, which is DDIM with eta 1 (--eta is ignored)")

@@ -36,7 +36,7 @@ from scipy import linalg
 
 import data
 from common import CLIError, atomic_path, check_config, download, flag, pick_device
-from precision_recall import PRDC_K, knn_radii, prdc  # noqa: F401 (fid.prdc: the same features, another metric)
+from precision_recall import PRDC_K, PRDC_KEYS, knn_radii, prdc  # noqa: F401 (fid.prdc: the same features, another metric)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -526,9 +526,11 @@ def _warn_few(n_real: int, n_fake: int, what: str = "FID") -> None:
                       f"and prefer KID", stacklevel=3)
 
 
-def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 50, progress: bool = True) -> dict:
-    """FID, KID and IS (of `fake`) with the FID Inception. real/fake: folders, .npz
-    statistics, or uint8 tensors (N, H, W). Values that need features an .npz lacks are None."""
+def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 50, progress: bool = True,
+             pr_k: int | None = None) -> dict:
+    """FID, KID and IS (of `fake`) with the FID Inception, and with pr_k precision, recall, density and
+    coverage on the same features (prdc, k = pr_k). real/fake: folders, .npz statistics, or uint8 tensors
+    (N, H, W). Values that need features an .npz lacks are None."""
     device = pick_device(device) if not isinstance(device, torch.device) else device
     weights = model = None
     if not (_is_npz(real) and _is_npz(fake)):  # two .npz files need no network
@@ -544,6 +546,9 @@ def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 
         out["kid_mean"], out["kid_std"], out["kid_subset_size"] = kid(r["features"], f["features"])
     if "logits" in f:
         out["is_mean"], out["is_std"] = inception_score(f["logits"])
+    if pr_k:
+        has = "features" in r and "features" in f
+        out.update(prdc(r["features"], f["features"], pr_k) if has else dict.fromkeys(PRDC_KEYS))
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # never a number that is not one: NaN would print as "FID nan" and break strict JSON
         raise CLIError(f"{', '.join(bad)} came out non-finite: the statistics are not a valid mean and covariance")
@@ -553,20 +558,22 @@ def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 
 # --------------------------------------------------------------------------- a chest X-ray feature distance
 
 
-def feature_distance(f_real: np.ndarray, f_fake: np.ndarray) -> dict:
-    """Frechet distance and KID on any features (N, D). The same formulas as FID and
-    KID, so the same caveats about sample counts; the values live on another scale."""
+def feature_distance(f_real: np.ndarray, f_fake: np.ndarray, pr_k: int | None = None) -> dict:
+    """Frechet distance and KID on any features (N, D), and with pr_k precision, recall, density and
+    coverage (prdc). The same formulas as FID and KID, so the same caveats about sample counts; the
+    values live on another scale."""
     if min(len(f_real), len(f_fake)) < 2:
         raise CLIError(f"need at least 2 images per side (got {len(f_real)} and {len(f_fake)})")
     mu1, s1 = mean_and_covariance(np.asarray(f_real, np.float64))
     mu2, s2 = mean_and_covariance(np.asarray(f_fake, np.float64))
     k_mean, k_std, m = kid(f_real, f_fake)
-    return dict(cxr_fd=frechet_distance(mu1, s1, mu2, s2), cxr_kid_mean=k_mean, cxr_kid_std=k_std,
-                cxr_kid_subset_size=m, cxr_n_real=len(f_real), cxr_n_fake=len(f_fake), cxr_dim=int(f_real.shape[1]))
+    out = dict(cxr_fd=frechet_distance(mu1, s1, mu2, s2), cxr_kid_mean=k_mean, cxr_kid_std=k_std,
+               cxr_kid_subset_size=m, cxr_n_real=len(f_real), cxr_n_fake=len(f_fake), cxr_dim=int(f_real.shape[1]))
+    return out | ({f"cxr_{k}": v for k, v in prdc(f_real, f_fake, pr_k).items()} if pr_k else {})
 
 
 def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None, size: int | None = None,
-                                progress: bool = True) -> dict:
+                                progress: bool = True, pr_k: int | None = None) -> dict:
     """Frechet distance and KID on the penultimate features of our chest X-ray
     classifier (classify.py, trained on real data): features that see X-ray anatomy
     rather than ImageNet objects, and no ImageNet weights needed. NOT comparable with FID.
@@ -586,7 +593,7 @@ def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None
         return data.load_folder(source, size, progress=progress).images  # (N, S, S), centre-cropped
 
     return feature_distance(np.asarray(features_fn(u8(real)), np.float64),
-                            np.asarray(features_fn(u8(fake)), np.float64))
+                            np.asarray(features_fn(u8(fake)), np.float64), pr_k)
 
 
 # --------------------------------------------------------------------------- the `fid` command
@@ -604,6 +611,9 @@ class FIDConfig:
     json: bool = flag(False, "print the results as one JSON object on the last line")
     classifier: Path | None = flag(None, "classifier checkpoint: also report the Frechet distance and KID on "
                                    "its features")
+    pr_k: int | None = flag(None, f"k of the k-nearest-neighbour balls of precision, recall, density and coverage, "
+                            f"below the smaller set's size (default {PRDC_K}; then skipped for sets of {PRDC_K} or "
+                            "fewer images)", min=1)
 
     def __post_init__(self):
         check_config(self)
@@ -616,15 +626,27 @@ def run(cfg: FIDConfig) -> dict:
     for p in (cfg.real, cfg.fake):
         if not Path(p).exists():
             raise CLIError(f"not found: {p}")
+    # k against the set sizes before any network runs (fewer than 2 images is refused below, as for FID)
+    counts = [int(load_stats(p)["n"]) if _is_npz(p) else len(data.list_images(p)) for p in (cfg.real, cfg.fake)]
+    smaller, pr_k = min((n for n in counts if n >= 2), default=math.inf), cfg.pr_k or PRDC_K  # inf: no features
+    if smaller <= pr_k and cfg.pr_k is not None:
+        raise CLIError(f"--pr-k {pr_k} needs more than {pr_k} images per side; the smaller set has {smaller}")
+    pr_k = pr_k if smaller > pr_k else None  # the default k on a tiny set: not computed, with a note at the end
     try:
-        res = evaluate(cfg.real, cfg.fake, cfg.inception_weights, cfg.device, cfg.batch_size)
+        res = evaluate(cfg.real, cfg.fake, cfg.inception_weights, cfg.device, cfg.batch_size, pr_k=pr_k)
+        res |= {k: res.get(k) for k in PRDC_KEYS}  # null where not computed, after the other numbers
     except InceptionWeightsMissing as e:
         if cfg.classifier is None:
             raise
         print(f"warning: {e}; reporting the classifier feature distance only", file=sys.stderr)
-        res = dict(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None, n_real=None, n_fake=None)
+        res = dict(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None, n_real=None, n_fake=None,
+                   **dict.fromkeys(PRDC_KEYS))
     if cfg.classifier is not None:
-        res.update(classifier_feature_distance(cfg.real, cfg.fake, cfg.classifier))
+        res |= classifier_feature_distance(cfg.real, cfg.fake, cfg.classifier, pr_k=pr_k)
+        res |= {f"cxr_{k}": res.get(f"cxr_{k}") for k in PRDC_KEYS}
         if res["n_real"] is None:
             res["n_real"], res["n_fake"] = res["cxr_n_real"], res["cxr_n_fake"]
+    if pr_k is None:
+        print(f"note: precision, recall, density and coverage need more than {PRDC_K} images per side (the smaller "
+              f"set has {smaller}): not computed", file=sys.stderr)
     return res

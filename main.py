@@ -168,10 +168,11 @@ class SampleConfig:
     checkpoint: Path = common.flag(help="checkpoint.pt written by `ddpm` or `gan`")
     out: Path = common.flag(help="folder for the PNGs, grid.png and samples.json (must be empty, or see --force)")
     n: int = common.flag(64, "number of images", flag="-n", min=1)
-    sampler: str = common.flag("ddpm", "DDPM only: ancestral or DDIM", choices=("ddpm", "ddim"))
-    steps: int | None = common.flag(None, "DDPM only: sampling steps (default 1000 ddpm, 50 ddim); ddpm with "
-                                    "fewer than 1000 is ancestral sampling on a strided chain (DDIM, eta 1)", min=1)
-    eta: float = common.flag(0.0, "DDIM only: 0 deterministic, 1 DDPM-like noise")
+    sampler: str = common.flag("ddpm", "DDPM only: ancestral (ddpm), DDIM (ddim) or DPM-Solver++(2M) (dpmpp)",
+                               choices=("ddpm", "ddim", "dpmpp"))
+    steps: int | None = common.flag(None, "DDPM only: sampling steps (default 1000 ddpm, 50 ddim, 20 dpmpp); ddpm "
+                                    "with fewer than 1000 is ancestral sampling on a strided chain (DDIM, eta 1)", min=1)
+    eta: float = common.flag(0.0, "DDIM only: 0 deterministic, 1 DDPM-like noise (not defined for dpmpp)")
     seed: int = common.flag(0, "the same seed gives the same images")
     batch_size: int = common.flag(64, "images per forward pass", min=1)
     device: str = common.flag("auto", "auto, cpu, cuda, cuda:1")
@@ -183,6 +184,9 @@ class SampleConfig:
     def __post_init__(self):
         self.checkpoint, self.out = Path(self.checkpoint), Path(self.out)
         common.check_config(self)
+        import ddpm
+
+        ddpm.check_sampler(self.sampler, self.steps, self.eta)  # before OUT is touched; GANs ignore these options
 
 
 def ddpm_commands(sub) -> None:
@@ -309,6 +313,10 @@ def cmd_fid(args) -> None:
     if "cxr_fd" in res:
         print(f"chest X-ray classifier features (not comparable with FID): FD {res['cxr_fd']:.4f}, "
               f"KID {res['cxr_kid_mean']:.6f} +- {res['cxr_kid_std']:.6f}")
+    for prefix, name in (("", "Inception"), ("cxr_", "classifier")):
+        if res.get(f"{prefix}precision") is not None:
+            print(f"{name} features, k = {args.pr_k or fid.PRDC_K}: "
+                  + ", ".join(f"{k} {res[prefix + k]:.4f}" for k in fid.PRDC_KEYS))
     if args.json:
         print(json_line(res))
 

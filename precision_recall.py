@@ -21,6 +21,7 @@ from common import CLIError, pick_device
 
 PRDC_K = 3  # Kynkaanniemi et al. 2019 use k = 3; Naeem et al. 2020 recommend k = 5 for density and coverage
 PRDC_CHUNK = 2048  # rows and columns of one distance block: 2048^2 float64 = 32 MiB, whatever N and M
+PRDC_KEYS = ("precision", "recall", "density", "coverage")  # what prdc returns, in this order
 
 
 def _prdc_features(x, device: torch.device) -> torch.Tensor:

@@ -44,9 +44,12 @@ FAMILY = {"ddpm": "diffusion models", "gan": "GANs"}  # what a trained generator
 
 
 def _scores(f_real: np.ndarray, f_fake: np.ndarray, logits: np.ndarray | None = None) -> dict:
-    """Frechet distance and KID of two feature sets (N, D), and IS of the fake logits."""
+    """Frechet distance, KID, and precision / recall / density / coverage (k = fid.PRDC_K, where both
+    sets have more than k images) of two feature sets (N, D), and IS of the fake logits."""
     out = {"fd": fid.frechet_distance(*fid.mean_and_covariance(f_real), *fid.mean_and_covariance(f_fake))}
     out["kid_mean"], out["kid_std"], _ = fid.kid(f_real, f_fake)
+    if min(len(f_real), len(f_fake)) > fid.PRDC_K:
+        out.update(fid.prdc(f_real, f_fake, fid.PRDC_K))
     if logits is not None:
         out["is_mean"], out["is_std"] = fid.inception_score(logits)
     return out
@@ -69,7 +72,7 @@ def distances(cfg, real, pools: dict, model) -> dict:
         for g, (_, y) in sets.items():
             picks[g, c] = np.sort(np.random.default_rng(0).permutation(np.flatnonzero(y.numpy() == c))[:n])
     key = data.digest(*(data.pixel_hashes(sets[g][0][i]) for (g, _), i in picks.items()),
-                              cfg.inception, model is None)
+                              cfg.inception, model is None, "prdc")  # "prdc": older caches lack it
     path = cfg.out / "distances.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
@@ -370,6 +373,11 @@ def plot_samples(real, pools: dict, frac: float, cls: str, path: Path, n: int = 
 # --------------------------------------------------------------------------- the report: report.md
 
 
+def _prdc(scores: dict) -> str:
+    """precision / recall / density / coverage, or - where not computed."""
+    return " / ".join(_num(scores.get(k), ".2f") for k in fid.PRDC_KEYS)
+
+
 def _num(v, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
@@ -503,14 +511,18 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
           "split only); they are comparable between the generators of this report, not with published FIDs.", ""]
     if dist.get("inception_missing"):
         L += [f"Inception FID, KID and IS: **not computed** ({dist['inception_missing']}).", ""]
-    L += ["| generator | class | n real / synthetic | Inception FID | Inception KID | IS | feature FD | feature KID |",
-          "|---|---|---|---|---|---|---|---|"]
+    L += [f"*P / R / D / C*: precision, recall, density and coverage (k = {fid.PRDC_K} nearest neighbours; "
+          "Kynkaanniemi et al. 2019, Naeem et al. 2020): precision and density measure fidelity (samples inside "
+          "the real images' manifold), recall and coverage diversity (real images the samples reach); a collapsed "
+          "generator has high precision and low recall.", "",
+          "| generator | class | n real / synthetic | Inception FID | Inception KID | IS | Inception P / R / D / C | "
+          "feature FD | feature KID | feature P / R / D / C |", "|---|---|---|---|---|---|---|---|---|---|"]
     for g, e in dist["generators"].items():
         for part, v in [*e["classes"].items(), ("both", e)]:
             inc, ft = v.get("inception", {}), v.get("feature", {})
             L.append(f"| {g.upper()} | {part} | {v['n_real']} / {v['n_fake']} | {_num(inc.get('fd'), '.1f')} | "
-                     f"{_num(inc.get('kid_mean'), '.4f')} | {_num(inc.get('is_mean'), '.2f')} | "
-                     f"{_num(ft.get('fd'), '.4g')} | {_num(ft.get('kid_mean'), '.4g')} |")
+                     f"{_num(inc.get('kid_mean'), '.4f')} | {_num(inc.get('is_mean'), '.2f')} | {_prdc(inc)} | "
+                     f"{_num(ft.get('fd'), '.4g')} | {_num(ft.get('kid_mean'), '.4g')} | {_prdc(ft)} |")
     L += ["", "![image distances](distances.png)", "", "## Samples", ""]
     L += [f"![{c}: real and synthetic](samples_{c}.png)" for c in data.CLASSES]
     warned = [(p.parent.name, line.strip()) for p in sorted((cfg.out / "generators").glob("*/warnings.log"))

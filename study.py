@@ -107,8 +107,8 @@ class StudyConfig:
     fid_max_images: int = 2000
     inception: bool = True  # try Inception FID/KID/IS (slow on a CPU); the classifier-feature distances always run
     device: str = "auto"
-    sampler: str = "ddim"  # the DDPM's: DDIM (Song et al. 2021) at 50 steps, ~20x cheaper than 1000 ancestral steps
-    sample_steps: int = 50
+    sampler: str = "ddpm"  # the cheapest within KID's SD of DDPM-1000 on phantoms (README, "Sampler quality")
+    sample_steps: int | None = None  # None: the sampler's default, ddpm.DEFAULT_STEPS
     n_synthetic: int | None = None  # per class and cell; None = enough for the largest ratio
     title: str = "the augmentation experiment"
     gate: gate.GateConfig = field(default_factory=gate.GateConfig)  # its size and device are the study's
@@ -119,6 +119,8 @@ class StudyConfig:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
         if not self.margin >= 0:
             raise CLIError(f"--margin must be at least 0, got {self.margin}")
+        ddpm.check_sampler(self.sampler, self.sample_steps, option="--sample-steps")  # before any generator trains
+        self.sample_steps = self.sample_steps or ddpm.DEFAULT_STEPS[self.sampler]
 
     @property
     def all_generators(self) -> tuple[str, ...]:
@@ -150,8 +152,8 @@ class ExperimentOptions:
     gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
     gan_max_steps: int = flag(GAN_STEPS, "GAN steps per class at fraction 1 (scaled); given, wins over epochs", min=1)
     gan_epochs: int | None = flag(None, "GAN epochs per class, the budget when --gan-max-steps is left out", min=1)
-    sampler: str = flag("ddim", "the DDPM's sampler for the synthetic images", choices=("ddim", "ddpm"))
-    sample_steps: int = flag(50, "DDPM sampling steps", min=1)
+    sampler: str = flag("ddpm", "the DDPM's sampler for the synthetic images", choices=tuple(ddpm.DEFAULT_STEPS))
+    sample_steps: int | None = flag(None, "DDPM sampling steps (default: 1000 ddpm, 50 ddim, 20 dpmpp)", min=1)
     tstr: bool = flag(True, "train on synthetic, test on real (TSTR); --no-tstr skips it", flag="--no-tstr")
     bootstrap: int = flag(2000, "bootstrap resamples (seeds x test patients) for the report's intervals", min=100)
     device: str = flag("auto", "auto, cpu, cuda, cuda:1")
@@ -667,7 +669,8 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                           gan=gan_recipe(size=64, max_steps=8, batch_size=16),
                           ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, classifier="small",
                           classifier_epochs=2, classifier_batch_size=32, bootstrap=200, fid_max_images=64,
-                          inception=False, device=device, sample_steps=4, gate=gate.GateConfig(epochs=2, patience=1),
+                          inception=False, device=device, sampler="dpmpp", sample_steps=4,
+                          gate=gate.GateConfig(epochs=2, patience=1),
                           title="the quick demo (phantoms, tiny models: a smoke test)")
         return cfg, 120
     # Measured on an idle 2-core CPU: the tiny UNet (0.18 M parameters) at lr 2e-3 draws recognisable
@@ -678,7 +681,7 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                       gan=gan_recipe(size=32, max_steps=400, batch_size=32),
                       ratios=(0.0, 1.0, 2.0), real_fractions=(1.0, 0.25), seeds=2, classifier="small",
                       classifier_epochs=8, classifier_batch_size=32, bootstrap=1000, fid_max_images=200,
-                      device=device, sample_steps=20, title="the demo (embedded phantoms, small models, two seeds)")
+                      device=device, sampler="dpmpp", sample_steps=20, title="the demo (embedded phantoms, small models, two seeds)")
     return cfg, 400
 
 

@@ -19,8 +19,9 @@ def test_bench_quick_produces_every_figure(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
-    expected = ("UNet forward", "UNet training step", "sampling", "FID features", "DCGAN training step 256",
-                "DCGAN training step 64", "data: images/s", "peak memory", "data wait")
+    expected = ("UNet forward", "UNet training step", "sampling", "sampling, s per image: DPM-Solver++",
+                "FID features", "DCGAN training step 256", "DCGAN training step 64", "data: images/s", "peak memory",
+                "data wait")
     for prefix in expected:
         row = next((v for k, v in rows.items() if k.startswith(prefix)), None)
         assert row is not None, f"no row for {prefix}: {list(rows)}"
@@ -30,3 +31,4 @@ def test_bench_quick_produces_every_figure(tmp_path):
         assert float(unet["note"].split("=")[1]) < 1e-4
     sampling = next(v for k, v in rows.items() if k.startswith("sampling"))
     assert sampling["ratio"] > 1  # DDIM's 50 network calls cost less than DDPM's 1000
+    assert not any(k.startswith("torch.compile") for k in rows)  # only with --compile (minutes of compiling)

@@ -197,6 +197,8 @@ def test_fid_matches_pytorch_fid(tmp_path, ref_weights, monkeypatch, capsys):
     assert res["fid"] == pytest.approx(theirs, rel=1e-3)
     assert res["is_mean"] == pytest.approx(fid.inception_score(ours[1] @ state["fc.weight"].double().numpy().T)[0],
                                            rel=1e-4)
+    for key, value in fid.prdc(ours[0], ours[1], k=fid.PRDC_K).items():  # k = 3 by default, on the pool features
+        assert res[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_features_of_tensors_and_mixed_sizes_match_reference(tmp_path, ref_weights, monkeypatch):
@@ -232,6 +234,27 @@ def test_npz_statistics_inputs(tmp_path, ref_weights, capsys):
     assert res["kid_mean"] is None and res["is_mean"] is None
     assert res["fid"] == pytest.approx(fid_score.calculate_frechet_distance(
         a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)), rel=1e-9)
+
+
+def test_json_adds_precision_recall_density_coverage_with_pr_k(tmp_path, capsys):
+    """.npz statistics with features need no network: the JSON's four numbers are prdc's at --pr-k."""
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(30, 16)), rng.normal(0.3, 1, size=(25, 16))
+    for name, f in (("a", a), ("b", b)):
+        np.savez(tmp_path / f"{name}.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False), features=f, n=len(f))
+    for k in (None, 5):
+        code, out, err = _run(capsys, ["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--json"]
+                              + (["--pr-k", str(k)] if k else []))
+        assert code == 0, err
+        res = json.loads(out.strip().splitlines()[-1])
+        expected = fid.prdc(a, b, k or 3)
+        assert {key: res[key] for key in fid.PRDC_KEYS} == pytest.approx(expected, abs=1e-12)
+        assert f"Inception features, k = {k or 3}: precision {expected['precision']:.4f}" in out
+        assert 0 < expected["recall"] < 1 and 0 < expected["coverage"] < 1
+    for k, words in (("0", "--pr-k must be at least 1"),
+                     ("25", "--pr-k 25 needs more than 25 images per side; the smaller set has 25")):
+        _assert_one_line_error(*_run(capsys, ["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
+                                              "--pr-k", k])[::2], words)
 
 
 # --------------------------------------------------------------------------- the classifier-feature distance
@@ -270,6 +293,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, ref_weights, tiny_classifier,
     _assert_one_line_error(*_run(capsys, ["fid", str(good), str(one)] + w)[::2], "1 image", "at least 2")
     _assert_one_line_error(*_run(capsys, ["fid", str(good), str(empty)] + w)[::2], "no images")
     _assert_one_line_error(*_run(capsys, ["fid", str(good), str(tmp_path / "nope")] + w)[::2], "not found")
+    _assert_one_line_error(*_run(capsys, ["fid", str(good), str(good), "--pr-k", "3"] + w)[::2],
+                           "--pr-k 3 needs more than 3 images per side; the smaller set has 3")
 
     bad = dict(state)
     bad["Mixed_6b.branch1x1.conv.wieght"] = bad.pop("Mixed_6b.branch1x1.conv.weight")
@@ -293,3 +318,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, ref_weights, tiny_classifier,
     assert code == 0 and "Traceback" not in err and fid.WEIGHTS_FILE in err
     res = json.loads(out.strip().splitlines()[-1])
     assert res["fid"] is None and abs(res["cxr_fd"]) < 1e-4 and res["n_real"] == 3
+    # the default k = 3 on sets of 3: not computed, with a note; a k that fits: the same images cover each other
+    assert res["precision"] is res["cxr_precision"] is None and "not computed" in err
+    code, out, err = _run(capsys, ["fid", str(good), str(good), "--classifier", str(tiny_classifier), "--json",
+                                   "--pr-k", "2"])
+    res = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and res["precision"] is None and res["cxr_precision"] == res["cxr_recall"] == 1.0
+    assert res["cxr_coverage"] == 1.0 and "classifier features, k = 2" in out

@@ -340,6 +340,10 @@ def test_distances_embed_one_reference_for_all_generators(monkeypatch, tmp_path)
     assert len(ref) == 2 and len(seen) == 2 * (1 + len(pools))  # held-out images embedded once per class, for all
     for g in pools:
         assert dist["generators"][g]["n_real"] == dist["generators"][g]["n_fake"] == 22  # the smallest set, each side
+    e = dist["generators"]["a"]["classes"]["infiltration"]["feature"]  # precision ... coverage beside FD and KID
+    assert 0 <= e["precision"] <= 1 and 0 <= e["recall"] <= 1 and e["density"] >= 0 and 0 <= e["coverage"] <= 1
+    assert report._prdc(e) == " / ".join(f"{e[k]:.2f}" for k in ("precision", "recall", "density", "coverage"))
+    assert report._prdc({}) == "- / - / - / -"
 
     # With Inception weights (a stand-in network here): FID, KID and IS per generator, in summary.json's keys.
     import fid
@@ -352,6 +356,13 @@ def test_distances_embed_one_reference_for_all_generators(monkeypatch, tmp_path)
     assert dist["inception_missing"] is None and set(summary["distances"]) == set(pools)
     assert all(v["fid"] > 0 and v["kid_mean"] is not None and v["is_mean"] >= 1 and v["feature_fd"] is None
                for v in summary["distances"].values())
+
+
+def test_sampler_settings_are_checked_before_any_generator_trains(tmp_path):
+    with pytest.raises(study.CLIError, match="--sample-steps must be in 1..999 for --sampler dpmpp"):
+        study.StudyConfig(tmp_path, tmp_path, generators=(), sampler="dpmpp", sample_steps=1000)
+    with pytest.raises(study.CLIError, match="unknown sampler 'plms'"):
+        study.StudyConfig(tmp_path, tmp_path, generators=(), sampler="plms")
 
 
 def test_sampling_noise_differs_per_class_and_generator(monkeypatch, tmp_path):
