@@ -26,6 +26,7 @@ import torch
 
 import classify
 import data
+import ddpm
 import fid
 import gate
 import memorization
@@ -437,7 +438,9 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
     plot_distances(dist, cfg.out / "distances.png")
     for cls in data.CLASSES:
         plot_samples(real, pools, top, cls, cfg.out / f"samples_{cls}.png")
-    made = [f"{cfg.sampler.upper()} with {cfg.sample_steps} steps for the DDPM"] if "ddpm" in cfg.generators else []
+    sampler = {"ddpm": "ancestral sampling", "ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}[cfg.sampler]
+    steps = cfg.sample_steps or ddpm.DEFAULT_STEPS[cfg.sampler]
+    made = [f"{sampler} with {steps} steps for the DDPM"] if "ddpm" in cfg.generators else []
     made += [f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px"] if cfg.gan else []
     n_test, n_pat = len(real.test_y), len(set(real.test_patients))
     first = gate_lines(gates, memo)
