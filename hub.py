@@ -117,7 +117,7 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor], cfg: ddpm.UNetConfig) -
 
 # --------------------------------------------------------------------------- scheduler: ours -> diffusers DDPMScheduler
 
-_BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # same formulas, see ddpm.make_betas
+_BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # same formulas, see diffusion.make_betas
 
 
 def scheduler_config(diffusion: dict) -> dict:

@@ -184,9 +184,9 @@ class SampleConfig:
     def __post_init__(self):
         self.checkpoint, self.out = Path(self.checkpoint), Path(self.out)
         common.check_config(self)
-        import ddpm
+        import diffusion
 
-        ddpm.check_sampler(self.sampler, self.steps, self.eta)  # before OUT is touched; GANs ignore these options
+        diffusion.check_sampler(self.sampler, self.steps, self.eta)  # before OUT is touched; GANs ignore these options
 
 
 def ddpm_commands(sub) -> None:

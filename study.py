@@ -43,6 +43,7 @@ import classify
 import data
 import dcgan
 import ddpm
+import diffusion
 import gate
 import phantoms
 import report
@@ -108,7 +109,7 @@ class StudyConfig:
     inception: bool = True  # try Inception FID/KID/IS (slow on a CPU); the classifier-feature distances always run
     device: str = "auto"
     sampler: str = "ddpm"  # the cheapest within KID's SD of DDPM-1000 on phantoms (README, "Sampler quality")
-    sample_steps: int | None = None  # None: the sampler's default, ddpm.DEFAULT_STEPS
+    sample_steps: int | None = None  # None: the sampler's default, diffusion.DEFAULT_STEPS
     n_synthetic: int | None = None  # per class and cell; None = enough for the largest ratio
     title: str = "the augmentation experiment"
     gate: gate.GateConfig = field(default_factory=gate.GateConfig)  # its size and device are the study's
@@ -119,8 +120,8 @@ class StudyConfig:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
         if not self.margin >= 0:
             raise CLIError(f"--margin must be at least 0, got {self.margin}")
-        ddpm.check_sampler(self.sampler, self.sample_steps, option="--sample-steps")  # before any generator trains
-        self.sample_steps = self.sample_steps or ddpm.DEFAULT_STEPS[self.sampler]
+        diffusion.check_sampler(self.sampler, self.sample_steps, option="--sample-steps")  # before any generator trains
+        self.sample_steps = self.sample_steps or diffusion.DEFAULT_STEPS[self.sampler]
 
     @property
     def all_generators(self) -> tuple[str, ...]:
@@ -152,7 +153,7 @@ class ExperimentOptions:
     gan_size: int = flag(64, "GAN resolution (samples are resized to --size)", choices=dcgan.SIZES)
     gan_max_steps: int = flag(GAN_STEPS, "GAN steps per class at fraction 1 (scaled); given, wins over epochs", min=1)
     gan_epochs: int | None = flag(None, "GAN epochs per class, the budget when --gan-max-steps is left out", min=1)
-    sampler: str = flag("ddpm", "the DDPM's sampler for the synthetic images", choices=tuple(ddpm.DEFAULT_STEPS))
+    sampler: str = flag("ddpm", "the DDPM's sampler for the synthetic images", choices=tuple(diffusion.DEFAULT_STEPS))
     sample_steps: int | None = flag(None, "DDPM sampling steps (default: 1000 ddpm, 50 ddim, 20 dpmpp)", min=1)
     tstr: bool = flag(True, "train on synthetic, test on real (TSTR); --no-tstr skips it", flag="--no-tstr")
     bootstrap: int = flag(2000, "bootstrap resamples (seeds x test patients) for the report's intervals", min=100)
