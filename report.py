@@ -400,21 +400,24 @@ def _gate_table(gates: dict) -> list[str]:
     L = ["## Is each generator usable? The gate", "",
          "Measured before the grid, on real images no generator trained on. *Detectability*: test AUROC of a small "
          "classifier trained to tell the samples from real training images (0.5: indistinguishable, 1: trivially "
-         "fake). *TSTR*: test AUROC of the Infiltration classifier trained on the samples alone (above 0.5: they "
-         f"carry the class). *Diversity*: the samples' mean pairwise distance over the real images' (collapsed below "
+         "fake). *TSTR*: test AUROC of the Infiltration classifier trained on the samples alone; they carry the "
+         "class when its interval lies above 0.5 AND the same classifier tells the generator's two classes apart "
+         f"on held-out samples (*apart*: that AUROC, one-sided Mann-Whitney p < {gate.SEPARATION_P:g}; without it a "
+         "classifier of noise passes by luck). *Diversity*: the samples' mean pairwise distance over the real images' (collapsed below "
          f"{gate.COLLAPSE_FLOOR:g}). The rule: **unusable** when the detectability interval lies above "
-         f"{gate.FAKE_FLOOR:g} AND the TSTR interval does not lie above {gate.CHANCE:g} (trivially fake and no class "
+         f"{gate.FAKE_FLOOR:g} AND there is no class signal (trivially fake and no class "
          "signal); trivially fake but class-bearing, or realistic with little class signal, or collapsed: usable "
          "with a warning (on small real data the real-only classifier is weak too, so TSTR alone never condemns a "
          "generator). 95% intervals: bootstrap over test images.", "",
-         "| samples | usable | detectability (95% CI) | TSTR (95% CI) | diversity | reason; warnings |",
-         "|---|---|---|---|---|---|"]
+         "| samples | usable | detectability (95% CI) | TSTR (95% CI) | apart (p) | diversity | reason; warnings |",
+         "|---|---|---|---|---|---|---|"]
 
     def auroc(m: dict) -> str:
         return f"{m['auroc']:.3f} ({_ci(m['ci_low'], m['ci_high'])})" if m else "-"
     for name, r in gates.items():
         usable = {True: "yes", False: "**no**", None: "not measured"}[r.usable]
-        L.append(f"| {name.upper()} | {usable} | {auroc(r.detectability)} | {auroc(r.tstr)} | {r.diversity:.2f} | "
+        apart = f"{r.tstr['separation']:.3f} ({r.tstr['separation_p']:.2g})" if r.tstr.get("separation") is not None else "-"
+        L.append(f"| {name.upper()} | {usable} | {auroc(r.detectability)} | {auroc(r.tstr)} | {apart} | {r.diversity:.2f} | "
                  f"{'; '.join([r.reason, *r.warnings])} |")
     return L + [""]
 
