@@ -299,7 +299,10 @@ class TrainConfig(common.RunConfig):
     def resumed(self, ckpt: dict) -> TrainConfig:
         """This config continuing `ckpt`, whose model and schedule settings are the truth (common.keep_saved).
         A checkpoint from before an option existed holds no entry for it: it was trained with the default."""
-        args, d = ckpt.get("args") or {}, GaussianDiffusion(**ckpt["diffusion"]).config()
+        try:
+            args, d = ckpt.get("args") or {}, GaussianDiffusion(**ckpt["diffusion"]).config()
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"malformed DDPM checkpoint: {common.first_line(e)}") from e
         saved = {k: Path(args[k]) if k == "pretrained" else args[k] for k in ("finetune", "preset", "pretrained") if k in args}
         saved.update(beta_schedule=d["beta_schedule"], variance=d["variance_type"], prediction=d["prediction_type"],
                      zero_snr=d["rescale_betas_zero_snr"], timestep_spacing=d["timestep_spacing"],

@@ -441,8 +441,11 @@ def test_bad_settings_in_python_and_in_checkpoints():
                      (dict(num_timesteps=0), "positive integer")):
         with pytest.raises(ValueError, match=text):
             GaussianDiffusion(**kw)
+    bad = _checkpoint(dict(OLD_DIFFUSION, rescale_betas_zero_snr=True))
     with pytest.raises(CLIError, match="malformed DDPM checkpoint: --zero-snr with --prediction epsilon"):
-        ddpm.model_from_checkpoint(_checkpoint(dict(OLD_DIFFUSION, rescale_betas_zero_snr=True)), torch.device("cpu"))
+        ddpm.model_from_checkpoint(bad, torch.device("cpu"))
+    with pytest.raises(CLIError, match="malformed DDPM checkpoint: --zero-snr with --prediction epsilon"):
+        ddpm.TrainConfig(data=".", out="o").resumed(bad)
 
 
 def test_hub_scheduler_config_maps_every_option():
