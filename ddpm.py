@@ -24,6 +24,7 @@ import pretrained
 from common import CLIError, flag
 from diffusion import (BETA_SCHEDULES, DEFAULT_STEPS, NUM_TIMESTEPS, VARIANCE_TYPES,  # noqa: F401 (ddpm.X, as before)
                        GaussianDiffusion, check_sampler, extract, make_betas)
+from diffusion import BETA_END, BETA_START, LOSS_WEIGHTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, check_settings
 from pretrained import DEFAULT_PRETRAINED, convert_diffusers_state_dict  # noqa: F401 (ddpm.X, as before)
 
 # --------------------------------------------------------------------------- 3. the UNet
@@ -247,8 +248,22 @@ class TrainConfig(common.RunConfig):
     grad_clip: float = flag(1.0, "clip the gradient norm (0: off)", min=0)
     ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling, in [0, 1); "
                             "warms up as min(decay, (1+step)/(10+step))", min=0)
-    beta_schedule: str = flag("linear", "noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
+    beta_schedule: str = flag("linear", "noise schedule: linear (Ho et al.), scaled_linear (latent diffusion), cosine "
+                              "(Nichol & Dhariwal) or sigmoid (diffusers' GeoDiff one); see diffusion.make_betas",
                               choices=BETA_SCHEDULES)
+    beta_start: float | None = flag(None, f"first beta of linear, scaled_linear, sigmoid (default {BETA_START:g}; "
+                                    "cosine has none)")
+    beta_end: float | None = flag(None, f"last beta of linear, scaled_linear, sigmoid (default {BETA_END:g})")
+    prediction: str = flag("epsilon", "what the network predicts: the noise (Ho et al.), v = sqrt(a) eps - sqrt(1-a) x0 "
+                           "(Salimans & Ho 2022) or x0 (sample)", choices=PREDICTION_TYPES)
+    zero_snr: bool = flag(False, "rescale the betas to zero terminal SNR (Lin et al. 2024, Alg. 1); needs --prediction "
+                          "v_prediction or sample and --timestep-spacing trailing or linspace")
+    timestep_spacing: str = flag("leading", "timesteps of the strided samplers (DDIM, ddpm with fewer steps), "
+                                 "diffusers' names; DPM-Solver++ always uses linspace", choices=TIMESTEP_SPACINGS)
+    loss_weight: str = flag("none", "weight of each timestep's loss: none, or min-snr (Hang et al. 2023)",
+                            choices=LOSS_WEIGHTS)
+    snr_gamma: float = flag(5.0, "gamma of --loss-weight min-snr: the SNR above which the weight stops growing",
+                            above=0)
     variance: str = flag("fixed_large", "reverse-step variance: beta_t (fixed_large) or beta~_t (fixed_small)",
                          choices=VARIANCE_TYPES)
     num_samples: int = flag(16, "images in the per-epoch sample grid", min=1)
@@ -263,12 +278,37 @@ class TrainConfig(common.RunConfig):
         if not self.ema_decay < 1:
             raise CLIError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         check_sampler(self.sample_sampler, self.sample_steps, option="--sample-steps")  # now, not at the first grid
+        if self.beta_schedule == "cosine" and (self.beta_start, self.beta_end) != (None, None):
+            raise CLIError("--beta-start/--beta-end with --beta-schedule cosine: the cosine schedule defines alpha-bar "
+                           "directly and has no end betas (Nichol & Dhariwal Eq. 17)")
+        if self.loss_weight != "min-snr" and self.snr_gamma != 5.0:
+            raise CLIError(f"--snr-gamma {self.snr_gamma:g} with --loss-weight {self.loss_weight}: gamma is min-snr's")
+        try:
+            check_settings(**{k: v for k, v in self.diffusion_settings().items() if k != "clip_sample"})
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+
+    def diffusion_settings(self) -> dict:
+        """GaussianDiffusion's arguments for these options (the checkpoint's "diffusion" entry is its config())."""
+        return dict(num_timesteps=NUM_TIMESTEPS, beta_schedule=self.beta_schedule, variance_type=self.variance,
+                    clip_sample=True, beta_start=BETA_START if self.beta_start is None else self.beta_start,
+                    beta_end=BETA_END if self.beta_end is None else self.beta_end, prediction_type=self.prediction,
+                    rescale_betas_zero_snr=self.zero_snr, timestep_spacing=self.timestep_spacing,
+                    loss_weight=self.loss_weight, snr_gamma=self.snr_gamma)
 
     def resumed(self, ckpt: dict) -> TrainConfig:
-        """This config continuing `ckpt`, whose model and schedule settings are the truth (common.keep_saved)."""
-        args, d = ckpt.get("args") or {}, ckpt["diffusion"]
+        """This config continuing `ckpt`, whose model and schedule settings are the truth (common.keep_saved).
+        A checkpoint from before an option existed holds no entry for it: it was trained with the default."""
+        try:
+            args, d = ckpt.get("args") or {}, GaussianDiffusion(**ckpt["diffusion"]).config()
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"malformed DDPM checkpoint: {common.first_line(e)}") from e
         saved = {k: Path(args[k]) if k == "pretrained" else args[k] for k in ("finetune", "preset", "pretrained") if k in args}
-        saved.update(beta_schedule=d.get("beta_schedule", "linear"), variance=d.get("variance_type", "fixed_large"))
+        saved.update(beta_schedule=d["beta_schedule"], variance=d["variance_type"], prediction=d["prediction_type"],
+                     zero_snr=d["rescale_betas_zero_snr"], timestep_spacing=d["timestep_spacing"],
+                     loss_weight=d["loss_weight"], snr_gamma=d["snr_gamma"])
+        if d["beta_schedule"] != "cosine":  # cosine has no end betas (the option stays None)
+            saved.update(beta_start=d["beta_start"], beta_end=d["beta_end"])
         return common.keep_saved(self, {**saved, **({"image_size": ckpt["image_size"]} if ckpt.get("image_size") else {})})
 
 
@@ -291,7 +331,7 @@ def train(cfg: TrainConfig) -> Path:
         cfg = replace(cfg, image_size=cfg.image_size or ucfg.sample_size)  # the checkpoint's "args" say the size
         if cfg.image_size < 8 or cfg.image_size % levels:
             raise CLIError(f"--image-size {cfg.image_size} must be divisible by {levels}")
-        diffusion = GaussianDiffusion(beta_schedule=cfg.beta_schedule, variance_type=cfg.variance).to(device)
+        diffusion = GaussianDiffusion(**cfg.diffusion_settings()).to(device)
         ema = common.EMA(model.to(device), cfg.ema_decay)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
         step = start_step = run.restore(model=model, ema=ema, optimizer=opt)
@@ -373,8 +413,11 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
     unet, diffusion, size = model_from_checkpoint(ckpt, device)
     check_sampler(sampler, steps, eta, diffusion.num_timesteps)
     if sampler == "ddpm" and steps not in (None, diffusion.num_timesteps):
+        same = ("exactly" if diffusion.variance_type == "fixed_small"
+                else f"in the mean; its variance_type {diffusion.variance_type} would add noise of variance 1 - a_t/a_prev")
         print(f"note: --sampler ddpm with --steps {steps} < {diffusion.num_timesteps} samples ancestrally on the "
-              "strided chain, which is DDIM with eta 1 (--eta is ignored)")
+              f"strided chain, which is DDIM with eta 1 (--eta is ignored; the posterior's variance): diffusers' "
+              f"DDPMScheduler.set_timesteps({steps}) {same}")
     net = torch.compile(unet) if compile else unet
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

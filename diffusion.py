@@ -1,13 +1,13 @@
 """The diffusion process of DDPM (Ho, Jain and Abbeel, NeurIPS 2020) and its samplers: DDPM's
 ancestral sampler (Alg. 2), DDIM (Song, Meng and Ermon, ICLR 2021) and DPM-Solver++(2M) (Lu et al. 2022).
-The network that predicts the noise lives in ddpm.py; this file is only the arithmetic around it.
-Read top to bottom:
-  1. the noise schedule (linear, or the cosine of Nichol & Dhariwal 2021),
-  2. the diffusion process: forward q (Eq. 4), posterior (Eq. 6-7), reverse p
-     (Eq. 11, Alg. 2), one DDIM step (Song et al. Eq. 12, 16), one DPM-Solver++
-     step (Lu et al. Prop. 4.1, Alg. 2) and the loops.
-Checked against diffusers 0.42 in tests/test_ddpm.py (DDPMScheduler, DDIMScheduler,
-DPMSolverMultistepScheduler give the same numbers); nothing here imports diffusers.
+The network lives in ddpm.py; this file is only the arithmetic around it. Read top to bottom:
+  1. the noise schedule (linear, scaled linear, cosine, sigmoid; zero terminal SNR, Lin et al. 2024),
+  2. the diffusion process: forward q (Eq. 4), posterior (Eq. 6-7), what the network predicts
+     (eps, v or x_0) turned into (eps, x_0) in one place, reverse p (Eq. 11, Alg. 2), one DDIM step
+     (Song et al. Eq. 12, 16), one DPM-Solver++ step (Lu et al. Prop. 4.1, Alg. 2), the loops,
+  3. the objective, per prediction type, optionally min-SNR-gamma weighted (Hang et al. 2023).
+Checked against diffusers 0.42 in tests/test_ddpm.py and tests/test_schedules.py (DDPMScheduler,
+DDIMScheduler, DPMSolverMultistepScheduler give the same numbers); nothing here imports diffusers.
 
 Timestep convention: code t = 0 .. T-1 is the paper's t = 1 .. T. So betas[0] is
 the paper's beta_1, x_0 in code names the data only as "x0", and the last
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,23 +28,79 @@ from common import CLIError
 # --------------------------------------------------------------------------- 1. the noise schedule
 
 NUM_TIMESTEPS = 1000  # T of the released model
-BETA_SCHEDULES = ("linear", "cosine")
+BETA_START, BETA_END = 1e-4, 0.02  # Ho et al. Sec. 4
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
+LOSS_WEIGHTS = ("none", "min-snr")
 DEFAULT_STEPS = {"ddpm": NUM_TIMESTEPS, "ddim": 50, "dpmpp": 20}  # network calls per image, by sampler
 
 
-def make_betas(schedule: str, T: int) -> torch.Tensor:
-    """beta_t for t = 0..T-1 in float64.
-    linear: 1e-4 .. 0.02 (Ho et al. Sec. 4). cosine: Nichol & Dhariwal Eq. 17, alpha-bar = f(t) / f(0) with
-    f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008 (paper t), as beta = 1 - f(t) / f(t-1) capped at
-    0.999 (their Sec. 3.2); the cap bites only at t = T, where f(T) = 0 would make beta 1."""
+def make_betas(schedule: str, T: int, beta_start: float = BETA_START, beta_end: float = BETA_END) -> torch.Tensor:
+    """beta_t for t = 0..T-1 in float64, under diffusers' DDPMScheduler names:
+    linear: beta_start .. beta_end evenly (Ho et al. Sec. 4: 1e-4 .. 0.02).
+    scaled_linear: sqrt(beta) evenly from sqrt(beta_start) to sqrt(beta_end), squared (Rombach et al. 2022's
+      latent diffusion, 0.00085 .. 0.012 in Stable Diffusion).
+    cosine (diffusers: squaredcos_cap_v2): Nichol & Dhariwal Eq. 17, alpha-bar = f(t) / f(0) with
+      f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008 (paper t), as beta = 1 - f(t) / f(t-1) capped at
+      0.999 (their Sec. 3.2); the cap bites only at t = T, where f(T) = 0 would make beta 1.
+      beta_start and beta_end are not used, as in diffusers.
+    sigmoid: beta = beta_start + (beta_end - beta_start) sigmoid(x), x evenly from -6 to 6: diffusers'
+      "sigmoid", GeoDiff's (Xu et al. ICLR 2022). Not lucidrains' sigmoid_beta_schedule (Jabri et al. 2022),
+      which puts the sigmoid on alpha-bar itself; diffusers, hence the Hub's configs, mean this one."""
     if schedule == "linear":
-        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
     if schedule == "cosine":
         s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown beta schedule {schedule!r} (linear or cosine)")
+    if schedule == "sigmoid":
+        return beta_start + (beta_end - beta_start) * torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
+    raise ValueError(f"unknown beta schedule {schedule!r} (choose from {', '.join(BETA_SCHEDULES)})")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed", Alg. 1): shift and
+    scale sqrt(alpha-bar) so that it ends at 0 (SNR(T) = alpha-bar_T / (1 - alpha-bar_T) = 0: x_T is pure
+    noise, as sampling assumes) and still starts at its old value; beta_T becomes 1. Float64 in and out."""
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab ** 2
+    return 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+
+
+def check_settings(num_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float, prediction_type: str,
+                   rescale_betas_zero_snr: bool, timestep_spacing: str, variance_type: str,
+                   loss_weight: str, snr_gamma: float) -> None:
+    """GaussianDiffusion's settings, each bad one or bad combination as a one-line ValueError naming the
+    command-line options (ddpm.TrainConfig shows it as the CLI error)."""
+    for name, value, allowed in (("--beta-schedule", beta_schedule, BETA_SCHEDULES),
+                                 ("--prediction", prediction_type, PREDICTION_TYPES),
+                                 ("--timestep-spacing", timestep_spacing, TIMESTEP_SPACINGS),
+                                 ("--variance", variance_type, VARIANCE_TYPES), ("--loss-weight", loss_weight, LOSS_WEIGHTS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
+    if not (isinstance(num_timesteps, int) and num_timesteps >= 1):
+        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+    if not beta_start < beta_end:
+        raise ValueError(f"--beta-start {beta_start:g} must be below --beta-end {beta_end:g} (betas grow with t)")
+    if not 0 < beta_start < beta_end < 1:
+        raise ValueError(f"--beta-start {beta_start:g} and --beta-end {beta_end:g} must lie in (0, 1): "
+                         "a beta is the fraction of variance replaced by noise in one step")
+    if not snr_gamma > 0:
+        raise ValueError(f"--snr-gamma must be greater than 0, got {snr_gamma:g}")
+    if rescale_betas_zero_snr and prediction_type == "epsilon":
+        raise ValueError("--zero-snr with --prediction epsilon: at t = T, x_0 = (x_T - sqrt(1 - alpha-bar) eps) / "
+                         "sqrt(alpha-bar) divides by alpha-bar_T = 0 (use v_prediction, Lin et al. Sec. 3.2, or sample)")
+    if rescale_betas_zero_snr and timestep_spacing == "leading":
+        raise ValueError("--zero-snr with --timestep-spacing leading: DDIM's chain would start at T - T/k, never "
+                         "at t = T where the rescaled schedule is pure noise (use trailing, Lin et al. Sec. 3.3, or linspace)")
+    if rescale_betas_zero_snr and num_timesteps < 2:
+        raise ValueError("--zero-snr needs at least 2 timesteps (Alg. 1 pins alpha-bar_1 and sets alpha-bar_T = 0)")
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -56,18 +113,39 @@ def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor
 
 class GaussianDiffusion(nn.Module):
     """The forward process q(x_t | x_0), its posterior, and the learned reverse
-    process p(x_{t-1} | x_t) of DDPM, plus the DDIM and DPM-Solver++ samplers. The model predicts
-    the noise eps that was added (Ho et al. Eq. 11)."""
+    process p(x_{t-1} | x_t) of DDPM, plus the DDIM and DPM-Solver++ samplers. The defaults are the
+    released model's (Ho et al.: linear 1e-4 .. 0.02, T = 1000, eps prediction); the options, under
+    diffusers' names so that a scheduler_config.json maps one to one (hub.scheduler_config):
+      beta_schedule, beta_start, beta_end: see make_betas.
+      prediction_type: what the network outputs. "epsilon": the noise eps (Ho et al. Eq. 11).
+        "v_prediction": v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022, Sec. 4 and
+        Appendix D), well defined at every SNR, zero included. "sample": x_0 itself.
+      rescale_betas_zero_snr: rescale_zero_terminal_snr (Lin et al. 2024, Alg. 1); needs v_prediction or
+        sample (eps says nothing about x_0 at SNR 0) and a spacing whose chain starts at t = T.
+      timestep_spacing: the k of T timesteps a strided sampler (DDIM, "ddpm" with fewer than T steps) visits:
+        diffusers' "leading" (the default, the released model's: T//k apart from 0), "trailing" (T/k apart,
+        ending at T; Lin et al. Sec. 3.3) or "linspace" (k evenly from 0 to T - 1). DPM-Solver++ always uses
+        linspace, diffusers' default for it, which already starts at t = T (see dpmpp_timesteps).
+      variance_type: sigma_t^2 of the ancestral step, "fixed_large" beta_t or "fixed_small" beta~_t (Sec. 3.2).
+      clip_sample: clip the predicted x_0 to [-1, 1] in every sampler (model_predictions).
+      loss_weight, snr_gamma: the objective's weighting (training_loss), "none" or "min-snr" (Hang et al.
+        2023); training only, kept here so that the checkpoint's "diffusion" entry holds it for --resume."""
 
     def __init__(self, num_timesteps: int = NUM_TIMESTEPS, beta_schedule: str = "linear",
-                 variance_type: str = "fixed_large", clip_sample: bool = True):
+                 variance_type: str = "fixed_large", clip_sample: bool = True, beta_start: float = BETA_START,
+                 beta_end: float = BETA_END, prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False,
+                 timestep_spacing: str = "leading", loss_weight: str = "none", snr_gamma: float = 5.0):
         super().__init__()
-        if variance_type not in VARIANCE_TYPES:
-            raise ValueError(f"unknown variance_type {variance_type!r} (fixed_large or fixed_small)")
+        check_settings(num_timesteps, beta_schedule, beta_start, beta_end, prediction_type, rescale_betas_zero_snr,
+                       timestep_spacing, variance_type, loss_weight, snr_gamma)
         self.num_timesteps, self.beta_schedule = num_timesteps, beta_schedule
         self.variance_type, self.clip_sample = variance_type, clip_sample
+        self.beta_start, self.beta_end, self.prediction_type = beta_start, beta_end, prediction_type
+        self.rescale_betas_zero_snr, self.timestep_spacing = rescale_betas_zero_snr, timestep_spacing
+        self.loss_weight, self.snr_gamma = loss_weight, snr_gamma
 
-        betas = make_betas(beta_schedule, num_timesteps)  # computed in float64, stored as float32
+        betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)  # float64, stored as float32
+        betas = rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -81,6 +159,7 @@ class GaussianDiffusion(nn.Module):
             sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
             sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
             posterior_variance=posterior_variance,                    # beta~_t (Eq. 7), 0 at t = 0
+            snr=alphas_cumprod / (1 - alphas_cumprod),                # SNR_t = alpha-bar / (1 - alpha-bar); 0 at a zero-SNR T
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
             # sigma_t^2 of the reverse step (Sec. 3.2): beta_t ("fixed_large") or beta~_t ("fixed_small").
@@ -92,8 +171,12 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
 
     def config(self) -> dict:
+        """The constructor's arguments: GaussianDiffusion(**d.config()) is d again (a checkpoint's "diffusion")."""
         return dict(num_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule,
-                    variance_type=self.variance_type, clip_sample=self.clip_sample)
+                    variance_type=self.variance_type, clip_sample=self.clip_sample, beta_start=self.beta_start,
+                    beta_end=self.beta_end, prediction_type=self.prediction_type,
+                    rescale_betas_zero_snr=self.rescale_betas_zero_snr, timestep_spacing=self.timestep_spacing,
+                    loss_weight=self.loss_weight, snr_gamma=self.snr_gamma)
 
     # ---- forward process and its posterior
 
@@ -116,11 +199,22 @@ class GaussianDiffusion(nn.Module):
         return (x_t - extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x0) / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
 
     def model_predictions(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor):
-        """(eps, x_0): the x_0 the network's noise implies, clipped to [-1, 1] as the released sampler does,
-        and the noise that this x_0 implies in turn, so x_t = sqrt(a) x_0 + sqrt(1 - a) eps still holds.
-        DDPM's posterior mean reads x_0 only; DDIM's step reads both."""
-        eps = model(x_t, t).float()
-        x0 = self.predict_start_from_noise(x_t, t, eps)
+        """(eps, x_0) from the network's output, whatever it predicts; every sampler reads only these.
+        With a = alpha-bar_t and x_t = sqrt(a) x_0 + sqrt(1 - a) eps (Eq. 4):
+          epsilon: eps = out, x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a);
+          v_prediction: x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v (Salimans & Ho,
+            Appendix D; no division, so defined at a = 0);
+          sample: x_0 = out, eps = (x_t - sqrt(a) x_0) / sqrt(1 - a).
+        Then x_0 is clipped to [-1, 1] as the released sampler does, and eps re-derived from it, so
+        x_t = sqrt(a) x_0 + sqrt(1 - a) eps still holds. DDPM's posterior mean reads x_0 only; DDIM's step both."""
+        out = model(x_t, t).float()
+        if self.prediction_type == "epsilon":
+            eps, x0 = out, self.predict_start_from_noise(x_t, t, out)
+        elif self.prediction_type == "v_prediction":
+            a, s = extract(self.sqrt_alphas_cumprod, t, x_t.shape), extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+            eps, x0 = s * x_t + a * out, a * x_t - s * out
+        else:
+            eps, x0 = self.predict_noise_from_start(x_t, t, out), out
         if not self.clip_sample:
             return eps, x0
         x0 = x0.clamp(-1.0, 1.0)
@@ -171,12 +265,20 @@ class GaussianDiffusion(nn.Module):
     # ---- DDIM (Song et al.): the same network on a shorter, non-Markovian chain
 
     def ddim_timesteps(self, steps: int) -> list[int]:
-        """The "leading" spacing of diffusers' DDIMScheduler: T // steps apart, starting at 0.
-        For 50 of 1000 steps: 980, 960, ..., 20, 0."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
-        ratio = self.num_timesteps // steps
-        return [i * ratio for i in range(steps)][::-1]
+        """The chain of the strided samplers, by timestep_spacing, as diffusers' DDIMScheduler and
+        DDPMScheduler.set_timesteps (numpy's round, ties to even). For 50 of 1000 steps:
+        leading: i (T // k), 980, 960, ..., 20, 0;  trailing: round(T - i T / k) - 1, 999, 979, ..., 19;
+        linspace: round(i (T - 1) / (k - 1)), 999, 979, ..., 20, 0 (spacing 20.4)."""
+        T = self.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T}, got {steps}")
+        # Patch: numpy's float arange / linspace, as diffusers computes them; the exact fractions round otherwise
+        # at ties (trailing, T = 7, k = 6: 3.5 exactly is 4, numpy's 3.4999999999999996 is 3).
+        if self.timestep_spacing == "trailing":
+            return (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1).tolist()
+        if self.timestep_spacing == "linspace":
+            return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64).tolist()
+        return [i * (T // steps) for i in range(steps)][::-1]
 
     def ddim_step(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                   eta: float = 0.0, noise: torch.Tensor | None = None, return_x0: bool = False):
@@ -218,9 +320,11 @@ class GaussianDiffusion(nn.Module):
     def dpmpp_timesteps(self, steps: int) -> list[int]:
         """diffusers' "linspace" spacing, DPMSolverMultistepScheduler's default: round(i (T - 1) / steps) for
         i = steps .. 1, ties to even as numpy rounds. For 20 of 1000: 999, 949, 899, ..., 100, 50.
-        At most T - 1 steps: with T, i = 500 and 501 would both round to 500."""
-        if not 1 <= steps < self.num_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_timesteps - 1}, got {steps}")
+        At most T - 1 steps: with T, i = 500 and 501 would both round to 500 (one step when T = 1: t = 0).
+        Always this spacing, whatever timestep_spacing says: diffusers' default for this solver, and it starts
+        at t = T - 1 as trailing does, which is what Lin et al. ask of a zero-SNR schedule."""
+        if not 1 <= steps <= max(self.num_timesteps - 1, 1):
+            raise ValueError(f"steps must be in 1..{max(self.num_timesteps - 1, 1)}, got {steps}")
         return [round(i * ((self.num_timesteps - 1) / steps)) for i in range(steps, 0, -1)]
 
     def dpmpp_step(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
@@ -269,13 +373,14 @@ class GaussianDiffusion(nn.Module):
         steps (an ODE solver: eta must be 0). "ddpm": Alg. 2 over all T steps. Given fewer steps (1 <= steps < T)
         it is NOT Alg. 2 but ancestral sampling on the strided chain, i.e. DDIM with eta = 1, and `eta` is
         ignored: what `main.py sample --sampler ddpm --steps N` has always done, kept for the command line."""
-        if sampler == "ddpm" and steps in (None, self.num_timesteps):
+        steps = steps or default_steps(sampler, self.num_timesteps)
+        if sampler == "ddpm" and steps == self.num_timesteps:
             out = self.p_sample_loop(model, shape, x_T, generator, progress, keep)
         elif sampler in ("ddpm", "ddim"):
             eta = 1.0 if sampler == "ddpm" else eta
-            out = self.ddim_sample(model, shape, steps or DEFAULT_STEPS["ddim"], eta, x_T, generator, progress, keep)
+            out = self.ddim_sample(model, shape, steps, eta, x_T, generator, progress, keep)
         elif sampler == "dpmpp" and not eta:
-            out = self.dpmpp_sample(model, shape, steps or DEFAULT_STEPS["dpmpp"], x_T, generator, progress, keep)
+            out = self.dpmpp_sample(model, shape, steps, x_T, generator, progress, keep)
         else:
             raise ValueError(f"sampler {sampler!r} with eta {eta:g}: expected ddpm, ddim (any eta) or dpmpp (eta 0)")
         return out.clamp(-1.0, 1.0) if keep is None else (out[0].clamp(-1.0, 1.0), out[1])
@@ -283,10 +388,32 @@ class GaussianDiffusion(nn.Module):
     # ---- the objective
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor) -> torch.Tensor:
-        """DDPM Alg. 1: t ~ Uniform{0..T-1}, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
+        """DDPM Alg. 1: t ~ Uniform{0..T-1}, eps ~ N(0, I), loss = || target - model(x_t, t) ||^2 with the
+        target of prediction_type: eps (Ho et al. Eq. 14), v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho
+        Sec. 4) or x_0. loss_weight "min-snr" weights each image by min(SNR_t, gamma) / SNR_t (eps),
+        min(SNR_t, gamma) / (SNR_t + 1) (v) or min(SNR_t, gamma) (x_0): the same weight min(SNR, gamma) on the
+        x_0 error in every case (Hang et al. 2023, Sec. 3.4: ||eps - eps^||^2 = SNR ||x_0 - x_0^||^2 and
+        ||v - v^||^2 = (SNR + 1) ||x_0 - x_0^||^2), gamma = snr_gamma (5 in their paper)."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t).float(), noise)
+        out = model(self.q_sample(x0, t, noise), t).float()
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = (extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
+                      - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0)
+        else:
+            target = x0
+        if self.loss_weight == "none":
+            return F.mse_loss(out, target)
+        snr = self.snr[t]  # (B,)
+        weight = snr.clamp(max=self.snr_gamma) / {"epsilon": snr, "v_prediction": snr + 1, "sample": 1}[self.prediction_type]
+        return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
+
+
+def default_steps(sampler: str, num_timesteps: int) -> int:
+    """A sampler's default number of network calls (DEFAULT_STEPS), no more than the schedule allows."""
+    return min(DEFAULT_STEPS[sampler], num_timesteps if sampler != "dpmpp" else max(num_timesteps - 1, 1))
 
 
 def check_sampler(sampler: str, steps: int | None, eta: float = 0.0, num_timesteps: int = NUM_TIMESTEPS,
@@ -295,7 +422,7 @@ def check_sampler(sampler: str, steps: int | None, eta: float = 0.0, num_timeste
     dpmpp_timesteps; None: the sampler's default) and eta only where it is defined (not for the ODE solver)."""
     if sampler not in DEFAULT_STEPS:
         raise CLIError(f"unknown sampler {sampler!r} (choose from {', '.join(DEFAULT_STEPS)})")
-    limit = num_timesteps - (sampler == "dpmpp")
+    limit = max(num_timesteps - 1, 1) if sampler == "dpmpp" else num_timesteps
     if steps is not None and not 1 <= steps <= limit:
         raise CLIError(f"{option} must be in 1..{limit}" + (" for --sampler dpmpp" if sampler == "dpmpp" else
                                                             " (the schedule's length)") + f", got {steps}")

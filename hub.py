@@ -117,13 +117,17 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor], cfg: ddpm.UNetConfig) -
 
 # --------------------------------------------------------------------------- scheduler: ours -> diffusers DDPMScheduler
 
-_BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # same formulas, see diffusion.make_betas
+# same formulas under diffusers' names, see diffusion.make_betas
+_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
+_TRAINING_ONLY = ("loss_weight", "snr_gamma")  # how the loss was weighted: nothing a scheduler samples with
 
 
 def scheduler_config(diffusion: dict) -> dict:
-    """DDPMScheduler's scheduler_config.json for a checkpoint's "diffusion" entry.
-    A setting that has no DDPMScheduler equivalent here is refused, never dropped."""
-    known = ("num_timesteps", "beta_schedule", "variance_type", "clip_sample")
+    """DDPMScheduler's scheduler_config.json for a checkpoint's "diffusion" entry: every sampling setting maps to
+    the DDPMScheduler option of the same meaning (GaussianDiffusion uses diffusers' names and formulas; the
+    parity is tests/test_schedules.py). A setting that has no DDPMScheduler equivalent is refused, never dropped;
+    the loss weighting is training-only and has none to need."""
+    known = tuple(ddpm.GaussianDiffusion().config())
     unknown = [k for k in diffusion if k not in known]
     if unknown:
         raise CLIError(f"cannot export diffusion setting {unknown[0]}={diffusion[unknown[0]]!r}: hub.py maps no DDPMScheduler setting to it")
@@ -131,13 +135,12 @@ def scheduler_config(diffusion: dict) -> dict:
         d = ddpm.GaussianDiffusion(**diffusion).config()  # fills in the defaults training used
     except (ValueError, TypeError) as e:
         raise CLIError(f"malformed diffusion settings in the checkpoint: {e}") from e
-    if d["beta_schedule"] not in _BETA_SCHEDULES:
-        raise CLIError(f"cannot export beta schedule {d['beta_schedule']!r} (only {', '.join(_BETA_SCHEDULES)})")
     return {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-            "num_train_timesteps": d["num_timesteps"], "beta_start": 1e-4, "beta_end": 0.02,  # Ho et al. Sec. 4
+            "num_train_timesteps": d["num_timesteps"], "beta_start": d["beta_start"], "beta_end": d["beta_end"],
             "beta_schedule": _BETA_SCHEDULES[d["beta_schedule"]], "trained_betas": None,
             "variance_type": d["variance_type"], "clip_sample": d["clip_sample"], "clip_sample_range": 1.0,
-            "prediction_type": "epsilon", "thresholding": False, "timestep_spacing": "leading", "steps_offset": 0}
+            "prediction_type": d["prediction_type"], "thresholding": False, "timestep_spacing": d["timestep_spacing"],
+            "steps_offset": 0, "rescale_betas_zero_snr": d["rescale_betas_zero_snr"]}
 
 
 # --------------------------------------------------------------------------- the model card
@@ -165,7 +168,9 @@ def model_card(ckpt: dict, image_size: int, weights: str, distances: dict | None
          f"- Training data: {data}, class {args.get('class_name') or 'all classes in that folder'}",
          f"- Model: DDPM UNet ({start}), {ckpt.get('step', 'unknown')} training steps, {weights} weights",
          f"- Images: {image_size}x{image_size}, grey repeated to 3 channels (average the channels for a grey image)",
-         f"- Noise schedule: {d.get('beta_schedule', 'linear')}, {d.get('num_timesteps', 1000)} steps", ""]
+         f"- Noise schedule: {d.get('beta_schedule', 'linear')}, {d.get('num_timesteps', 1000)} steps"
+         + (f", {d['prediction_type']} prediction" if d.get("prediction_type", "epsilon") != "epsilon" else "")
+         + (", zero terminal SNR" if d.get("rescale_betas_zero_snr") else ""), ""]
     L += (["Measured against held-out real images:", "", "| measure | value |", "|---|---|"]
           + [f"| {name} | {value:.4g} |" for name, value in rows] if rows else ["Held-out distances: not measured."])
     L += ["", "```python", "from diffusers import DDPMPipeline", "",

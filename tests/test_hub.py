@@ -205,7 +205,7 @@ def test_export_refuses_bad_checkpoints(tmp_path):
     refused({**good, "ema": {**good["ema"], "conv_out.bias": torch.full((3,), float("nan"))}}, "conv_out.bias holds NaN")
     refused({**good, "config": {**good["config"], "num_classes": 3}}, "malformed DDPM checkpoint.*num_classes")
     refused({**good, "diffusion": {**good["diffusion"], "prediction": "v"}}, "diffusion setting prediction='v'")
-    refused({**good, "diffusion": {"beta_schedule": "sigmoid"}}, "malformed diffusion settings")
+    refused({**good, "diffusion": {"beta_schedule": "laplace"}}, "malformed diffusion settings")
     refused({**good, "ema": {**good["ema"], "conv_in.weight": torch.zeros(2)}}, "shape mismatch for conv_in.weight")
     with pytest.raises(CLIError, match="checkpoint not found"):
         hub.export(hub.ExportConfig(checkpoint=tmp_path / "missing.pt", out=out))
