@@ -38,9 +38,9 @@ rate. `modern` (the default) trains the same G the way small-data GANs are
 trained today: one D update per G update at equal learning rates; DiffAugment
 (diffaugment.py, Zhao et al. 2020) on real and fake images before D in both
 steps; and a discriminator without BatchNorm whose convolutions are spectrally
-normalised (Miyato et al. 2018). README, "DCGAN baseline", gives the measured
-comparison, and why spectral normalisation rather than an R1 penalty
-(Mescheder et al. 2018, also here: `r1_gamma`).
+normalised (Miyato et al. 2018). `modern-r1` puts an R1 penalty (Mescheder et
+al. 2018) in place of spectral normalisation. README, "DCGAN baseline", gives
+the measured comparison, and why the default is spectral normalisation.
 
 `python main.py gan --help` trains; `python main.py sample --checkpoint ...` samples.
 """
@@ -239,6 +239,8 @@ class Discriminator(nn.Module):
     W / sigma(W), its largest singular value estimated by one power iteration per
     forward pass (Miyato et al. 2018, Eq. 8 and Algorithm 1; torch's
     `spectral_norm` parametrisation), which bounds each layer's Lipschitz constant by 1.
+    A preset with an R1 penalty: the same convolutions, no BatchNorm, no normalisation.
+    Without BatchNorm the convolutions have biases (initialised to 0).
     """
 
     def __init__(self, cfg: DCGANConfig, preset: Preset | None = None):
