@@ -310,7 +310,7 @@ def bench_dcgan(device, args, rows: list[Row]) -> None:
         G, D = dcgan.Generator(cfg).to(device), dcgan.Discriminator(cfg).to(device)
         opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(D.parameters(), 1e-4, betas=(0.5, 0.999))
-        tcfg = dcgan.TrainConfig(data=Path(), out=Path(), amp=args.amp)  # the step reads g_steps and amp
+        tcfg = dcgan.TrainConfig(data=Path(), out=Path(), amp=args.amp, preset="original")  # 1 D + 2 G updates
         step = dcgan.make_step(G, D, opt_g, opt_d, cfg, tcfg, device)
         real = torch.rand(32, cfg.channels, size, size, device=device) * 2 - 1
         s = median_time(lambda: step(real), device, repeats=max(1, args.repeats - (2 if size == 256 else 0)))

@@ -32,6 +32,16 @@ What differs from the original experiment (README, "DCGAN baseline", says why):
 one grey channel by default, a logit and BCE-with-logits instead of sigmoid + BCE,
 a checkpoint per epoch, and a warning when D wins outright, G ends collapsed or a loss explodes.
 
+Two training presets (`--preset`, PRESETS below). `original` keeps that
+experiment's imbalance: two G updates per D update, D at half G's learning
+rate. `modern` (the default) trains the same G the way small-data GANs are
+trained today: one D update per G update at equal learning rates; DiffAugment
+(diffaugment.py, Zhao et al. 2020) on real and fake images before D in both
+steps; and a discriminator without BatchNorm whose convolutions are spectrally
+normalised (Miyato et al. 2018). `modern-r1` puts an R1 penalty (Mescheder et
+al. 2018) in place of spectral normalisation. README, "DCGAN baseline", gives
+the measured comparison, and why the default is spectral normalisation.
+
 `python main.py gan --help` trains; `python main.py sample --checkpoint ...` samples.
 """
 
@@ -39,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +59,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import diffaugment
 import monitor as quality  # --eval-every: held-out KID and 1-NN (CollapseMonitor below watches D and G)
 from common import CLIError, autocast, flag, save_image_grid, train_loop, unwrap
 
@@ -92,19 +103,59 @@ class DCGANConfig:
         return [self.d_width * 2 ** i for i in range(n)]
 
 
+@dataclass(frozen=True)
+class Preset:
+    """How D and G are trained: what `--preset` fixes (--lr-g, --lr-d and --g-steps may override it)."""
+
+    g_steps: int  # generator updates per discriminator update
+    lr_g: float  # Adam learning rates
+    lr_d: float
+    augment: str  # DiffAugment policy applied to real and fake images before D ('': none; diffaugment.py)
+    spectral_norm: bool  # D: spectrally normalised convolutions and no BatchNorm (Miyato et al. 2018)
+    r1_gamma: float  # weight gamma of the R1 penalty on real images (0: none; Mescheder et al. 2018)
+
+    @property
+    def batch_norm_in_d(self) -> bool:
+        """The original D has BatchNorm; a regularised D has none: SN-GAN's discriminator has none, and a
+        gradient penalty is a per-image quantity that batch statistics would mix (Gulrajani et al. 2017, 4)."""
+        return not (self.spectral_norm or self.r1_gamma)
+
+
+PRESETS = {
+    # The original experiment: G twice per D step, at twice D's learning rate.
+    "original": Preset(g_steps=2, lr_g=2e-4, lr_d=1e-4, augment="", spectral_norm=False, r1_gamma=0.0),
+    # Balanced updates, DiffAugment's translation + cutout (the paper's policy for its small-data runs;
+    # grey images have no colour to speak of) and spectral normalisation in D (README, "DCGAN baseline").
+    "modern": Preset(g_steps=1, lr_g=2e-4, lr_d=2e-4, augment="translation,cutout", spectral_norm=True,
+                     r1_gamma=0.0),
+    # The same with an R1 penalty in place of spectral normalisation: as good on phantoms, less diverse, and
+    # a double backward (README). gamma = 1: between StyleGAN2's 0.01 (CIFAR) and Mescheder et al.'s 10.
+    "modern-r1": Preset(g_steps=1, lr_g=2e-4, lr_d=2e-4, augment="translation,cutout", spectral_norm=False,
+                        r1_gamma=1.0),
+}
+LEGACY_PRESET = "original"  # a checkpoint written before presets existed has no "preset" key: it is this
+
+
 @dataclass
 class TrainConfig(common.RunConfig):
-    """Everything `python main.py gan` sets: the run's options (common.RunConfig) and the GAN's below;
-    the defaults are the original experiment's. size, channels, g_width and d_width None mean 256, 1,
-    32, 64, or the checkpoint's on resume."""
+    """Everything `python main.py gan` sets: the run's options (common.RunConfig) and the GAN's below.
+    The network's defaults are the original experiment's; its training is the `modern` preset's unless
+    --preset original. size, channels, g_width and d_width None mean 256, 1, 32, 64, or the checkpoint's
+    on resume; lr_g, lr_d and g_steps None mean the preset's."""
 
     size: int | None = flag(None, "image side, 32/64/128/256 (default 256; on --resume the checkpoint's)")
     channels: int | None = flag(None, "1 grey, 3 the original experiment's RGB (default 1)", choices=(1, 3))
     g_width: int | None = flag(None, "channels of G's last hidden layer (default 32)", min=1)
     d_width: int | None = flag(None, "channels of D's first layer (default 64)", min=1)
-    lr_g: float = flag(2e-4, "generator Adam learning rate", above=0)
-    lr_d: float = flag(1e-4, "discriminator Adam learning rate", above=0)
-    g_steps: int = flag(2, "generator updates per discriminator update", min=1)
+    preset: str = flag("modern", "modern: 1 D per G update at equal learning rates, DiffAugment, spectral norm in D; "
+                       "modern-r1: the same with an R1 penalty instead of spectral norm; original: the original "
+                       "experiment's 2 G updates per D, D at half G's learning rate (on --resume: the checkpoint's)",
+                       choices=tuple(PRESETS))
+    lr_g: float | None = flag(None, "generator Adam learning rate (default: the preset's, 2e-4)", above=0)
+    lr_d: float | None = flag(None, "discriminator Adam learning rate (default: the preset's, 2e-4 modern, "
+                              "1e-4 original)", above=0)
+    g_steps: int | None = flag(None, "generator updates per discriminator update (default: the preset's, 1 modern, "
+                               "2 original)", min=1)
     num_samples: int = flag(64, "fixed-noise samples in each epoch's grid", min=1)
     no_epoch_checkpoints: bool = flag(False, "keep only OUT/checkpoint.pt, not a copy per epoch "
                                              "(runs of many tiny epochs)")
@@ -115,6 +166,11 @@ class TrainConfig(common.RunConfig):
         super().__post_init__()
         if self.size is not None and self.size not in SIZES:
             raise CLIError(f"--size {self.size}: must be a power of two from 32 to 256 ({', '.join(map(str, SIZES))})")
+
+    def settings(self) -> Preset:
+        """The preset, with the learning rates and update ratio given as options in its place."""
+        given = {k: getattr(self, k) for k in ("lr_g", "lr_d", "g_steps") if getattr(self, k) is not None}
+        return replace(PRESETS[self.preset], **given)
 
     def network(self, saved: dict | None = None) -> DCGANConfig:
         """The networks' shape: the options given, else the checkpoint's (`saved`; one given
@@ -130,9 +186,11 @@ class TrainConfig(common.RunConfig):
 
 
 def init_weights(module: nn.Module) -> None:
-    """DCGAN initialisation: conv weights N(0, 0.02); BatchNorm scale N(1, 0.02), shift 0."""
+    """DCGAN initialisation: conv weights N(0, 0.02), biases 0; BatchNorm scale N(1, 0.02), shift 0."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, INIT_STD)
+        if module.bias is not None:  # only D without BatchNorm has biases
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, INIT_STD)
         nn.init.zeros_(module.bias)
@@ -144,9 +202,9 @@ def up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
 
 
-def down(c_in: int, c_out: int, norm: bool = True) -> nn.Sequential:
-    """(B, c_in, r, r) -> (B, c_out, r/2, r/2): 4x4 conv, stride 2, BatchNorm, LeakyReLU(0.2)."""
-    layers = [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False)]
+def down(c_in: int, c_out: int, norm: bool = True, bias: bool = False) -> nn.Sequential:
+    """(B, c_in, r, r) -> (B, c_out, r/2, r/2): 4x4 conv, stride 2, BatchNorm (if `norm`), LeakyReLU(0.2)."""
+    layers = [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias)]
     if norm:
         layers.append(nn.BatchNorm2d(c_out))
     return nn.Sequential(*layers, nn.LeakyReLU(LEAK, True))
@@ -174,20 +232,35 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image (B, C, size, size) -> one real/fake logit per image (B,)."""
+    """image (B, C, size, size) -> one real/fake logit per image (B,).
 
-    def __init__(self, cfg: DCGANConfig):
+    `preset` None or original: the DCGAN discriminator of the paper. A preset with
+    spectral_norm: the same convolutions, no BatchNorm, each weight W used as
+    W / sigma(W), its largest singular value estimated by one power iteration per
+    forward pass (Miyato et al. 2018, Eq. 8 and Algorithm 1; torch's
+    `spectral_norm` parametrisation), which bounds each layer's Lipschitz constant by 1.
+    A preset with an R1 penalty: the same convolutions, no BatchNorm, no normalisation.
+    Without BatchNorm the convolutions have biases (initialised to 0).
+    """
+
+    def __init__(self, cfg: DCGANConfig, preset: Preset | None = None):
         super().__init__()
-        w = cfg.d_widths
+        w, bn = cfg.d_widths, preset is None or preset.batch_norm_in_d
         # (B, C, size, size) -> (B, w[0], size/2, size/2); no BatchNorm on the input layer (section 3)
-        self.from_image = down(cfg.channels, w[0], norm=False)
+        # The original has no conv biases (its BatchNorm shifts make them redundant; the input layer's
+        # omission is Radford et al.'s); a D without BatchNorm gets them back.
+        self.from_image = down(cfg.channels, w[0], norm=False, bias=not bn)
         # (B, w[i], r, r) -> (B, w[i+1], r/2, r/2), down to 8x8; at 256 px:
         # 64@128 -> 128@64 -> 256@32 -> 512@16 -> 1024@8
-        self.body = nn.Sequential(*[down(a, b) for a, b in zip(w, w[1:])])
+        self.body = nn.Sequential(*[down(a, b, norm=bn, bias=not bn) for a, b in zip(w, w[1:])])
         # (B, w[-1], 8, 8) -> (B, 1, 1, 1): the original's 8x8 conv over the whole remaining extent.
         # Patch: the original put a sigmoid here; we return the logit and use BCE-with-logits.
         self.to_logit = nn.Conv2d(w[-1], 1, 8, 1, 0, bias=False)
         self.apply(init_weights)
+        if preset is not None and preset.spectral_norm:  # after init_weights, which writes the raw weights
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.utils.parametrizations.spectral_norm(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_logit(self.body(self.from_image(x))).flatten()  # (B, 1, 1, 1) -> (B,)
@@ -336,14 +409,29 @@ class CollapseMonitor:
 # --------------------------------------------------------------------------- training
 
 
+def r1_penalty(logits_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 = E_x ||grad_x D(x)||^2 over real images x (Mescheder, Geiger and Nowozin 2018, Eq. 9; D's loss
+    adds gamma / 2 of it). `real` (B, C, H, W) must require grad and `logits_real` (B,) be computed from it;
+    the graph is kept (create_graph) so that the penalty's own gradient reaches D's weights."""
+    grad, = torch.autograd.grad(logits_real.sum(), real, create_graph=True)  # (B, C, H, W): each image's own
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
 def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
               cfg: DCGANConfig, tcfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], dict]:
-    """One discriminator update followed by `g_steps` generator updates (the original's 1:2).
+    """One discriminator update followed by `g_steps` generator updates (the original's 1:2, modern 1:1).
 
-    D step:  maximise log D(x) + log(1 - D(G(z)))   (Goodfellow et al. 2014, Eq. 1)
-    G step:  maximise log D(G(z)), the non-saturating loss of the same paper.
+    D step:  maximise log D(T(x)) + log(1 - D(T(G(z))))   (Goodfellow et al. 2014, Eq. 1)
+             [- gamma/2 R1 with an R1 preset]
+    G step:  maximise log D(T(G(z))), the non-saturating loss of the same paper.
+    T is the preset's DiffAugment (identity in the original), drawn afresh for every batch and applied to
+    real and fake alike (Zhao et al. 2020, Eq. 2-3); G's gradient flows through it.
     """
     D_plain, G_plain = unwrap(D), unwrap(G)
+    p = tcfg.settings()
+
+    def T(x: torch.Tensor) -> torch.Tensor:
+        return diffaugment.diff_augment(x, p.augment)
 
     def step(real: torch.Tensor) -> dict:
         real = real.to(device, non_blocking=True)
@@ -355,21 +443,24 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
         # D tell them apart by the batch statistics alone.
         with torch.no_grad(), autocast(device, tcfg.amp):
             fake = G(sample_noise(b, cfg, device=device))
+        if p.r1_gamma:
+            real = real.detach().requires_grad_(True)  # R1 differentiates D(T(x)) with respect to x itself
         with autocast(device, tcfg.amp):
-            logits_real, logits_fake = D(real), D(fake)
+            logits_real, logits_fake = D(T(real)), D(T(fake))
         loss_d = (F.binary_cross_entropy_with_logits(logits_real.float(), ones)
                   + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros))
+        r1 = r1_penalty(logits_real.float(), real) if p.r1_gamma else None
         opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        (loss_d if r1 is None else loss_d + p.r1_gamma / 2 * r1).backward()
         grad_d = torch.nn.utils.clip_grad_norm_(D_plain.parameters(), float("inf"))  # the norm only: max inf
         opt_d.step()
 
         # G steps through the plain D with D's weights frozen: no gradient is
         # computed for D, and under DDP no all-reduce is started for it.
         D_plain.requires_grad_(False)
-        for _ in range(tcfg.g_steps):
+        for _ in range(p.g_steps):
             with autocast(device, tcfg.amp):
-                logits = D_plain(G(sample_noise(b, cfg, device=device)))
+                logits = D_plain(T(G(sample_noise(b, cfg, device=device))))
             loss_g = F.binary_cross_entropy_with_logits(logits.float(), ones)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -378,7 +469,8 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
         D_plain.requires_grad_(True)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "grad_d": grad_d.item(), "grad_g": grad_g.item(),
                 "d_real": torch.sigmoid(logits_real.float()).mean().item(),
-                "d_fake": torch.sigmoid(logits_fake.float()).mean().item()}
+                "d_fake": torch.sigmoid(logits_fake.float()).mean().item(),
+                **({} if r1 is None else {"r1": r1.item()})}
 
     return step
 
@@ -394,17 +486,22 @@ def train(tcfg: TrainConfig) -> Path:
 def _train(tcfg: TrainConfig, run: common.Run) -> Path:
     info, device, out = run.info, run.info.device, tcfg.out
     cfg = tcfg.network(run.ckpt["config"] if run.ckpt else None)
-    G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=tcfg.lr_g, betas=tcfg.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=tcfg.lr_d, betas=tcfg.betas)
+    if run.ckpt:  # the checkpoint's preset (one written before presets: the original), as for its shape
+        tcfg = common.keep_saved(tcfg, {"preset": run.ckpt.get("preset", LEGACY_PRESET)})
+    p = tcfg.settings()
+    G, D = Generator(cfg).to(device), Discriminator(cfg, p).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=p.lr_g, betas=tcfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=p.lr_d, betas=tcfg.betas)
     start = run.restore(generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
     images = data.load_training_folder(tcfg.data, cfg.size, tcfg.class_name).images  # (N, S, S) uint8
     real = data.to_unit_range(images)  # (N, 1, S, S) in [-1, 1]
     if cfg.channels == 3:
         real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the original's input
     if info.is_main:
-        print(f"DCGAN {cfg.size}x{cfg.size}x{cfg.channels}: generator {count_parameters(G):,} parameters, "
-              f"discriminator {count_parameters(D):,}; {real.shape[0]} training images"
+        print(f"DCGAN {cfg.size}x{cfg.size}x{cfg.channels}, preset {tcfg.preset} ({p.g_steps} G per D update, lr G "
+              f"{p.lr_g:g}, lr D {p.lr_d:g}, DiffAugment {p.augment or 'none'}, spectral norm "
+              f"{'on' if p.spectral_norm else 'off'}, R1 gamma {p.r1_gamma:g}): generator {count_parameters(G):,} "
+              f"parameters, discriminator {count_parameters(D):,}; {real.shape[0]} training images"
               + (f", resuming at step {start}" if start else ""))
     if info.world_size > 1 and device.type == "cuda":
         # One batch statistic over all GPUs, as a single-GPU run of the global batch would see.
@@ -434,9 +531,8 @@ def _train(tcfg: TrainConfig, run: common.Run) -> Path:
         save_image_grid(fixed_samples().cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=8)
 
     def state() -> dict:
-        train = {"lr_g": tcfg.lr_g, "lr_d": tcfg.lr_d, "betas": list(tcfg.betas), "g_steps": tcfg.g_steps,
-                 "amp": tcfg.amp}
-        return {"kind": "dcgan", "config": asdict(cfg), "train": train,
+        train = {**asdict(p), "betas": list(tcfg.betas), "amp": tcfg.amp}
+        return {"kind": "dcgan", "config": asdict(cfg), "preset": tcfg.preset, "train": train,
                 "generator": G.state_dict(), "discriminator": D.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "seed": tcfg.seed}
 
@@ -445,7 +541,8 @@ def _train(tcfg: TrainConfig, run: common.Run) -> Path:
     total = common.total_steps(tcfg, real.shape[0], info.world_size)[0]
     watch = (quality.setup(tcfg, cfg.size, total, eval_samples, state, ("loss_d", "loss_g"), device, start)
              if info.is_main else None)
-    fields = ("loss_d", "loss_g", "d_real", "d_fake", "grad_d", "grad_g") + (quality.FIELDS if watch else ())
+    fields = (("loss_d", "loss_g", "d_real", "d_fake", "grad_d", "grad_g") + (("r1",) if p.r1_gamma else ())
+              + (quality.FIELDS if watch else ()))
     step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, tcfg, info,
                       start, on_epoch_end, fields, monitor, keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints,
                       evaluate=watch)

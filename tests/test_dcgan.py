@@ -1,9 +1,11 @@
-"""DCGAN baseline: shapes, the original network, training outputs, resume, sampling, collapse warnings and
-the end-of-training diversity verdict."""
+"""DCGAN baseline: shapes, the original network, training outputs, resume, sampling, collapse warnings,
+the end-of-training diversity verdict, and the two presets (DiffAugment, spectral norm, R1; issue 12)."""
 
 import csv
+import dataclasses
 import functools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 from PIL import Image
 
 import dcgan
+import diffaugment
 import main
+import study
 from common import load_checkpoint
 
 TINY = ["--g-width", "8", "--d-width", "8"]  # small networks: the loop, not the model, is under test
@@ -222,3 +226,201 @@ def test_missing_data_and_resume_without_checkpoint(tmp_path, capsys):
     data = write_phantoms(tmp_path / "data", 2, size=32)
     assert gan(data, tmp_path / "run", "--resume") == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- presets, DiffAugment, SN and R1 (issue 12)
+
+
+def test_presets_fix_the_update_ratio_and_learning_rates():
+    settings = {p: dcgan.TrainConfig(data=".", out=".", preset=p).settings() for p in dcgan.PRESETS}
+    assert settings["original"] == dcgan.Preset(g_steps=2, lr_g=2e-4, lr_d=1e-4, augment="", spectral_norm=False,
+                                                r1_gamma=0.0)
+    assert settings["modern"] == dcgan.Preset(g_steps=1, lr_g=2e-4, lr_d=2e-4, augment="translation,cutout",
+                                              spectral_norm=True, r1_gamma=0.0)
+    assert settings["modern-r1"] == dataclasses.replace(settings["modern"], spectral_norm=False, r1_gamma=1.0)
+    assert dcgan.TrainConfig(data=".", out=".").preset == "modern"  # the default, and so the study's and the demo's
+    assert study.gan_recipe(size=32, max_steps=300, batch_size=32).settings() == settings["modern"]
+    given = dcgan.TrainConfig(data=".", out=".", preset="original", lr_d=3e-4, g_steps=1).settings()
+    assert (given.g_steps, given.lr_g, given.lr_d, given.augment) == (1, 2e-4, 3e-4, "")  # options win over the preset
+
+
+def tiny_step(preset: str, size: int = 32):
+    """make_step on tiny networks of `preset`, with its optimisers' step() calls counted."""
+    cfg = dcgan.DCGANConfig(size=size, g_width=4, d_width=4)
+    tcfg = dcgan.TrainConfig(data=".", out=".", preset=preset)
+    p = tcfg.settings()
+    G, D = dcgan.Generator(cfg), dcgan.Discriminator(cfg, p)
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr) for m, lr in ((G, p.lr_g), (D, p.lr_d)))
+    calls = []
+    for name, opt in (("G", opt_g), ("D", opt_d)):
+        opt.step = functools.partial(lambda step, n: (calls.append(n), step())[1], opt.step, name)
+    return dcgan.make_step(G, D, opt_g, opt_d, cfg, tcfg, torch.device("cpu")), calls, (opt_g, opt_d)
+
+
+@pytest.mark.parametrize("preset, order, lrs", [("original", ["D", "G", "G"], (2e-4, 1e-4)),
+                                                ("modern", ["D", "G"], (2e-4, 2e-4)),
+                                                ("modern-r1", ["D", "G"], (2e-4, 2e-4))])
+def test_update_ratio_and_learning_rates_in_the_step(preset, order, lrs):
+    step, calls, opts = tiny_step(preset)
+    torch.manual_seed(0)
+    metrics = step(torch.rand(4, 1, 32, 32) * 2 - 1)
+    assert calls == order and tuple(o.param_groups[0]["lr"] for o in opts) == lrs
+    assert ("r1" in metrics) == (preset == "modern-r1")  # the penalty is computed (and logged) in its preset only
+    if preset == "modern-r1":
+        assert math.isfinite(metrics["r1"]) and metrics["r1"] > 0
+
+
+def test_diffaugment_is_applied_to_real_and_fake_in_both_steps(monkeypatch):
+    seen, augment = [], diffaugment.diff_augment
+
+    def recording(x, policy):
+        seen.append((x, policy))
+        return augment(x, policy)
+
+    monkeypatch.setattr(dcgan.diffaugment, "diff_augment", recording)
+    for preset, policy in (("modern", "translation,cutout"), ("original", "")):
+        seen.clear()
+        step, _, _ = tiny_step(preset)
+        real = torch.rand(4, 1, 32, 32) * 2 - 1
+        step(real)
+        # D step: T(real), T(fake); then T(fake) in each G step: one policy for all of them
+        assert len(seen) == 2 + dcgan.PRESETS[preset].g_steps and {p for _, p in seen} == {policy}
+        assert seen[0][0] is real and all(x.shape == real.shape for x, _ in seen)
+        assert not seen[1][0].requires_grad and seen[2][0].requires_grad  # fake: detached for D, G's graph for G
+
+
+def test_diffaugment_is_differentiable_down_to_the_generators_input():
+    torch.manual_seed(0)
+    cfg = dcgan.DCGANConfig(size=32, g_width=4, d_width=4)
+    G, D = dcgan.Generator(cfg), dcgan.Discriminator(cfg, dcgan.PRESETS["modern"])
+    z = dcgan.sample_noise(4, cfg).requires_grad_(True)
+    D(diffaugment.diff_augment(G(z), "color,translation,cutout")).sum().backward()
+    assert torch.isfinite(z.grad).all() and (z.grad.flatten(1).abs().sum(1) > 0).all()  # every image's z is reached
+    with pytest.raises(ValueError, match="unknown DiffAugment policy 'flip'"):
+        diffaugment.diff_augment(z, "translation,flip")
+
+
+def test_translation_is_a_whole_pixel_shift_with_zeros_entering():
+    torch.manual_seed(0)
+    x = torch.arange(1, 64 * 32 * 32 + 1, dtype=torch.float32).reshape(64, 1, 32, 32)  # every pixel unique, not 0
+    y = diffaugment.translation(x)
+    assert y.shape == x.shape
+    shifts = set()
+    for xi, yi in zip(x[:, 0], y[:, 0]):
+        r, c = (yi > 0).nonzero()[0].tolist()
+        sr, sc = [int(v) - a for v, a in zip((xi == yi[r, c]).nonzero()[0], (r, c))]  # source - destination
+        assert max(abs(sr), abs(sc)) <= 4  # 0.125 of 32
+        shifts.add((sr, sc))
+        rows, cols = torch.arange(32).view(-1, 1) + sr, torch.arange(32).view(1, -1) + sc
+        inside = (rows >= 0) & (rows < 32) & (cols >= 0) & (cols < 32)
+        expect = torch.where(inside, xi[rows.clamp(0, 31), cols.clamp(0, 31)], torch.zeros(()))
+        assert torch.equal(yi, expect)
+    assert len(shifts) > 20  # drawn per image
+
+
+def test_cutout_erases_one_square_of_half_the_side():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32) + 1  # no zeros of its own
+    y = diffaugment.cutout(x)
+    assert y.shape == x.shape
+    erased = y == 0
+    assert torch.equal(erased[:, :1].expand_as(erased), erased)  # the same square in every channel
+    areas = []
+    for e in erased[:, 0]:
+        rows, cols = e.any(1).nonzero().flatten(), e.any(0).nonzero().flatten()
+        box = e[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and len(rows) <= 16 and len(cols) <= 16  # one rectangle, clipped from 16x16
+        areas.append(int(e.sum()))
+    assert max(areas) == 16 * 16 and min(areas) >= 8 * 8  # the centre lies in the image: at least a quarter shows
+    assert torch.equal(y[~erased], x[~erased])
+
+
+def test_colour_is_brightness_and_contrast_per_image():
+    torch.manual_seed(0)
+    x = torch.rand(256, 1, 8, 8) * 2 - 1
+    shift = (diffaugment.brightness(x) - x).flatten(1)
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift)) and shift.abs().max() <= 0.5
+    y = diffaugment.contrast(x)
+    ratio = (y - y.mean((1, 2, 3), keepdim=True)) / (x - x.mean((1, 2, 3), keepdim=True))
+    assert ratio.min() >= 0.5 - 1e-5 and ratio.max() <= 1.5 + 1e-5
+    torch.testing.assert_close(y.mean((1, 2, 3)), x.mean((1, 2, 3)))  # contrast keeps each image's mean
+
+
+def test_modern_discriminator_is_spectrally_normalised_without_batchnorm():
+    cfg = dcgan.DCGANConfig(size=64, g_width=4, d_width=8)
+    D = dcgan.Discriminator(cfg, dcgan.PRESETS["modern"])
+    convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(torch.nn.utils.parametrize.is_parametrized(m, "weight") for m in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules())
+    for _ in range(30):  # power iterations (one per training-mode forward) converge on sigma(W)
+        D(torch.randn(2, 1, 64, 64))
+    for m in convs:  # W / sigma(W) has spectral norm 1 (Miyato et al. 2018, Eq. 8)
+        assert torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item() == pytest.approx(1.0, abs=0.02)
+    original = dcgan.Discriminator(cfg, dcgan.PRESETS["original"])
+    assert [type(m) for m in original.modules()] == [type(m) for m in dcgan.Discriminator(cfg).modules()]
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in original.modules())
+
+
+def test_r1_penalty_of_a_linear_discriminator():
+    w = (torch.arange(12, dtype=torch.float32).reshape(1, 3, 2, 2) / 10).requires_grad_(True)
+    real = torch.randn(5, 3, 2, 2, requires_grad=True)
+    logits = (real * w).flatten(1).sum(1)  # D(x) = <w, x>: grad_x D = w for every image
+    r1 = dcgan.r1_penalty(logits, real)
+    assert r1.item() == pytest.approx((w ** 2).sum().item(), rel=1e-6)  # ||w||^2 = 5.06
+    r1.backward()  # create_graph: the penalty's own gradient reaches D's weights, d||w||^2/dw = 2w
+    torch.testing.assert_close(w.grad, 2 * w.detach())
+    D = dcgan.Discriminator(dcgan.DCGANConfig(size=32, d_width=4), dcgan.PRESETS["modern-r1"])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules())  # a per-image penalty: no batch stats
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in D.modules())  # R1 instead of SN
+
+
+def test_a_checkpoint_without_a_preset_resumes_as_the_original(tmp_path):
+    data = write_phantoms(tmp_path / "data", 12, size=32)
+    common = ["--size", 32, "--batch-size", 4]
+    assert gan(data, tmp_path / "full", *common, "--max-steps", 4, "--preset", "original") == 0
+    assert gan(data, tmp_path / "old", *common, "--max-steps", 2, "--preset", "original") == 0
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt["preset"] == "original" and ckpt["train"]["g_steps"] == 2
+    del ckpt["preset"]  # as written before presets existed: no preset, the old "train" entry
+    ckpt["train"] = {"lr_g": 2e-4, "lr_d": 1e-4, "betas": [0.5, 0.999], "g_steps": 2, "amp": False}
+    torch.save(ckpt, path)
+    assert torch.equal(dcgan.generate(load_checkpoint(path), 4, seed=1), dcgan.generate(ckpt, 4, seed=1))
+    assert gan(data, tmp_path / "old", *common, "--max-steps", 4, "--resume") == 0  # the default preset: left out
+    full, old = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(path)
+    assert old["preset"] == "original" and old["opt_d"]["param_groups"][0]["lr"] == 1e-4
+    for key in ("generator", "discriminator"):  # bit for bit the original run
+        assert all(torch.equal(t, old[key][k]) for k, t in full[key].items()), key
+
+
+def test_preset_errors_are_one_line(tmp_path, capsys):
+    data = write_phantoms(tmp_path / "data", 4, size=32)
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it before main's handler
+        gan(data, tmp_path / "run", "--preset", "fancy")
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: ") and "--preset" in err and "'fancy'" in err
+    assert len(err.splitlines()) == 1
+    assert gan(data, tmp_path / "run", "--size", 32, "--batch-size", 4, "--max-steps", 1) == 0  # modern
+    assert gan(data, tmp_path / "run", "--size", 32, "--max-steps", 2, "--resume", "--preset", "original") == 2
+    assert capsys.readouterr().err.strip().endswith("the checkpoint was trained with --preset modern, not original")
+    with pytest.raises(main.CLIError, match="--preset must be one of original, modern"):
+        dcgan.TrainConfig(data=".", out=".", preset="fancy")
+
+
+def test_a_short_modern_run_on_phantoms_does_not_collapse(tmp_path):
+    # The monitor's measure (diversity.txt: 16 fixed-noise samples' spread over the real images', as in the study)
+    # at step 100, the end. At the demo's budget (300 steps, default widths) the modern preset measured 0.62-0.68
+    # on phantoms (README). One thread: about 9 s of CPU; two threads on a busy 2-core machine spin for minutes.
+    data = embedded_phantoms(tmp_path / "data", 48, 32)
+    out, threads = tmp_path / "run", torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert gan(data, out, "--size", 32, "--batch-size", 16, "--max-steps", 100, "--num-samples", 16,
+                   "--no-epoch-checkpoints") == 0
+    finally:
+        torch.set_num_threads(threads)
+    line = (out / "diversity.txt").read_text()
+    worst, end = (float(v) for v in re.search(r"worst ([\d.]+) at step \d+; at the end \(step 100\) ([\d.]+)",
+                                              line).groups())
+    assert min(worst, end) > dcgan.DIVERSITY_FLOOR and line.strip().endswith("not collapsed"), line
+    assert not (out / "warnings.log").exists()
