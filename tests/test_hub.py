@@ -104,7 +104,7 @@ def test_unknown_unet_config_fields_are_refused():
     with pytest.raises(CLIError, match="cross_attention"):
         hub.unet_config_to_diffusers(Future(block_out_channels=(16, 32), norm_groups=8))
     Conditional = make_dataclass("Conditional", [("num_classes", int, None)], bases=(ddpm.UNetConfig,))
-    assert hub.unet_config_to_diffusers(Conditional(num_classes=2))["num_class_embeds"] == 2
+    assert hub.unet_config_to_diffusers(Conditional(num_classes=2))["num_class_embeds"] == 3  # and "no label"
     assert hub.unet_config_to_diffusers(ddpm.UNetConfig())["num_class_embeds"] is None
     with pytest.raises(CLIError, match="attention_levels"):
         hub.unet_config_to_diffusers(ddpm.UNetConfig(attention_levels=(4,)))
