@@ -21,6 +21,7 @@ import dcgan
 import ddpm
 import classify
 import data
+import generators
 import main
 import memorization
 import report
@@ -375,7 +376,7 @@ def test_sampling_noise_differs_per_class_and_generator(monkeypatch, tmp_path):
         used.append(seed)
         return torch.zeros(n, 1, 8, 8)
     monkeypatch.setattr(ddpm, "generate", fake_generate)
-    monkeypatch.setattr(study, "load_checkpoint", lambda path: {})
+    monkeypatch.setattr(generators, "load_checkpoint", lambda path: {})
     cfg = study.StudyConfig(tmp_path, tmp_path, generators=())
     for cls in ("infiltration", "no_finding"):
         study.sample_generator(cfg, "ddpm", cls, 1.0, tmp_path / "ckpt.pt", 2, fresh=True)
