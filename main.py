@@ -355,8 +355,9 @@ def study_commands(sub) -> None:
     import memorization
     import study
 
-    p = _add(sub, "experiment", "the whole study: generators per class and real fraction, classifier grid, "
-             "memorisation, report.md and summary.json", study.ExperimentOptions, cmd_experiment)
+    p = _add(sub, "experiment", "the whole study: generators per real fraction (ddpm and gan per class, ddpm-cfg "
+             "for both), classifier grid, memorisation, report.md and summary.json", study.ExperimentOptions,
+             cmd_experiment)
     p.add_argument("--synthetic", action="append", default=[], metavar="NAME=DIR",
                    help="add another generator's samples (DIR/infiltration/, DIR/no_finding/) as generator NAME; "
                         "repeatable")

@@ -49,8 +49,8 @@ import phantoms
 import report
 import stats
 from common import CLIError, atomic_path, check_config, flag, run_lock
-from generators import (GENERATORS, ddpm_recipe, gan_recipe, noise_seed, sample_generator,  # noqa: F401 (study.X)
-                        train_generator)
+from generators import (GENERATORS, choose_guidance, ddpm_recipe, gan_recipe, noise_seed,  # noqa: F401 (study.X)
+                        recipe, sample_generator, train_generator)
 
 RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "auroc", "auroc_ci_low",
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
@@ -70,6 +70,7 @@ class StudyConfig:
     out: Path
     ddpm: ddpm.TrainConfig | None = None  # needed when "ddpm" is among the generators
     gan: dcgan.TrainConfig | None = None  # needed when "gan" is
+    ddpm_cfg: ddpm.TrainConfig | None = None  # needed when "ddpm-cfg" is (conditional=True)
     generators: tuple[str, ...] = GENERATORS
     external: dict[str, Path] = field(default_factory=dict)  # NAME -> DIR/{infiltration,no_finding}/: given samples
     ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real training image, per class
@@ -92,7 +93,7 @@ class StudyConfig:
     gate: gate.GateConfig = field(default_factory=gate.GateConfig)  # its size and device are the study's
 
     def __post_init__(self):
-        missing = [g for g in self.generators if getattr(self, g) is None]
+        missing = [g for g in self.generators if recipe(self, g) is None]
         if missing:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
         if not self.margin >= 0:
@@ -111,7 +112,8 @@ class ExperimentOptions:
 
     data: Path = flag(help="real data in the extract layout (patient-disjoint splits)")
     out: Path = flag(help="study folder; re-running skips finished work")
-    generators: str = flag("ddpm,gan", "comma-separated: ddpm, gan")
+    generators: str = flag("ddpm,gan,ddpm-cfg", "comma-separated: ddpm (one per class), gan (one per class), "
+                           "ddpm-cfg (one class-conditional DDPM for both, with classifier-free guidance)")
     ratios: str = flag("0,0.5,1,2", "synthetic images per real training image (0 = real only)")
     real_fractions: str = flag("1,0.25,0.1", "nested fractions of the real train split (stratified)")
     seeds: int = flag(5, "training seeds per setting (1: the verdict is at most inconclusive)", min=1)
@@ -160,8 +162,8 @@ def external_generators(specs: tuple[str, ...], root: Path) -> dict[str, Path]:
         if not name or not folder:
             raise CLIError(f"--synthetic {spec!r}: expected NAME=DIR")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name) or name in GENERATORS + ("none", "real", "tstr", *out):
-            raise CLIError(f"--synthetic {spec!r}: NAME must be letters, digits and '-', and not ddpm, gan, none, "
-                           "real, tstr or a name given twice")
+            raise CLIError(f"--synthetic {spec!r}: NAME must be letters, digits and '-', and not "
+                           f"{', '.join(GENERATORS)}, none, real, tstr or a name given twice")
         out[name] = data.check_synthetic_folder(Path(folder), root, f"--synthetic {name}={folder}")
     return out
 
@@ -215,6 +217,9 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
                          eval_every=EVAL_EVERY) if "ddpm" in gens else None,
         gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=gan_steps, eval_every=EVAL_EVERY)
         if "gan" in gens else None,
+        ddpm_cfg=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, conditional=True,  # both classes:
+                             max_steps=ddpm_steps and 2 * ddpm_steps, eval_every=2 * EVAL_EVERY)  # the pair's steps
+        if "ddpm-cfg" in gens else None,
         generators=gens, external=external, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size,
         classifier=o.classifier, classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, margin=o.margin,
         tstr=o.tstr, bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
@@ -381,7 +386,7 @@ def load_pool(cfg: StudyConfig, folder: Path, what: str, real: RealData) -> Pool
 
 def make_pools(cfg: StudyConfig, real: RealData, pools: dict) -> dict[str, dict[float, Pool]]:
     """{generator: {real fraction: Pool}}: `pools` (the external ones) and the trained
-    generators' samples, per class and real fraction."""
+    generators' samples, per class and real fraction (ddpm-cfg: one model per fraction for both classes)."""
     ty = real.train_y.numpy()
     for frac in cfg.real_fractions:
         sub = real_subset(ty, frac)
@@ -389,10 +394,16 @@ def make_pools(cfg: StudyConfig, real: RealData, pools: dict) -> dict[str, dict[
         n_syn = cfg.n_synthetic or max(1, math.ceil(max(cfg.ratios + (1.0,)) * n_real))
         folder, trained_on = subset_folder(cfg, real, frac) if cfg.generators else (None, "")
         for gen in cfg.generators:
-            for cls in data.CLASSES:
-                share = float((ty[sub] == data.LABELS[cls]).sum() / (ty == data.LABELS[cls]).sum())
-                ckpt, fresh = train_generator(cfg, gen, cls, frac, folder, trained_on, share)
-                sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh)
+            if gen == "ddpm-cfg":  # one model for both classes, its guidance scale chosen on validation
+                ckpt, fresh = train_generator(cfg, gen, None, frac, folder, trained_on, len(sub) / len(ty))
+                w = choose_guidance(cfg, ckpt, frac, real.val_x, real.val_y, fresh)
+                for cls in data.CLASSES:
+                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh, guidance=w)
+            else:
+                for cls in data.CLASSES:
+                    share = float((ty[sub] == data.LABELS[cls]).sum() / (ty == data.LABELS[cls]).sum())
+                    ckpt, fresh = train_generator(cfg, gen, cls, frac, folder, trained_on, share)
+                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh)
             pool = load_pool(cfg, cfg.out / "synthetic" / gen / f"f{frac:g}", f"the {gen} samples", real)
             pools.setdefault(gen, {})[frac] = pool
     return pools
@@ -586,6 +597,8 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                           ddpm=ddpm_recipe("tiny", max_steps=8, batch_size=16, sample_steps=2, num_samples=4,
                                            ema_decay=0.5),
                           gan=gan_recipe(size=64, max_steps=8, batch_size=16),
+                          ddpm_cfg=ddpm_recipe("tiny", max_steps=16, batch_size=16, sample_steps=2, num_samples=4,
+                                               ema_decay=0.5, conditional=True),
                           ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, classifier="small",
                           classifier_epochs=2, classifier_batch_size=32, bootstrap=200, fid_max_images=64,
                           inception=False, device=device, sampler="dpmpp", sample_steps=4,
@@ -593,11 +606,14 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                           title="the quick demo (phantoms, tiny models: a smoke test)")
         return cfg, 120
     # Measured on the idle 2-core CPU: the tiny UNet (0.18 M parameters, lr 2e-3, batch 16: 0.2 s a step) draws
-    # recognisable phantoms after 600 steps. One real fraction keeps the demo, gate included, under 10 minutes.
+    # recognisable phantoms after 600 steps. One real fraction and one ratio keep the demo, gate included, under
+    # 10 minutes with three generators: 350 steps per class for the DDPMs, 700 for the one of both classes.
     cfg = StudyConfig(out / "data", out,
-                      ddpm=ddpm_recipe("tiny", max_steps=600, batch_size=16, sample_steps=2, num_samples=4),
+                      ddpm=ddpm_recipe("tiny", max_steps=350, batch_size=16, sample_steps=2, num_samples=4),
                       gan=gan_recipe(size=32, max_steps=300, batch_size=32),
-                      ratios=(0.0, 1.0, 2.0), real_fractions=(1.0,), seeds=2, classifier="small",
+                      ddpm_cfg=ddpm_recipe("tiny", max_steps=700, batch_size=16, sample_steps=2, num_samples=4,
+                                           conditional=True),
+                      ratios=(0.0, 1.0), real_fractions=(1.0,), seeds=2, classifier="small",
                       classifier_epochs=8, classifier_batch_size=32, bootstrap=1000, fid_max_images=200,
                       device=device, sampler="dpmpp", sample_steps=20,
                       title="the demo (embedded phantoms, small models, two seeds)")

@@ -203,7 +203,8 @@ def test_export_refuses_bad_checkpoints(tmp_path):
     refused(b"not a checkpoint", "cannot read checkpoint")
     refused({"weights": torch.zeros(1)}, "not a DDPM checkpoint")
     refused({**good, "ema": {**good["ema"], "conv_out.bias": torch.full((3,), float("nan"))}}, "conv_out.bias holds NaN")
-    refused({**good, "config": {**good["config"], "num_classes": 3}}, "malformed DDPM checkpoint.*num_classes")
+    refused({**good, "config": {**good["config"], "cross_attention": True}}, "malformed DDPM checkpoint.*cross_attention")
+    refused({**good, "config": {**good["config"], "num_classes": 3}}, "lack class_embedding.weight")  # conditional config
     refused({**good, "diffusion": {**good["diffusion"], "prediction": "v"}}, "diffusion setting prediction='v'")
     refused({**good, "diffusion": {"beta_schedule": "sigmoid"}}, "malformed diffusion settings")
     refused({**good, "ema": {**good["ema"], "conv_in.weight": torch.zeros(2)}}, "shape mismatch for conv_in.weight")
