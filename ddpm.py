@@ -366,7 +366,7 @@ def train(cfg: TrainConfig) -> Path:
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for group in opt.param_groups:
                 group["lr"] = lr
-            x0 = data.to_rgb_range(images[idx]).to(device, non_blocking=True)  # (B, S, S) uint8 -> (B, 3, S, S) in [-1, 1]
+            x0 = data.to_rgb_range(images[idx]).to(device, non_blocking=True)  # (B, S, S) uint8 -> (B, 3, S, S)
             # the labels ride along with the network: diffusion.training_loss calls model(x_t, t)
             eps_model = net if classes is None else functools.partial(
                 net, class_labels=drop_labels(labels[idx], cfg.label_dropout, ucfg.num_classes))
@@ -411,7 +411,8 @@ def train(cfg: TrainConfig) -> Path:
         watch = monitor.setup(cfg, cfg.image_size, total, eval_samples, state_fn, ("loss",), device,
                               start_step) if run.info.is_main else None
         fields = ("loss", "grad_norm", "lr") + (monitor.FIELDS if watch else ())
-        final = common.train_loop(torch.arange(len(images)), step_fn, state_fn, cfg, run.info, start_step, on_epoch_end, fields,
+        order = torch.arange(len(images))  # the loop deals out indices: step_fn takes each batch's images and labels
+        final = common.train_loop(order, step_fn, state_fn, cfg, run.info, start_step, on_epoch_end, fields,
                                   evaluate=watch)
         if run.info.is_main:
             print(f"trained to step {final}; checkpoint {common.shown(cfg.out / 'checkpoint.pt')}")

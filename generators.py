@@ -114,11 +114,12 @@ def draw(cfg, gen: str, cls: str, checkpoint: dict, n: int, seed: int, guidance:
 def choose_guidance(cfg, ckpt: Path, frac: float, val_x, val_y, fresh: bool) -> float:
     """The guidance scale of a ddpm-cfg, chosen on the real VALIDATION split only (never test): for each w of
     GUIDANCE_GRID and each class, as many samples as the split has images of that class (at most
-    monitor.MAX_IMAGES), from noise of their own seed (not the pool's), and their KID (fid.kid, unbiased at any
-    N) to the validation images of that class, on monitor.pixels (pooled pixels: no X-ray classifier exists
-    yet while the generators are made; monitor.py says why not random-CNN features). The w with the lowest
-    mean KID over the classes wins; ties go to the smaller w. OUT/generators/ddpm-cfg_f<frac>/guidance.json
-    keeps the table (report.py plots it), reused unless the model is `fresh`."""
+    monitor.MAX_IMAGES), from noise of their own seed (not the pool's; the same for every w, a paired
+    comparison), and their KID (fid.kid, unbiased at any N) to the validation images of that class, on
+    monitor.pixels (pooled pixels: no X-ray classifier exists yet while the generators are made; monitor.py
+    says why not random-CNN features). The w with the lowest mean KID over the classes wins; ties go to the
+    smaller w. OUT/generators/ddpm-cfg_f<frac>/guidance.json keeps the table (report.py plots it), reused
+    unless the model is `fresh`."""
     path = ckpt.with_name("guidance.json")
     if not fresh and path.is_file():
         return json.loads(path.read_text())["chosen"]
