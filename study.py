@@ -5,8 +5,8 @@ The original experiment answered "yes" from one seed, with model selection on
 folds that held synthetic images, patients in two splits and no AUROC (README,
 "Does synthetic data help? The experiment"). Here: patient-disjoint splits;
 nested real subsets (10% inside 25% inside the train split) with one generator
-per class AND real fraction, trained only on that cell's images (external
-samples, `--synthetic NAME=DIR`, join every cell); synthetic images only train,
+per class AND real fraction (ddpm-cfg: one for both classes), trained only on that
+cell's images (generators.py; external samples, `--synthetic NAME=DIR`, join every cell); synthetic images only train,
 and a set holding a copy of a held-out image is refused; selection on the real
 validation split; a grid of ratios x real fractions x generators x seeds, each
 run PAIRED with the real-only run of its seed, every run of a fraction taking
