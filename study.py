@@ -64,7 +64,7 @@ DDPM_STEPS, GAN_STEPS, EVAL_EVERY = 1500, 500, 100  # per class at fraction 1 (R
 
 @dataclass
 class StudyConfig:
-    """One study. `ddpm`, `gan`: the generators' training configs for every cell."""
+    """One study. `ddpm`, `gan`, `ddpm_cfg`: the generators' training configs for every cell."""
 
     data: Path
     out: Path
