@@ -11,6 +11,7 @@ nothing here imports diffusers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ class UNetConfig:
     freq_shift: int = 1                # sinusoid exponent -ln(10000) i / (half - freq_shift)
     flip_sin_to_cos: bool = False      # [sin, cos] order as in Ho's code
     downsample_padding: int = 0        # 0: pad right/bottom only (TF "SAME"), as the released model
+    num_classes: int | None = None     # class-conditional: labels 0..num_classes-1, and num_classes = "no label"
 
     def __post_init__(self):
         self.block_out_channels, self.attention_levels = tuple(self.block_out_channels), tuple(self.attention_levels)
@@ -159,6 +161,13 @@ class UNet(nn.Module):
         c_time = 4 * chs[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimeEmbedding(chs[0], c_time, cfg)
+        self.class_embedding = None
+        if cfg.num_classes is not None:
+            # diffusers' UNet2DModel(num_class_embeds=num_classes + 1): one vector per label, added to the time
+            # embedding; the extra row is the "no label" token of classifier-free guidance (Ho & Salimans 2022).
+            # Zero at the start, so a conditional fine-tune begins as exactly the unconditional model it loads.
+            self.class_embedding = nn.Embedding(cfg.num_classes + 1, c_time)
+            nn.init.zeros_(self.class_embedding.weight)
 
         def attention(i: int, c: int) -> nn.Module:
             return AttnBlock(c, cfg) if i in cfg.attention_levels else nn.Identity()
@@ -185,11 +194,18 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
         self.channels_last = True  # speed only, see forward; False gives the plain NCHW path
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """x (B, C, H, W), t int tensor (B,) or scalar -> predicted noise (B, C, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t int tensor (B,) or scalar -> predicted noise (B, C, H, W). class_labels (B,) int,
+        only for a class-conditional UNet: 0..num_classes-1, or num_classes (also what None means) for "no label"."""
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embedding(t)  # (B, 4 C0)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device)
+            emb = emb + self.class_embedding(class_labels.to(x.device))  # (B,) -> (B, 4 C0)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to a UNet without classes (UNetConfig.num_classes is None)")
         if self.channels_last:
             # Speed, not maths: NHWC activations spare oneDNN/cuDNN their layout conversions
             # (nearest upsampling gets ~10x cheaper on a CPU); outputs agree to ~1e-6.
@@ -228,6 +244,16 @@ def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True
                        f"({common.first_line(e)})") from e
     model.load_state_dict(pretrained.convert_diffusers_state_dict(pretrained.read_weights(weights), model))
     return model
+
+
+def with_classes(model: UNet, num_classes: int) -> UNet:
+    """`model` made class-conditional: the same weights plus a zero class embedding, so that its output is
+    the same for every label until training moves the embedding (a conditional fine-tune starts as exactly
+    the pretrained unconditional model)."""
+    conditional = UNet(replace(model.config, num_classes=num_classes))
+    missing, unexpected = conditional.load_state_dict(model.state_dict(), strict=False)
+    assert missing == ["class_embedding.weight"] and not unexpected, (missing, unexpected)
+    return conditional
 
 
 # --------------------------------------------------------------------------- 5. training (DDPM Alg. 1): `main.py ddpm`
@@ -271,12 +297,20 @@ class TrainConfig(common.RunConfig):
                                choices=("ddim", "dpmpp"))
     sample_steps: int | None = flag(None, "steps for the per-epoch sample grid (default: the sampler's, "
                                     f"{DEFAULT_STEPS['ddim']} ddim, {DEFAULT_STEPS['dpmpp']} dpmpp)", min=1)
+    conditional: bool = flag(False, "one model for both classes, told the class folder of each image (a class "
+                             "embedding, zero at the start); sample with --class and --guidance")
+    label_dropout: float = flag(0.1, "--conditional: the share of labels replaced by the no-label token, which "
+                                "classifier-free guidance needs", min=0)
 
     def __post_init__(self):
         self.pretrained = Path(self.pretrained)
         super().__post_init__()
         if not self.ema_decay < 1:
             raise CLIError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not self.label_dropout < 1:
+            raise CLIError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+        if self.conditional and self.class_name is not None:
+            raise CLIError(f"--conditional trains on every class folder; leave out --class {self.class_name}")
         check_sampler(self.sample_sampler, self.sample_steps, option="--sample-steps")  # now, not at the first grid
         if self.beta_schedule == "cosine" and (self.beta_start, self.beta_end) != (None, None):
             raise CLIError("--beta-start/--beta-end with --beta-schedule cosine: the cosine schedule defines alpha-bar "
@@ -304,6 +338,7 @@ class TrainConfig(common.RunConfig):
         except (TypeError, ValueError) as e:
             raise CLIError(f"malformed DDPM checkpoint: {common.first_line(e)}") from e
         saved = {k: Path(args[k]) if k == "pretrained" else args[k] for k in ("finetune", "preset", "pretrained") if k in args}
+        saved["conditional"] = ckpt["config"].get("num_classes") is not None
         saved.update(beta_schedule=d["beta_schedule"], variance=d["variance_type"], prediction=d["prediction_type"],
                      zero_snr=d["rescale_betas_zero_snr"], timestep_spacing=d["timestep_spacing"],
                      loss_weight=d["loss_weight"], snr_gamma=d["snr_gamma"])
@@ -312,10 +347,31 @@ class TrainConfig(common.RunConfig):
         return common.keep_saved(self, {**saved, **({"image_size": ckpt["image_size"]} if ckpt.get("image_size") else {})})
 
 
+def class_indices(labels: torch.Tensor, root: Path) -> dict[str, int]:
+    """The classes of a conditional model, {name: index}, index = data.LABELS (no_finding 0, infiltration 1):
+    refused unless every image lies in a class folder and both classes are there."""
+    import data
+
+    if (labels < 0).any() or set(labels.tolist()) != set(data.LABELS.values()):
+        raise CLIError(f"--conditional needs the images under {root} in class folders, with images in each of "
+                       f"{', '.join(c + '/' for c in data.LABELS)} and nowhere else")
+    return dict(sorted(data.LABELS.items(), key=lambda item: item[1]))
+
+
+def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Label dropout of classifier-free guidance (Ho & Salimans 2022, Alg. 1, "c <- none with probability
+    p_uncond"): each label independently becomes the no-label token `null` with probability p, so one network
+    learns eps(x, y) and eps(x, none) at once."""
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Fine-tune or train with DDPM Alg. 1, inside common.training_run (checks, lock, torchrun, resume,
     seeds) and common.train_loop (data order, log, checkpoints, Ctrl-C, NaN); with --eval-every, monitor.py
-    measures the samples against held-out images and keeps OUT/best.pt. Returns OUT/checkpoint.pt."""
+    measures the samples against held-out images and keeps OUT/best.pt. Returns OUT/checkpoint.pt.
+    --conditional: the class of each image goes in as a label, dropped to "no label" at --label-dropout
+    (Ho & Salimans 2022, Alg. 1); the checkpoint's "classes" maps class names to labels."""
     import data
     import monitor
 
@@ -327,6 +383,7 @@ def train(cfg: TrainConfig) -> Path:
             model = UNet(UNetConfig(**run.ckpt["config"]))
         else:
             model = load_pretrained(cfg.pretrained) if cfg.finetune else UNet(PRESETS[cfg.preset])
+            model = with_classes(model, len(data.LABELS)) if cfg.conditional else model
         device, ucfg, levels = run.info.device, model.config, 2 ** (len(model.config.block_out_channels) - 1)
         cfg = replace(cfg, image_size=cfg.image_size or ucfg.sample_size)  # the checkpoint's "args" say the size
         if cfg.image_size < 8 or cfg.image_size % levels:
@@ -335,20 +392,26 @@ def train(cfg: TrainConfig) -> Path:
         ema = common.EMA(model.to(device), cfg.ema_decay)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
         step = start_step = run.restore(model=model, ema=ema, optimizer=opt)
-        images = data.load_training_folder(cfg.data, cfg.image_size, cfg.class_name).images  # (N, S, S) uint8, decoded once
+        train_set = data.load_training_folder(cfg.data, cfg.image_size, cfg.class_name)  # decoded once
+        images, labels = train_set.images, train_set.labels.to(device)  # (N, S, S) uint8, (N,)
+        classes = class_indices(train_set.labels, cfg.data) if ucfg.num_classes is not None else None
         if len(images) < cfg.batch_size * run.info.world_size:
             raise CLIError(f"{len(images)} images under {cfg.data} but the batch needs "
                            f"{cfg.batch_size * run.info.world_size} (lower --batch-size)")
+        images = images.to(device) if device.type == "cuda" else images  # once, as train_loop would move them
         net = run.wrap(model)
 
-        def step_fn(batch: torch.Tensor) -> dict:
+        def step_fn(idx: torch.Tensor) -> dict:
             nonlocal step
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for group in opt.param_groups:
                 group["lr"] = lr
-            x0 = data.to_rgb_range(batch).to(device, non_blocking=True)  # (B, S, S) uint8 -> (B, 3, S, S) in [-1, 1]
+            x0 = data.to_rgb_range(images[idx]).to(device, non_blocking=True)  # (B, S, S) uint8 -> (B, 3, S, S)
+            # the labels ride along with the network: diffusion.training_loss calls model(x_t, t)
+            eps_model = net if classes is None else functools.partial(
+                net, class_labels=drop_labels(labels[idx], cfg.label_dropout, ucfg.num_classes))
             with common.autocast(device, cfg.amp):
-                loss = diffusion.training_loss(net, x0)
+                loss = diffusion.training_loss(eps_model, x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -359,28 +422,37 @@ def train(cfg: TrainConfig) -> Path:
 
         def state_fn() -> dict:
             return {"kind": "ddpm", "config": asdict(ucfg), "diffusion": diffusion.config(), "image_size": cfg.image_size,
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    **({"classes": classes} if classes is not None else {})}
 
         # fixed noise, own generator: the grids of successive epochs are comparable and the training RNG is untouched
         x_T = torch.randn((cfg.num_samples, ucfg.in_channels, cfg.image_size, cfg.image_size),
                           generator=torch.Generator().manual_seed(cfg.seed))
 
+        def sampling_model(n: int) -> nn.Module:
+            """The EMA network; a conditional one told the classes in turn (0, 1, 0, ...; guidance scale 1)."""
+            if classes is None:
+                return ema.model
+            return Guided(ema.model, torch.arange(n, device=device) % ucfg.num_classes, 1.0, ucfg.num_classes)
+
         def on_epoch_end(epoch: int) -> None:
-            images = diffusion.sample(ema.model, x_T.shape, cfg.sample_sampler, cfg.sample_steps, x_T=x_T.to(device),
-                                      progress=False)
+            images = diffusion.sample(sampling_model(len(x_T)), x_T.shape, cfg.sample_sampler, cfg.sample_steps,
+                                      x_T=x_T.to(device), progress=False)
             common.save_image_grid(images, cfg.out / f"samples_epoch{epoch + 1:03d}.png")
 
         def eval_samples(n: int) -> torch.Tensor:
             """n samples of fixed noise (another seed than the grids') as grey uint8 (n, S, S), for monitor.py."""
             noise = torch.randn((n, *x_T.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 1))
-            x = diffusion.sample(ema.model, noise.shape, "ddim", cfg.sample_steps, x_T=noise.to(device), progress=False)
+            x = diffusion.sample(sampling_model(n), noise.shape, "ddim", cfg.sample_steps, x_T=noise.to(device),
+                                 progress=False)
             return torch.from_numpy(common.to_uint8(x.mean(dim=1, keepdim=True)))  # RGB -> grey, as `sample` writes
 
         total = common.total_steps(cfg, len(images), run.info.world_size)[0]
         watch = monitor.setup(cfg, cfg.image_size, total, eval_samples, state_fn, ("loss",), device,
                               start_step) if run.info.is_main else None
         fields = ("loss", "grad_norm", "lr") + (monitor.FIELDS if watch else ())
-        final = common.train_loop(images, step_fn, state_fn, cfg, run.info, start_step, on_epoch_end, fields,
+        order = torch.arange(len(images))  # the loop deals out indices: step_fn takes each batch's images and labels
+        final = common.train_loop(order, step_fn, state_fn, cfg, run.info, start_step, on_epoch_end, fields,
                                   evaluate=watch)
         if run.info.is_main:
             print(f"trained to step {final}; checkpoint {common.shown(cfg.out / 'checkpoint.pt')}")
@@ -388,6 +460,53 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # --------------------------------------------------------------------------- 6. sampling: `main.py sample`
+
+
+class Guided(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) around a class-conditional UNet, as a model(x, t)
+    that every sampler of diffusion.py takes unchanged:
+        eps~(x, y) = eps(x, none) + w (eps(x, y) - eps(x, none)),
+    which is their (1 + w') eps(x, y) - w' eps(x, none) with w' = w - 1 (our w is diffusers' guidance_scale).
+    w = 1: plain conditional sampling, one pass; w = 0: the unconditional model, one pass; otherwise both
+    passes as ONE forward of batch 2B, so guidance costs one wider call, not two calls. The combination is
+    linear in the network's raw output, so a network that predicts v (or x_0) instead of eps is guided the
+    same way. class_labels (B,) are fixed for the batch; `null` is the no-label token (UNetConfig.num_classes)."""
+
+    def __init__(self, model: nn.Module, class_labels: torch.Tensor, scale: float, null: int):
+        super().__init__()
+        self.model, self.scale, self.null = model, float(scale), null
+        self.register_buffer("class_labels", class_labels, persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        if self.scale == 1:
+            return self.model(x, t, class_labels=self.class_labels)
+        if self.scale == 0:
+            return self.model(x, t, class_labels=None)
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        none = torch.full_like(self.class_labels, self.null)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([self.class_labels, none]))
+        cond, uncond = out.float().chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W); combined in float32
+        return uncond + self.scale * (cond - uncond)
+
+
+def class_label(ckpt: dict, class_name: str | None, guidance: float = 1.0) -> int | None:
+    """The label `sample --class NAME` asks of a checkpoint, checked before anything is written: None for
+    an unconditional checkpoint (where --class and --guidance are refused); a conditional one needs --class,
+    one of its "classes"."""
+    classes = ckpt.get("classes")
+    if classes is None:
+        if class_name is not None:
+            raise CLIError(f"--class {class_name}: this DDPM checkpoint is unconditional (trained without --conditional)")
+        if guidance != 1:
+            raise CLIError(f"--guidance {guidance:g} needs a class-conditional checkpoint (trained with --conditional)")
+        return None
+    if class_name is None:
+        raise CLIError(f"this DDPM checkpoint is class-conditional: choose its class with --class "
+                       f"({' or '.join(classes)})")
+    if class_name not in classes:
+        raise CLIError(f"--class {class_name!r} is not a class of this checkpoint (it knows {', '.join(classes)})")
+    return int(classes[class_name])
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[UNet, GaussianDiffusion, int]:
@@ -406,10 +525,13 @@ def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[UNet, Gauss
 
 
 def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.device, sampler: str = "ddpm",
-             steps: int | None = None, eta: float = 0.0, amp: bool = False, compile: bool = False) -> torch.Tensor:
+             steps: int | None = None, eta: float = 0.0, amp: bool = False, compile: bool = False,
+             class_name: str | None = None, guidance: float = 1.0) -> torch.Tensor:
     """n images (n, 3, H, W) in [-1, 1] from a checkpoint, deterministic for a seed.
     amp: bf16 autocast for the network (the sampler's arithmetic stays float32);
-    compile: torch.compile the network once, worth it for thousands of images."""
+    compile: torch.compile the network once, worth it for thousands of images.
+    class_name, guidance: a conditional checkpoint's class and guidance scale w (Guided; see class_label)."""
+    label = class_label(ckpt, class_name, guidance)
     unet, diffusion, size = model_from_checkpoint(ckpt, device)
     check_sampler(sampler, steps, eta, diffusion.num_timesteps)
     if sampler == "ddpm" and steps not in (None, diffusion.num_timesteps):
@@ -419,14 +541,16 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
               f"strided chain, which is DDIM with eta 1 (--eta is ignored; the posterior's variance): diffusers' "
               f"DDPMScheduler.set_timesteps({steps}) {same}")
     net = torch.compile(unet) if compile else unet
-
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with common.autocast(device, amp):
-            return net(x, t).float()
-
     generator = torch.Generator(device).manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
         shape = (min(batch_size, n - start), unet.config.in_channels, size, size)
+        guided = net if label is None else Guided(net, torch.full(shape[:1], label, device=device), guidance,
+                                                  unet.config.num_classes)
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with common.autocast(device, amp):
+                return guided(x, t).float()
+
         out.append(diffusion.sample(model, shape, sampler, steps, eta, generator=generator).cpu())
     return torch.cat(out)

@@ -67,7 +67,7 @@ _UNET_FIELDS = {"in_channels": "in_channels", "out_channels": "out_channels", "s
                 "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
                 "norm_groups": "norm_num_groups", "norm_eps": "norm_eps", "dropout": "dropout",
                 "freq_shift": "freq_shift", "flip_sin_to_cos": "flip_sin_to_cos", "downsample_padding": "downsample_padding",
-                "num_classes": "num_class_embeds"}  # a class-conditional UNet, once ddpm.py has one
+                "num_classes": "num_class_embeds"}  # written as num_classes + 1: the no-label token is a row too
 DIFFUSERS_VERSION = "0.42.1"  # the release tests/test_hub.py checks the layout against
 
 
@@ -76,6 +76,8 @@ def unet_config_to_diffusers(cfg: ddpm.UNetConfig) -> dict:
     with every setting written out (diffusers' defaults differ from this UNet's).
     A UNetConfig field this table does not know is refused, never dropped."""
     ours = asdict(cfg)
+    if ours.get("num_classes") is not None:
+        ours["num_classes"] += 1  # UNet2DModel(num_class_embeds=num_classes + 1): the classes and "no label"
     unknown = [k for k in ours if k not in _UNET_FIELDS and k != "attention_levels"]
     if unknown:
         raise CLIError(f"cannot export UNetConfig field {unknown[0]}={ours[unknown[0]]!r}: hub.py maps no diffusers setting to it")
@@ -94,7 +96,8 @@ def unet_config_to_diffusers(cfg: ddpm.UNetConfig) -> dict:
 
 def state_dict_to_diffusers(sd: dict[str, torch.Tensor], cfg: ddpm.UNetConfig) -> dict[str, torch.Tensor]:
     """Explicit key map, ours -> diffusers: attentions.*.to_out -> attentions.*.to_out.0
-    (diffusers keeps a dropout beside the projection); every other key is the same.
+    (diffusers keeps a dropout beside the projection); every other key, class_embedding.weight of a
+    conditional UNet among them, is the same.
     Each tensor's shape is checked against a UNet built from `cfg`, so the weights
     written match the config.json written; the first mismatch is an error."""
     with torch.device("meta"):  # shapes only, no memory or initialisation
@@ -171,6 +174,9 @@ def model_card(ckpt: dict, image_size: int, weights: str, distances: dict | None
          f"- Noise schedule: {d.get('beta_schedule', 'linear')}, {d.get('num_timesteps', 1000)} steps"
          + (f", {d['prediction_type']} prediction" if d.get("prediction_type", "epsilon") != "epsilon" else "")
          + (", zero terminal SNR" if d.get("rescale_betas_zero_snr") else ""), ""]
+    if ckpt.get("classes"):  # DDPMPipeline passes no labels: the UNet alone, with class_labels, is the way in
+        L[-1:-1] = [f"- Class-conditional (classifier-free guidance): class_labels {ckpt['classes']}, and "
+                    f"{len(ckpt['classes'])} for no label; call `UNet2DModel(x, t, class_labels=...)`, not DDPMPipeline"]
     L += (["Measured against held-out real images:", "", "| measure | value |", "|---|---|"]
           + [f"| {name} | {value:.4g} |" for name, value in rows] if rows else ["Held-out distances: not measured."])
     L += ["", "```python", "from diffusers import DDPMPipeline", "",

@@ -178,6 +178,10 @@ class SampleConfig:
     device: str = common.flag("auto", "auto, cpu, cuda, cuda:1")
     amp: bool = common.flag(False, "DDPM only: bf16 autocast for the network")
     compile: bool = common.flag(False, "DDPM only: torch.compile the network")
+    class_name: str | None = common.flag(None, "class-conditional DDPM only (ddpm --conditional): the class to draw",
+                                         flag="--class")
+    guidance: float = common.flag(1.0, "class-conditional DDPM only: classifier-free guidance scale w, eps(x, none) "
+                                  "+ w (eps(x, y) - eps(x, none)); 1 conditional, 0 unconditional", min=0)
     force: bool = common.flag(False, "replace an earlier sample's images in --out (only the files that its "
                               "samples.json lists; anything else there is refused)")
 
@@ -246,12 +250,17 @@ def cmd_sample(args) -> None:
     bad = common.first_nonfinite(ckpt)
     if bad:
         raise CLIError(f"{cfg.checkpoint}: {bad} is non-finite (NaN or infinity); refusing to sample from it")
+    if kind == "ddpm":
+        ddpm.class_label(ckpt, cfg.class_name, cfg.guidance)  # --class and --guidance against the checkpoint, now
+    elif cfg.class_name is not None or cfg.guidance != 1:
+        raise CLIError("--class and --guidance need a class-conditional DDPM checkpoint (this is a GAN's)")
     device = common.pick_device(cfg.device)
     with common.run_lock(cfg.out, "sample"):
         earlier = earlier_samples(cfg.out, cfg.force)  # again: nothing can write here from now on
         if kind == "ddpm":
             images = ddpm.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                                   sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, amp=cfg.amp, compile=cfg.compile)
+                                   sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, amp=cfg.amp, compile=cfg.compile,
+                                   class_name=cfg.class_name, guidance=cfg.guidance)
         else:
             images = dcgan.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device)
         grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey
@@ -260,8 +269,9 @@ def cmd_sample(args) -> None:
             p.unlink()
         names = [f"sample_{i:05d}.png" for i in range(cfg.n)] + ["grid.png"]
         with common.atomic_path(cfg.out / "samples.json") as tmp:  # first: lists what may be written next
+            conditional = {"class": cfg.class_name, "guidance": cfg.guidance} if cfg.class_name is not None else {}
             tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "kind": kind, "seed": cfg.seed,
-                                       "files": names}, indent=1) + "\n")
+                                       **conditional, "files": names}, indent=1) + "\n")
         for name, img in zip(names, pngs):
             save_png(img, cfg.out / name)
         save_image_grid(grey[:64], cfg.out / "grid.png")
@@ -345,8 +355,9 @@ def study_commands(sub) -> None:
     import memorization
     import study
 
-    p = _add(sub, "experiment", "the whole study: generators per class and real fraction, classifier grid, "
-             "memorisation, report.md and summary.json", study.ExperimentOptions, cmd_experiment)
+    p = _add(sub, "experiment", "the whole study: generators per real fraction (ddpm and gan per class, ddpm-cfg "
+             "for both), classifier grid, memorisation, report.md and summary.json", study.ExperimentOptions,
+             cmd_experiment)
     p.add_argument("--synthetic", action="append", default=[], metavar="NAME=DIR",
                    help="add another generator's samples (DIR/infiltration/, DIR/no_finding/) as generator NAME; "
                         "repeatable")

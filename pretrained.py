@@ -151,10 +151,11 @@ _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_a
 
 def unet_config(cfg: dict) -> dict:
     """ddpm.UNetConfig's fields from a diffusers UNet2DModel config.json; refuses what the UNet does not
-    implement (hub.unet_config_to_diffusers is the inverse)."""
+    implement (hub.unet_config_to_diffusers is the inverse). num_class_embeds N (a class-conditional UNet)
+    is N - 1 classes and the no-label token of classifier-free guidance, the last row, as ddpm.UNet has it."""
     unsupported = {"time_embedding_type": "positional", "center_input_sample": False, "act_fn": "silu",
                    "mid_block_scale_factor": 1, "resnet_time_scale_shift": "default", "class_embed_type": None,
-                   "num_class_embeds": None, "add_attention": True, "time_embedding_dim": None,
+                   "add_attention": True, "time_embedding_dim": None,
                    "downsample_type": "conv", "upsample_type": "conv"}
     for key, ok in unsupported.items():
         if cfg.get(key, ok) != ok:
@@ -172,18 +173,24 @@ def unet_config(cfg: dict) -> dict:
     head = cfg.get("attention_head_dim")
     if levels and head is not None and any(head != chs[i] for i in levels):
         raise CLIError("config.json: only single-head attention (attention_head_dim null) is supported")
+    embeds = cfg.get("num_class_embeds")
+    if embeds is not None and (type(embeds) is not int or embeds < 2):
+        raise CLIError(f"config.json: num_class_embeds must be null or a whole number >= 2 (classes and the "
+                       f"no-label token), got {embeds!r}")
     sample_size = cfg.get("sample_size", 32)
     return dict(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
                 sample_size=sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size,
                 block_out_channels=chs, layers_per_block=cfg.get("layers_per_block", 2), attention_levels=levels,
                 norm_groups=groups, norm_eps=eps, dropout=cfg.get("dropout", 0.0), freq_shift=cfg.get("freq_shift", 0),
-                flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), downsample_padding=cfg.get("downsample_padding", 1))
+                flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), downsample_padding=cfg.get("downsample_padding", 1),
+                num_classes=None if embeds is None else embeds - 1)
 
 
 def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Explicit key map, diffusers -> ours: names are the same except
         attentions.*.{query,key,value,proj_attn}  -> {to_q,to_k,to_v,to_out}   (old generation)
         attentions.*.to_out.0                     -> to_out                    (current generation)
+    (class_embedding.weight, a conditional UNet's (num_classes + 1, 4 C0) table, keeps its name)
     and [C, C, 1, 1] attention projections (1x1 convolutions in old conversions) become [C, C].
     Every tensor's shape is checked; the first missing, unexpected or mis-shaped key is an error."""
     ours = model.state_dict()

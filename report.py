@@ -38,7 +38,8 @@ HEADLINE_KEYS = ("generator", "ratio", "real_fraction", "diff", "ci_low", "ci_hi
 DISTANCE_KEYS = ("reference", "n_real", "n_fake", "fid", "kid_mean", "kid_std", "is_mean", "is_std", "feature_fd",
                  "feature_kid_mean", "feature_kid_std")
 MEMORIZATION_KEYS = ("flagged_fraction", "chance_fraction", "p_value")
-FAMILY = {"ddpm": "diffusion models", "gan": "GANs"}  # what a trained generator's rows would be read as evidence on
+# what a trained generator's rows would be read as evidence on
+FAMILY = {"ddpm": "diffusion models", "gan": "GANs", "ddpm-cfg": "class-conditional diffusion models"}
 
 
 # --------------------------------------------------------------------------- held-out distances and memorisation
@@ -353,6 +354,27 @@ def plot_distances(dist: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def read_guidance(cfg) -> dict | None:
+    """generators.choose_guidance's table for the ddpm-cfg of the largest real fraction, if the study has one."""
+    path = cfg.out / "generators" / f"ddpm-cfg_f{max(cfg.real_fractions):g}" / "guidance.json"
+    return json.loads(path.read_text()) if "ddpm-cfg" in cfg.generators and path.is_file() else None
+
+
+def plot_guidance(table: dict, path: Path) -> None:
+    """The conditional DDPM's validation KID per class against its guidance scale w, the chosen w marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.4, 3.2))
+    ws = [float(w) for w in table["mean_kid"]]
+    for cls in data.CLASSES:
+        ax.plot(ws, [table["kid"][f"{w:g}"][cls] for w in ws], "o-", label=cls)
+    ax.plot(ws, [table["mean_kid"][f"{w:g}"] for w in ws], "k--", label="mean (chooses w)")
+    ax.axvline(table["chosen"], color="grey", lw=0.8)
+    ax.set(xlabel="guidance scale w", ylabel="validation KID, pooled pixels")
+    ax.set_title("DDPM-CFG: distance to validation images of the class (lower is closer)", fontsize=8)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def plot_samples(real, pools: dict, frac: float, cls: str, path: Path, n: int = 36) -> None:
     """Real training images and each generator's samples of one class, side by side."""
     from torchvision.utils import make_grid
@@ -443,7 +465,7 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
         plot_samples(real, pools, top, cls, cfg.out / f"samples_{cls}.png")
     sampler = {"ddpm": "ancestral sampling", "ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}[cfg.sampler]
     steps = cfg.sample_steps or ddpm.DEFAULT_STEPS[cfg.sampler]
-    made = [f"{sampler} with {steps} steps for the DDPM"] if "ddpm" in cfg.generators else []
+    made = [f"{sampler} with {steps} steps for the DDPMs"] if {"ddpm", "ddpm-cfg"} & set(cfg.generators) else []
     made += [f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px"] if cfg.gan else []
     n_test, n_pat = len(real.test_y), len(set(real.test_patients))
     first = gate_lines(gates, memo)
@@ -458,7 +480,10 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
           "network trains. Real fractions are nested subsets of the train split "
           f"({', '.join(f'{f:g}' for f in cfg.real_fractions)}), the same for every seed. "
           + (f"Generators {', '.join(g.upper() for g in cfg.generators)}: one per class and real fraction, each "
-             f"trained only on the real images of its cell ({'; '.join(made)}). " if cfg.generators else "")
+             f"trained only on the real images of its cell ({'; '.join(made)})"
+             + ("; DDPM-CFG is one class-conditional DDPM per real fraction for both classes, with classifier-free "
+                "guidance at the scale chosen on the validation split (below)" if "ddpm-cfg" in cfg.generators else "")
+             + ". " if cfg.generators else "")
           + (f"External samples ({', '.join(cfg.external)}): the same set at every real fraction, so they cannot "
              "take part in the matched-fraction cells (at a fraction below 1 they may carry the rest of the data). "
              if cfg.external else "")
@@ -529,7 +554,24 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
             L.append(f"| {g.upper()} | {part} | {v['n_real']} / {v['n_fake']} | {_num(inc.get('fd'), '.1f')} | "
                      f"{_num(inc.get('kid_mean'), '.4f')} | {_num(inc.get('is_mean'), '.2f')} | {_prdc(inc)} | "
                      f"{_num(ft.get('fd'), '.4g')} | {_num(ft.get('kid_mean'), '.4g')} | {_prdc(ft)} |")
-    L += ["", "![image distances](distances.png)", "", "## Samples", ""]
+    L += ["", "![image distances](distances.png)", ""]
+    guidance = read_guidance(cfg)
+    if guidance:
+        plot_guidance(guidance, cfg.out / "guidance.png")
+        n = guidance["n_validation"]
+        L += ["## The conditional DDPM's guidance scale", "",
+              f"DDPM-CFG samples with w = **{guidance['chosen']:g}**, eps(x, none) + w (eps(x, y) - eps(x, none)): of "
+              f"the grid {', '.join(f'{w:g}' for w in guidance['grid'])}, the scale whose samples came closest to the "
+              f"real validation images of their own class ({' and '.join(f'{k} {c}' for c, k in n.items())} images, "
+              "as many samples each, noise of their own seed), by KID averaged over the two classes. KID here is on "
+              "2x2-pooled pixels: while the generators are made no X-ray classifier exists yet, and the test split is "
+              "never read. w = 1 is plain conditional sampling; a larger w trades diversity for class fidelity.", "",
+              "| w | " + " | ".join(f"KID {c}" for c in data.CLASSES) + " | mean |", "|---|---|---|---|"]
+        L += [f"| {w}{' (chosen)' if float(w) == guidance['chosen'] else ''} | "
+              + " | ".join(f"{guidance['kid'][w][c]:.4g}" for c in data.CLASSES) + f" | {m:.4g} |"
+              for w, m in guidance["mean_kid"].items()]
+        L += ["", "![guidance scale against validation KID](guidance.png)", ""]
+    L += ["## Samples", ""]
     L += [f"![{c}: real and synthetic](samples_{c}.png)" for c in data.CLASSES]
     warned = [(p.parent.name, line.strip()) for p in sorted((cfg.out / "generators").glob("*/warnings.log"))
               for line in p.read_text().splitlines() if line.strip()]  # e.g. the GAN's collapse check

@@ -5,8 +5,8 @@ The original experiment answered "yes" from one seed, with model selection on
 folds that held synthetic images, patients in two splits and no AUROC (README,
 "Does synthetic data help? The experiment"). Here: patient-disjoint splits;
 nested real subsets (10% inside 25% inside the train split) with one generator
-per class AND real fraction, trained only on that cell's images (external
-samples, `--synthetic NAME=DIR`, join every cell); synthetic images only train,
+per class AND real fraction (ddpm-cfg: one for both classes), trained only on that
+cell's images (generators.py; external samples, `--synthetic NAME=DIR`, join every cell); synthetic images only train,
 and a set holding a copy of a held-out image is refused; selection on the real
 validation split; a grid of ratios x real fractions x generators x seeds, each
 run PAIRED with the real-only run of its seed, every run of a fraction taking
@@ -48,51 +48,29 @@ import gate
 import phantoms
 import report
 import stats
-from common import (CLIError, atomic_path, check_config, flag, load_checkpoint, pick_device, run_lock, save_png,
-                    to_uint8)
+from common import CLIError, atomic_path, check_config, flag, run_lock
+from generators import (GENERATORS, choose_guidance, ddpm_recipe, gan_recipe, noise_seed,  # noqa: F401 (study.X)
+                        recipe, sample_generator, train_generator)
 
-GENERATORS = ("ddpm", "gan")
 RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "auroc", "auroc_ci_low",
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
                  "n_test", "test_set", "seconds", "finished_at", "steps", "synthetic_set")
 SUBSET_SEED = 0  # the one random order of the real training images that every nested subset is cut from
 DDPM_STEPS, GAN_STEPS, EVAL_EVERY = 1500, 500, 100  # per class at fraction 1 (README, "Real X-rays at small scale")
-SCRATCH = dict(preset="tiny", lr=2e-3, warmup=50, ema_decay=0.995)  # the DDPM from scratch: same section
 
 
 # --------------------------------------------------------------------------- configuration
 
 
-def ddpm_recipe(preset: str | None = None, pretrained: Path | None = None, lr: float | None = None,
-                **settings) -> ddpm.TrainConfig:
-    """The DDPM of each cell: fine-tune google/ddpm-cifar10-32 (AdamW lr 1e-5, the original recipe) when its weights
-    are given or on disk, else train from scratch with SCRATCH; `preset`, `lr`, `settings` win over either."""
-    if pretrained is None and preset is None:
-        local = Path(ddpm.DEFAULT_PRETRAINED)
-        if (local / "config.json").is_file() or local.is_file():
-            pretrained = local
-        else:
-            print(f"note: no google/ddpm-cifar10-32 weights at {local}; training the '{SCRATCH['preset']}' DDPM "
-                  "from scratch (pass --pretrained PATH to fine-tune)", flush=True)
-    plan = (dict(finetune=True, pretrained=pretrained, lr=lr or 1e-5) if pretrained is not None
-            else {**SCRATCH, "preset": preset or SCRATCH["preset"], "lr": lr or SCRATCH["lr"]})
-    return ddpm.TrainConfig(data=Path(), out=Path(), **{**plan, **settings})
-
-
-def gan_recipe(**settings) -> dcgan.TrainConfig:
-    """The DCGAN trained for each class (`settings`: dcgan.TrainConfig fields): a
-    16-image grid per epoch and one checkpoint, not one per epoch."""
-    return dcgan.TrainConfig(data=Path(), out=Path(), **{"num_samples": 16, "no_epoch_checkpoints": True, **settings})
-
-
 @dataclass
 class StudyConfig:
-    """One study. `ddpm`, `gan`: the generators' training configs for every cell."""
+    """One study. `ddpm`, `gan`, `ddpm_cfg`: the generators' training configs for every cell."""
 
     data: Path
     out: Path
     ddpm: ddpm.TrainConfig | None = None  # needed when "ddpm" is among the generators
     gan: dcgan.TrainConfig | None = None  # needed when "gan" is
+    ddpm_cfg: ddpm.TrainConfig | None = None  # needed when "ddpm-cfg" is (conditional=True)
     generators: tuple[str, ...] = GENERATORS
     external: dict[str, Path] = field(default_factory=dict)  # NAME -> DIR/{infiltration,no_finding}/: given samples
     ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real training image, per class
@@ -115,7 +93,7 @@ class StudyConfig:
     gate: gate.GateConfig = field(default_factory=gate.GateConfig)  # its size and device are the study's
 
     def __post_init__(self):
-        missing = [g for g in self.generators if getattr(self, g) is None]
+        missing = [g for g in self.generators if recipe(self, g) is None]
         if missing:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
         if not self.margin >= 0:
@@ -134,7 +112,8 @@ class ExperimentOptions:
 
     data: Path = flag(help="real data in the extract layout (patient-disjoint splits)")
     out: Path = flag(help="study folder; re-running skips finished work")
-    generators: str = flag("ddpm,gan", "comma-separated: ddpm, gan")
+    generators: str = flag("ddpm,gan,ddpm-cfg", "comma-separated: ddpm (one per class), gan (one per class), "
+                           "ddpm-cfg (one class-conditional DDPM for both, with classifier-free guidance)")
     ratios: str = flag("0,0.5,1,2", "synthetic images per real training image (0 = real only)")
     real_fractions: str = flag("1,0.25,0.1", "nested fractions of the real train split (stratified)")
     seeds: int = flag(5, "training seeds per setting (1: the verdict is at most inconclusive)", min=1)
@@ -183,8 +162,8 @@ def external_generators(specs: tuple[str, ...], root: Path) -> dict[str, Path]:
         if not name or not folder:
             raise CLIError(f"--synthetic {spec!r}: expected NAME=DIR")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name) or name in GENERATORS + ("none", "real", "tstr", *out):
-            raise CLIError(f"--synthetic {spec!r}: NAME must be letters, digits and '-', and not ddpm, gan, none, "
-                           "real, tstr or a name given twice")
+            raise CLIError(f"--synthetic {spec!r}: NAME must be letters, digits and '-', and not "
+                           f"{', '.join(GENERATORS)}, none, real, tstr or a name given twice")
         out[name] = data.check_synthetic_folder(Path(folder), root, f"--synthetic {name}={folder}")
     return out
 
@@ -238,6 +217,9 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
                          eval_every=EVAL_EVERY) if "ddpm" in gens else None,
         gan=gan_recipe(size=o.gan_size, epochs=o.gan_epochs, max_steps=gan_steps, eval_every=EVAL_EVERY)
         if "gan" in gens else None,
+        ddpm_cfg=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, conditional=True,  # both classes:
+                             max_steps=ddpm_steps and 2 * ddpm_steps, eval_every=2 * EVAL_EVERY)  # the pair's steps
+        if "ddpm-cfg" in gens else None,
         generators=gens, external=external, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size,
         classifier=o.classifier, classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, margin=o.margin,
         tstr=o.tstr, bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
@@ -391,65 +373,6 @@ def subset_folder(cfg: StudyConfig, real: RealData, frac: float) -> tuple[Path, 
     return folder, trained_on
 
 
-def train_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, folder: Path, trained_on: str,
-                    share: float) -> tuple[Path, bool]:
-    """Train (or reuse) the generator of one class and real fraction on that cell's real images only; return
-    its checkpoint and whether it was trained now. Its steps and monitoring cadence scale with `share` (cell
-    images / all): every generator takes the same epochs. inputs.json records the images (others are refused);
-    done.json marks a finished run; without it, a checkpoint is resumed."""
-    out = cfg.out / "generators" / f"{gen}_{cls}_f{frac:g}"
-    done, ckpt, inputs = out / "done.json", out / "checkpoint.pt", out / "inputs.json"
-    if inputs.is_file() and json.loads(inputs.read_text()).get("trained_on") != trained_on:
-        raise CLIError(f"{out} was trained on other images than the real {frac:g} subset of {cls} now: the data "
-                       "changed; use a new --out")
-    if done.is_file() and ckpt.is_file():
-        print(f"reusing {gen} for {cls} at real fraction {frac:g}: {ckpt}", flush=True)
-        return ckpt, False
-    base = getattr(cfg, gen)
-    steps, every = (n if n is None else max(1, math.ceil(n * share)) for n in (base.max_steps, base.eval_every))
-    print(f"\n== training the {gen} of class {cls} on the real {frac:g} subset ({folder})", flush=True)
-    run = dataclasses.replace(base, data=folder, out=out, class_name=cls, device=cfg.device, resume=ckpt.is_file(),
-                              max_steps=steps, eval_every=every, eval_data=cfg.data / data.SPLIT_DIRS["validation"])
-    with atomic_path(inputs) as tmp:
-        tmp.write_text(json.dumps({"trained_on": trained_on, "data": str(folder)}))
-    ckpt = {"ddpm": ddpm.train, "gan": dcgan.train}[gen](run)
-    with atomic_path(done) as tmp:
-        finished = time.strftime("%Y-%m-%d %H:%M:%S")
-        tmp.write_text(json.dumps({"config": dataclasses.asdict(run), "finished_at": finished}, default=str))
-    return ckpt, True
-
-
-def noise_seed(gen: str, cls: str, frac: float) -> int:
-    """The sampling seed of one generator, class and fraction, a hash of the three: with
-    one seed for all, deterministic DDIM gives each infiltration sample a no_finding twin."""
-    return int(data.digest(gen, cls, f"{frac:g}")[:8], 16)
-
-
-def sample_generator(cfg: StudyConfig, gen: str, cls: str, frac: float, ckpt: Path, n: int, fresh: bool) -> Path:
-    """n grey samples into OUT/synthetic/<gen>/f<frac>/<cls>/ (reused unless `fresh`),
-    via a temporary folder renamed at the end, so a folder of that name is complete."""
-    folder = cfg.out / "synthetic" / gen / f"f{frac:g}" / cls
-    if not fresh and folder.is_dir() and len(list(folder.glob("sample_*.png"))) >= n:
-        print(f"reusing {n} {gen} samples of {cls} at real fraction {frac:g}: {folder}", flush=True)
-        return folder
-    print(f"\n== sampling {n} {gen} images of class {cls} at real fraction {frac:g}", flush=True)
-    ckpt = ckpt.with_name("best.pt") if ckpt.with_name("best.pt").is_file() else ckpt  # monitor.py's pick
-    checkpoint, device, seed = load_checkpoint(ckpt), pick_device(cfg.device), noise_seed(gen, cls, frac)
-    if gen == "ddpm":
-        images = ddpm.generate(checkpoint, n, seed=seed, batch_size=64, device=device, sampler=cfg.sampler,
-                               steps=cfg.sample_steps)
-    else:
-        images = dcgan.generate(checkpoint, n, seed=seed, batch_size=64, device=device)
-    grey = images.mean(dim=1, keepdim=True)  # (N, C, H, W) -> (N, 1, H, W): X-rays are grey, as `sample` writes
-    tmp = folder.with_name(f".{cls}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for i, img in enumerate(to_uint8(grey)):
-        save_png(img, tmp / f"sample_{i:05d}.png")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
-
-
 def load_pool(cfg: StudyConfig, folder: Path, what: str, real: RealData) -> Pool:
     """A synthetic folder at the classifier's size; refused if it holds a held-out image."""
     s = data.load_folder(folder, cfg.size, progress=False)
@@ -463,7 +386,7 @@ def load_pool(cfg: StudyConfig, folder: Path, what: str, real: RealData) -> Pool
 
 def make_pools(cfg: StudyConfig, real: RealData, pools: dict) -> dict[str, dict[float, Pool]]:
     """{generator: {real fraction: Pool}}: `pools` (the external ones) and the trained
-    generators' samples, per class and real fraction."""
+    generators' samples, per class and real fraction (ddpm-cfg: one model per fraction for both classes)."""
     ty = real.train_y.numpy()
     for frac in cfg.real_fractions:
         sub = real_subset(ty, frac)
@@ -471,10 +394,16 @@ def make_pools(cfg: StudyConfig, real: RealData, pools: dict) -> dict[str, dict[
         n_syn = cfg.n_synthetic or max(1, math.ceil(max(cfg.ratios + (1.0,)) * n_real))
         folder, trained_on = subset_folder(cfg, real, frac) if cfg.generators else (None, "")
         for gen in cfg.generators:
-            for cls in data.CLASSES:
-                share = float((ty[sub] == data.LABELS[cls]).sum() / (ty == data.LABELS[cls]).sum())
-                ckpt, fresh = train_generator(cfg, gen, cls, frac, folder, trained_on, share)
-                sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh)
+            if gen == "ddpm-cfg":  # one model for both classes, its guidance scale chosen on validation
+                ckpt, fresh = train_generator(cfg, gen, None, frac, folder, trained_on, len(sub) / len(ty))
+                w = choose_guidance(cfg, ckpt, frac, real.val_x, real.val_y, fresh)
+                for cls in data.CLASSES:
+                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh, guidance=w)
+            else:
+                for cls in data.CLASSES:
+                    share = float((ty[sub] == data.LABELS[cls]).sum() / (ty == data.LABELS[cls]).sum())
+                    ckpt, fresh = train_generator(cfg, gen, cls, frac, folder, trained_on, share)
+                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh)
             pool = load_pool(cfg, cfg.out / "synthetic" / gen / f"f{frac:g}", f"the {gen} samples", real)
             pools.setdefault(gen, {})[frac] = pool
     return pools
@@ -668,6 +597,8 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                           ddpm=ddpm_recipe("tiny", max_steps=8, batch_size=16, sample_steps=2, num_samples=4,
                                            ema_decay=0.5),
                           gan=gan_recipe(size=64, max_steps=8, batch_size=16),
+                          ddpm_cfg=ddpm_recipe("tiny", max_steps=16, batch_size=16, sample_steps=2, num_samples=4,
+                                               ema_decay=0.5, conditional=True),
                           ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, classifier="small",
                           classifier_epochs=2, classifier_batch_size=32, bootstrap=200, fid_max_images=64,
                           inception=False, device=device, sampler="dpmpp", sample_steps=4,
@@ -675,11 +606,14 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                           title="the quick demo (phantoms, tiny models: a smoke test)")
         return cfg, 120
     # Measured on the idle 2-core CPU: the tiny UNet (0.18 M parameters, lr 2e-3, batch 16: 0.2 s a step) draws
-    # recognisable phantoms after 600 steps. One real fraction keeps the demo, gate included, under 10 minutes.
+    # recognisable phantoms after 600 steps. One real fraction and one ratio keep the demo, gate included, under
+    # 10 minutes with three generators: 350 steps per class for the DDPMs, 700 for the one of both classes.
     cfg = StudyConfig(out / "data", out,
-                      ddpm=ddpm_recipe("tiny", max_steps=600, batch_size=16, sample_steps=2, num_samples=4),
+                      ddpm=ddpm_recipe("tiny", max_steps=350, batch_size=16, sample_steps=2, num_samples=4),
                       gan=gan_recipe(size=32, max_steps=300, batch_size=32),
-                      ratios=(0.0, 1.0, 2.0), real_fractions=(1.0,), seeds=2, classifier="small",
+                      ddpm_cfg=ddpm_recipe("tiny", max_steps=700, batch_size=16, sample_steps=2, num_samples=4,
+                                           conditional=True),
+                      ratios=(0.0, 1.0), real_fractions=(1.0,), seeds=2, classifier="small",
                       classifier_epochs=8, classifier_batch_size=32, bootstrap=1000, fid_max_images=200,
                       device=device, sampler="dpmpp", sample_steps=20,
                       title="the demo (embedded phantoms, small models, two seeds)")

@@ -104,7 +104,7 @@ def test_unknown_unet_config_fields_are_refused():
     with pytest.raises(CLIError, match="cross_attention"):
         hub.unet_config_to_diffusers(Future(block_out_channels=(16, 32), norm_groups=8))
     Conditional = make_dataclass("Conditional", [("num_classes", int, None)], bases=(ddpm.UNetConfig,))
-    assert hub.unet_config_to_diffusers(Conditional(num_classes=2))["num_class_embeds"] == 2
+    assert hub.unet_config_to_diffusers(Conditional(num_classes=2))["num_class_embeds"] == 3  # and "no label"
     assert hub.unet_config_to_diffusers(ddpm.UNetConfig())["num_class_embeds"] is None
     with pytest.raises(CLIError, match="attention_levels"):
         hub.unet_config_to_diffusers(ddpm.UNetConfig(attention_levels=(4,)))
@@ -203,7 +203,8 @@ def test_export_refuses_bad_checkpoints(tmp_path):
     refused(b"not a checkpoint", "cannot read checkpoint")
     refused({"weights": torch.zeros(1)}, "not a DDPM checkpoint")
     refused({**good, "ema": {**good["ema"], "conv_out.bias": torch.full((3,), float("nan"))}}, "conv_out.bias holds NaN")
-    refused({**good, "config": {**good["config"], "num_classes": 3}}, "malformed DDPM checkpoint.*num_classes")
+    refused({**good, "config": {**good["config"], "cross_attention": True}}, "malformed DDPM checkpoint.*cross_attention")
+    refused({**good, "config": {**good["config"], "num_classes": 3}}, "lack class_embedding.weight")  # conditional config
     refused({**good, "diffusion": {**good["diffusion"], "prediction": "v"}}, "diffusion setting prediction='v'")
     refused({**good, "diffusion": {"beta_schedule": "laplace"}}, "malformed diffusion settings")
     refused({**good, "ema": {**good["ema"], "conv_in.weight": torch.zeros(2)}}, "shape mismatch for conv_in.weight")

@@ -21,6 +21,7 @@ import dcgan
 import ddpm
 import classify
 import data
+import generators
 import main
 import memorization
 import report
@@ -260,7 +261,8 @@ def test_demo_writes_report_results_and_plots(demo_dir):
     assert sorted(r["run"] for r in rows) == sorted(r.name for r in study.plan_runs(cfg))
     assert all(0 <= float(r["auroc"]) <= 1 for r in rows)
     for name in ("auroc_vs_ratio.png", "distances.png", "samples_infiltration.png", "samples_no_finding.png",
-                 "closest_pairs_ddpm.png", "closest_pairs_gan.png", "memorization.json"):
+                 "closest_pairs_ddpm.png", "closest_pairs_gan.png", "closest_pairs_ddpm-cfg.png", "guidance.png",
+                 "memorization.json"):
         assert (demo_dir / name).is_file(), name
     assert "Inception FID, KID and IS: **not computed**" in "\n".join(report)  # said, not silently dropped
     for r in rows:
@@ -270,8 +272,8 @@ def test_demo_writes_report_results_and_plots(demo_dir):
 def test_summary_json_has_the_issue_keys(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     assert set(summary) == {"headline", "distances", "memorization", "gate"}
-    assert [r["generator"] for r in summary["headline"]] == ["ddpm", "gan"]
-    assert set(summary["gate"]) == {"ddpm", "gan", "ddpm@f0.5", "gan@f0.5"}  # every pool, before the grid
+    assert [r["generator"] for r in summary["headline"]] == sorted(generators.GENERATORS)
+    assert set(summary["gate"]) == {g + f for g in generators.GENERATORS for f in ("", "@f0.5")}  # every pool
     for g in summary["gate"].values():
         assert set(g) == {"usable", "reason", "warnings", "detectability", "tstr", "diversity"} and g["reason"]
         assert set(g["detectability"]) == set(g["tstr"]) == {"auroc", "ci_low", "ci_high", "n_test"}
@@ -280,7 +282,7 @@ def test_summary_json_has_the_issue_keys(demo_dir):
         assert set(r) == {*report.HEADLINE_KEYS, "usable"} and r["usable"] == summary["gate"][r["generator"]]["usable"]
         assert r["verdict"] in stats.VERDICTS and r["seeds"] == 2 and r["ratio"] == 1 and r["real_fraction"] == 1
         assert r["ci_low"] <= r["diff"] <= r["ci_high"] and r["n_test_images"] == r["n_test_patients"] == 24
-    for g in ("ddpm", "gan"):
+    for g in generators.GENERATORS:
         d = summary["distances"][g]
         assert set(d) == set(report.DISTANCE_KEYS) and d["reference"] == "heldout"
         assert d["fid"] is None and d["feature_fd"] > 0  # Inception not attempted in --quick: null, said in the report
@@ -310,6 +312,22 @@ def test_generators_are_matched_to_the_real_fraction(demo_dir):
             used = json.loads((demo_dir / "generators" / f"{gen}_{cls}_f0.5" / "done.json").read_text())["config"]
             assert Path(used["data"]) == demo_dir / "real_subsets" / "f0.5" and used["class_name"] == cls
             assert used["max_steps"] == 4  # half the images, half of the 8 steps: equal epochs
+    used = json.loads((demo_dir / "generators" / "ddpm-cfg_f0.5" / "done.json").read_text())["config"]
+    assert Path(used["data"]) == demo_dir / "real_subsets" / "f0.5" and used["class_name"] is None
+    assert used["conditional"] and used["max_steps"] == 8  # one model of both classes: half of its 16 steps
+
+
+def test_guidance_scale_is_chosen_on_validation_and_reported(demo_dir):
+    for frac in ("1", "0.5"):
+        table = json.loads((demo_dir / "generators" / f"ddpm-cfg_f{frac}" / "guidance.json").read_text())
+        assert table["grid"] == list(generators.GUIDANCE_GRID) and set(table["kid"]) == {"1", "1.5", "2", "3"}
+        mean = {w: sum(v.values()) / 2 for w, v in table["kid"].items()}
+        assert table["mean_kid"] == pytest.approx(mean) and table["chosen"] == float(min(mean, key=mean.get))
+        assert table["n_validation"] == {"infiltration": 6, "no_finding": 6}  # the validation split, never test
+    chosen = json.loads((demo_dir / "generators" / "ddpm-cfg_f1" / "guidance.json").read_text())["chosen"]
+    text = (demo_dir / "report.md").read_text()
+    assert f"DDPM-CFG samples with w = **{chosen:g}**" in text and (demo_dir / "guidance.png").is_file()
+    assert "| DDPM-CFG | infiltration |" in text  # held-out distances per generator and class
 
 
 def test_held_out_reference_set_is_the_same_for_every_generator(demo_dir):
@@ -317,7 +335,7 @@ def test_held_out_reference_set_is_the_same_for_every_generator(demo_dir):
     assert dist["reference"].startswith("heldout")
     counts = {g: {c: (e["classes"][c]["n_real"], e["classes"][c]["n_fake"]) for c in e["classes"]}
               for g, e in dist["generators"].items()}
-    assert counts["ddpm"] == counts["gan"] and counts["ddpm"]["infiltration"] == (18, 18)  # 6 + 12 held out per class
+    assert counts["ddpm"] == counts["gan"] == counts["ddpm-cfg"] and counts["ddpm"]["infiltration"] == (18, 18)  # 6 + 12 held out per class
 
 
 def test_distances_embed_one_reference_for_all_generators(monkeypatch, tmp_path):
@@ -375,7 +393,7 @@ def test_sampling_noise_differs_per_class_and_generator(monkeypatch, tmp_path):
         used.append(seed)
         return torch.zeros(n, 1, 8, 8)
     monkeypatch.setattr(ddpm, "generate", fake_generate)
-    monkeypatch.setattr(study, "load_checkpoint", lambda path: {})
+    monkeypatch.setattr(generators, "load_checkpoint", lambda path: {})
     cfg = study.StudyConfig(tmp_path, tmp_path, generators=())
     for cls in ("infiltration", "no_finding"):
         study.sample_generator(cfg, "ddpm", cls, 1.0, tmp_path / "ckpt.pt", 2, fresh=True)
