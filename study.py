@@ -56,7 +56,7 @@ RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
                  "n_test", "test_set", "seconds", "finished_at", "steps", "synthetic_set")
 SUBSET_SEED = 0  # the one random order of the real training images that every nested subset is cut from
-DDPM_STEPS, GAN_STEPS, EVAL_EVERY = 1500, 500, 100  # per class at fraction 1 (README, "Real X-rays at small scale")
+DDPM_STEPS, GAN_STEPS, EVAL_EVERY = 600, 500, 100  # per class at fraction 1 (README, "Real X-rays at small scale")
 
 
 # --------------------------------------------------------------------------- configuration
