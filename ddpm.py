@@ -338,7 +338,7 @@ class TrainConfig(common.RunConfig):
         except (TypeError, ValueError) as e:
             raise CLIError(f"malformed DDPM checkpoint: {common.first_line(e)}") from e
         saved = {k: Path(args[k]) if k == "pretrained" else args[k] for k in ("finetune", "preset", "pretrained") if k in args}
-        saved["conditional"] = ckpt["config"].get("num_classes") is not None
+        saved["conditional"] = (ckpt.get("config") or {}).get("num_classes") is not None
         saved.update(beta_schedule=d["beta_schedule"], variance=d["variance_type"], prediction=d["prediction_type"],
                      zero_snr=d["rescale_betas_zero_snr"], timestep_spacing=d["timestep_spacing"],
                      loss_weight=d["loss_weight"], snr_gamma=d["snr_gamma"])
