@@ -260,27 +260,19 @@ def test_sample_a_class_with_guidance(conditional_run, tmp_path, capsys):
                        ddpm.generate(ckpt, 3, class_name="no_finding", guidance=0.0, **kw))
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--class", "infiltration"], ["--class", "unconditional"]),
-    (["--guidance", "2"], ["--guidance", "class-conditional"]),
+@pytest.mark.parametrize("which, args, words", [
+    ("plain", ["--class", "infiltration"], ["--class", "unconditional"]),
+    ("plain", ["--guidance", "2"], ["--guidance", "class-conditional"]),
+    ("conditional", [], ["class-conditional", "--class", "infiltration"]),
+    ("conditional", ["--class", "pneumonia"], ["pneumonia", "not a class"]),
+    ("conditional", ["--class", "infiltration", "--guidance", "-1"], ["--guidance"]),
 ])
-def test_class_options_on_an_unconditional_checkpoint_are_refused(conditional_run, tmp_path, capsys, args, words):
-    _, _, plain_ckpt = conditional_run
+def test_bad_class_options_are_refused_before_anything_is_written(conditional_run, tmp_path, capsys, which, args,
+                                                                  words):
+    _, cfg_ckpt, plain_ckpt = conditional_run
     out = tmp_path / "out"
-    code, _, err = cli(capsys, "sample", "--checkpoint", plain_ckpt, "--out", out, "-n", "2", *args)
-    refused(code, err, *words)
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("args, words", [
-    ([], ["class-conditional", "--class", "infiltration"]),
-    (["--class", "pneumonia"], ["pneumonia", "not a class"]),
-    (["--class", "infiltration", "--guidance", "-1"], ["--guidance"]),
-])
-def test_bad_class_options_on_a_conditional_checkpoint_are_refused(conditional_run, tmp_path, capsys, args, words):
-    _, cfg_ckpt, _ = conditional_run
-    out = tmp_path / "out"
-    code, _, err = cli(capsys, "sample", "--checkpoint", cfg_ckpt, "--out", out, "-n", "2", *args)
+    ckpt = plain_ckpt if which == "plain" else cfg_ckpt
+    code, _, err = cli(capsys, "sample", "--checkpoint", ckpt, "--out", out, "-n", "2", *args)
     refused(code, err, *words)
     assert not out.exists()
 
