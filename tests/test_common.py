@@ -126,10 +126,11 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path):
         return {"loss": 1.0}
 
     cfg = RunConfig(data=tmp_path, out=tmp_path, epochs=10, batch_size=2, seed=0)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN under `nohup ... &`
     with pytest.raises(CLIError, match="interrupted at step 3"):
         common.train_loop(torch.randn(8, 5), step, lambda: {"model": model.state_dict()}, cfg, DistInfo())
     assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # the finished step is kept
-    assert len(steps) == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert len(steps) == 3 and signal.getsignal(signal.SIGINT) is before  # the handler is given back
 
 
 # --------------------------------------------------------------------------- reliability (issue 10)
