@@ -204,6 +204,32 @@ def bench_sampling(device, args, rows: list[Row]) -> None:
                     ddim_s / batch, "s/img", "network calls 20 vs 50"))
 
 
+def bench_guidance(device, args, rows: list[Row]) -> None:
+    """Classifier-free guidance: one DDIM step guided at w = 3 against the unguided step (w = 1) of a
+    conditional UNet (random weights, 32 px), as `sample` runs it (ddpm.Guided, pieces of at most
+    ddpm.CPU_MAX_BATCH rows on a CPU) and as ONE forward of 2B; the issue's goal is under 2.1x."""
+    import dataclasses
+    import ddpm
+
+    preset, batch = ("tiny", 16) if args.quick else ("small", 64)
+    model = ddpm.UNet(dataclasses.replace(ddpm.PRESETS[preset], num_classes=2)).to(device).eval()
+    diffusion = ddpm.GaussianDiffusion().to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    t, t_prev = (torch.full((batch,), i, device=device) for i in (500, 480))
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    cap = ddpm.CPU_MAX_BATCH if device.type == "cpu" else None
+    nets = {"unguided": ddpm.Guided(model, y, 1.0, 2), "sample": ddpm.Guided(model, y, 3.0, 2, cap),
+            "one forward": ddpm.Guided(model, y, 3.0, 2)}
+    with torch.inference_mode():
+        r = interleaved({k: (lambda g=g: diffusion.ddim_step(g, x, t, t_prev)) for k, g in nets.items()},
+                        device, args.repeats)
+    rows.append(Row(f"guided DDIM step (w 3) vs unguided, s ({preset}, batch {batch})", r["sample"], r["unguided"],
+                    "s", f"{r['sample'] / r['unguided']:.2f}x an unguided step; one forward of 2B: "
+                         f"{r['one forward'] / r['unguided']:.2f}x",
+                    {"guided_over_unguided": r["sample"] / r["unguided"],
+                     "one_forward_over_unguided": r["one forward"] / r["unguided"]}))
+
+
 # --------------------------------------------------------------------------- 7. torch.compile against eager
 
 
@@ -425,7 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for our paths")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet, and time it against eager")
-    p.add_argument("--only", default="unet,sampling,fid,dcgan,data,memory,compile", help="comma-separated parts to run")
+    p.add_argument("--only", default="unet,sampling,guidance,fid,dcgan,data,memory,compile", help="comma-separated parts to run")
     p.add_argument("--_memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
@@ -445,6 +471,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for name, fn in (("unet", lambda: bench_unet(device, args, rows)),
                          ("sampling", lambda: bench_sampling(device, args, rows)),
+                         ("guidance", lambda: bench_guidance(device, args, rows)),
                          ("fid", lambda: bench_fid(device, args, rows, tmp)),
                          ("dcgan", lambda: bench_dcgan(device, args, rows)),
                          ("data", lambda: bench_data(device, args, rows, tmp)),

@@ -462,19 +462,26 @@ def train(cfg: TrainConfig) -> Path:
 # --------------------------------------------------------------------------- 6. sampling: `main.py sample`
 
 
+CPU_MAX_BATCH = 64  # Guided's widest single forward on a CPU (measured on the 2-core development machine)
+
+
 class Guided(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) around a class-conditional UNet, as a model(x, t)
     that every sampler of diffusion.py takes unchanged:
         eps~(x, y) = eps(x, none) + w (eps(x, y) - eps(x, none)),
     which is their (1 + w') eps(x, y) - w' eps(x, none) with w' = w - 1 (our w is diffusers' guidance_scale).
     w = 1: plain conditional sampling, one pass; w = 0: the unconditional model, one pass; otherwise both
-    passes as ONE forward of batch 2B, so guidance costs one wider call, not two calls. The combination is
-    linear in the network's raw output, so a network that predicts v (or x_0) instead of eps is guided the
-    same way. class_labels (B,) are fixed for the batch; `null` is the no-label token (UNetConfig.num_classes)."""
+    passes as ONE forward of batch 2B, so guidance costs one wider call, not two calls. max_batch caps the
+    rows of one forward (the 2B rows then go in pieces of at most max_batch): on a CPU a forward much wider
+    than its cache holds costs more per image (tiny UNet, one thread: 4.2 ms/image at 64, 5.3 at 128), so
+    there narrower calls are the cheaper ones. The combination is linear in the network's raw output, so a
+    network that predicts v (or x_0) instead of eps is guided the same way. class_labels (B,) are fixed for
+    the batch; `null` is the no-label token (UNetConfig.num_classes)."""
 
-    def __init__(self, model: nn.Module, class_labels: torch.Tensor, scale: float, null: int):
+    def __init__(self, model: nn.Module, class_labels: torch.Tensor, scale: float, null: int,
+                 max_batch: int | None = None):
         super().__init__()
-        self.model, self.scale, self.null = model, float(scale), null
+        self.model, self.scale, self.null, self.max_batch = model, float(scale), null, max_batch
         self.register_buffer("class_labels", class_labels, persistent=False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
@@ -484,9 +491,12 @@ class Guided(nn.Module):
             return self.model(x, t, class_labels=None)
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        none = torch.full_like(self.class_labels, self.null)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([self.class_labels, none]))
-        cond, uncond = out.float().chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W); combined in float32
+        x2, t2 = torch.cat([x, x]), torch.cat([t, t])  # (2B, C, H, W): rows 0..B-1 with the label, then none
+        y2 = torch.cat([self.class_labels, torch.full_like(self.class_labels, self.null)])
+        rows = self.max_batch or len(x2)
+        out = torch.cat([self.model(*piece[:2], class_labels=piece[2]).float()
+                         for piece in zip(x2.split(rows), t2.split(rows), y2.split(rows))])
+        cond, uncond = out.chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W); combined in float32
         return uncond + self.scale * (cond - uncond)
 
 
@@ -546,7 +556,8 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
     for start in range(0, n, batch_size):
         shape = (min(batch_size, n - start), unet.config.in_channels, size, size)
         guided = net if label is None else Guided(net, torch.full(shape[:1], label, device=device), guidance,
-                                                  unet.config.num_classes)
+                                                  unet.config.num_classes,
+                                                  CPU_MAX_BATCH if device.type == "cpu" else None)
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with common.autocast(device, amp):

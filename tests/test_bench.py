@@ -19,7 +19,7 @@ def test_bench_quick_produces_every_figure(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
-    expected = ("UNet forward", "UNet training step", "sampling", "sampling, s per image: DPM-Solver++",
+    expected = ("UNet forward", "UNet training step", "sampling", "sampling, s per image: DPM-Solver++", "guided DDIM step",
                 "FID features", "DCGAN training step 256", "DCGAN training step 64", "data: images/s", "peak memory",
                 "data wait")
     for prefix in expected:

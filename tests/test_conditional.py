@@ -141,6 +141,11 @@ def test_guidance_formula_at_w_0_1_and_2():
     with torch.no_grad():
         c417, u417 = model(x, 417, class_labels=y), model(x, 417)
     assert torch.allclose(scalar_t, 2 * c417 - u417, atol=1e-5)
+    calls.clear()
+    with torch.no_grad():  # 2B wider than max_batch: the same guidance in forwards of at most max_batch rows
+        split = ddpm.Guided(model, y, 2.0, 2, max_batch=3)(x, t), ddpm.Guided(model, y, 2.0, 2, max_batch=5)(x, 417)
+    assert calls == [3, 3, 2, 5, 3]
+    assert torch.allclose(split[0], w2, atol=1e-5) and torch.allclose(split[1], scalar_t, atol=1e-5)
 
 
 def test_guided_model_runs_every_sampler():
