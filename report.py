@@ -370,7 +370,7 @@ def plot_guidance(table: dict, path: Path) -> None:
     ax.plot(ws, [table["mean_kid"][f"{w:g}"] for w in ws], "k--", label="mean (chooses w)")
     ax.axvline(table["chosen"], color="grey", lw=0.8)
     ax.set(xlabel="guidance scale w", ylabel="validation KID, pooled pixels")
-    ax.set_title("DDPM-CFG: distance to validation images of the class (lower is closer)", fontsize=8)
+    ax.set_title("DDPM-CFG: distance to the validation images\nof each class (lower is closer)", fontsize=9)
     ax.legend(fontsize=8)
     _save(fig, path)
 

@@ -294,6 +294,20 @@ def test_finetune_writes_checkpoint_log_and_grid(tiny_ref, images_dir, tmp_path)
     assert Image.open(out / "samples_epoch001.png").size[0] > 64
 
 
+def test_conditional_finetune_from_the_pretrained_model(tiny_ref, images_dir, tmp_path):
+    """`ddpm --finetune --conditional`: the released UNet, every weight of it, plus a class embedding of
+    classes + 1 rows (zero at step 0: test_conditional.py), trained on both class folders."""
+    ref, folder = tiny_ref
+    out = tmp_path / "cfg"
+    _train(images_dir, out, "--finetune", "--pretrained", str(folder), "--conditional", "--max-steps", "2")
+    ckpt = common.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["classes"] == {"no_finding": 0, "infiltration": 1} and ckpt["config"]["num_classes"] == 2
+    released = ddpm.load_pretrained(folder).state_dict()
+    assert set(ckpt["model"]) == set(released) | {"class_embedding.weight"}
+    assert all(ckpt["model"][k].shape == v.shape for k, v in released.items())
+    assert ckpt["model"]["class_embedding.weight"].shape == (3, ref.config.block_out_channels[0] * 4)
+
+
 def test_resume_equals_straight_run(images_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _train(images_dir, a, "--preset", "tiny", "--max-steps", "2")
