@@ -184,7 +184,7 @@ def autocast(device: torch.device, enabled: bool):
 # --------------------------------------------------------------------------- atomic files
 
 
-TEMP_PREFIX = "."  # atomic writes go to ".NAME.XXXXXXXX.SUFFIX" beside NAME
+TEMP_PREFIX = "."  # atomic writes go to ".NAME.<8 random characters>.SUFFIX" beside NAME
 
 
 def _umask() -> int:

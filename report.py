@@ -468,7 +468,10 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
     made = [f"{sampler} with {steps} steps for the DDPMs"] if {"ddpm", "ddpm-cfg"} & set(cfg.generators) else []
     made += [f"GAN samples made at {cfg.gan.network().size} px and resized to {cfg.size} px"] if cfg.gan else []
     n_test, n_pat = len(real.test_y), len(set(real.test_patients))
-    per_class = [g for g in cfg.generators if g != "ddpm-cfg"]  # ddpm, gan: one model per class
+    per_class = [g.upper() for g in cfg.generators if g != "ddpm-cfg"]  # ddpm, gan: one model per class
+    kinds = ([f"{', '.join(per_class)}: one per class and real fraction"] if per_class else []) + (
+        ["DDPM-CFG: one class-conditional DDPM per real fraction for both classes, with classifier-free guidance "
+         "at the scale chosen on the validation split (below)"] if "ddpm-cfg" in cfg.generators else [])
     first = gate_lines(gates, memo)
     L = [*first, *([""] if first else []), headline(head, unusable), "",
          f"# Does synthetic data help? Report of {cfg.title}", ""]
@@ -481,12 +484,7 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
           "network trains. Real fractions are nested subsets of the train split "
           f"({', '.join(f'{f:g}' for f in cfg.real_fractions)}), the same for every seed. "
           + (f"Generators {', '.join(g.upper() for g in cfg.generators)}, each trained only on the real images of "
-             f"its cell ({'; '.join(made)}): "
-             + "; ".join(([f"{', '.join(per_class).upper()}: one per class and real fraction"] if per_class else [])
-                         + (["DDPM-CFG: one class-conditional DDPM per real fraction for both classes, with "
-                             "classifier-free guidance at the scale chosen on the validation split (below)"]
-                            if "ddpm-cfg" in cfg.generators else []))
-             + ". " if cfg.generators else "")
+             f"its cell ({'; '.join(made)}): {'; '.join(kinds)}. " if cfg.generators else "")
           + (f"External samples ({', '.join(cfg.external)}): the same set at every real fraction, so they cannot "
              "take part in the matched-fraction cells (at a fraction below 1 they may carry the rest of the data). "
              if cfg.external else "")
