@@ -39,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import (CLIError, check_config, epoch_order, flag, load_checkpoint, pick_device, save_checkpoint,
-                    seed_everything)
+from plumbing.configs import check_config, CLIError, flag
+from plumbing.files import check_output, load_checkpoint, save_checkpoint
+from plumbing.runtime import epoch_order, pick_device, seed_everything
 
 MODELS = ("small", "resnet18")
 DEFAULT_LR = {"small": 1e-3, "resnet18": 3e-4}
@@ -562,7 +563,7 @@ def run(cfg: RunConfig) -> dict:
         raise CLIError(f"data folder not found: {cfg.data}")
     pick_device(cfg.device)  # a bad --device fails before any image is decoded
     if cfg.save is not None:  # and a --save that cannot be written fails before training, not after
-        data.check_output(cfg.save, "--save", folder=False)
+        check_output(cfg.save, "--save", folder=False)
         if cfg.save.exists():  # replace only a classifier checkpoint, never another file
             try:
                 load_classifier(cfg.save)

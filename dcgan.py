@@ -48,20 +48,16 @@ the measured comparison, and why the default is spectral normalisation.
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-import data
-import diffaugment
-import monitor as quality  # --eval-every: held-out KID and 1-NN (CollapseMonitor below watches D and G)
-from common import CLIError, autocast, flag, save_image_grid, train_loop, unwrap
+from plumbing.configs import CLIError, RunConfig, first_line, flag, keep_saved
+from plumbing.files import first_nonfinite, require_keys
+from plumbing.runtime import autocast, unwrap
 
 SIZES = (32, 64, 128, 256)
 LOSS_CEILING = 100.0  # a BCE above 100: the right answer got probability below e^-100, D or G is hopelessly wrong
@@ -137,8 +133,8 @@ LEGACY_PRESET = "original"  # a checkpoint written before presets existed has no
 
 
 @dataclass
-class TrainConfig(common.RunConfig):
-    """Everything `python main.py gan` sets: the run's options (common.RunConfig) and the GAN's below.
+class TrainConfig(RunConfig):
+    """Everything `python main.py gan` sets: the run's options (RunConfig) and the GAN's below.
     The network's defaults are the original experiment's; its training is the `modern` preset's unless
     --preset original. size, channels, g_width and d_width None mean 256, 1, 32, 64, or the checkpoint's
     on resume; lr_g, lr_d and g_steps None mean the preset's."""
@@ -174,11 +170,11 @@ class TrainConfig(common.RunConfig):
 
     def network(self, saved: dict | None = None) -> DCGANConfig:
         """The networks' shape: the options given, else the checkpoint's (`saved`; one given
-        otherwise is an error, see common.keep_saved), else the defaults."""
+        otherwise is an error, see keep_saved), else the defaults."""
         if saved is None:
             return DCGANConfig(**{k: getattr(self, k) for k in ("size", "channels", "g_width", "d_width")
                                   if getattr(self, k) is not None})
-        common.keep_saved(self, saved)
+        keep_saved(self, saved)
         return DCGANConfig(**saved)
 
 
@@ -291,8 +287,8 @@ def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64,
     The price: the running averages trail the weights by ~10 steps (momentum
     0.1), which only matters in the first steps of training.
     """
-    common.require_keys(ckpt, ("config", "generator"), "this GAN checkpoint")
-    bad = common.first_nonfinite(ckpt["generator"])
+    require_keys(ckpt, ("config", "generator"), "this GAN checkpoint")
+    bad = first_nonfinite(ckpt["generator"])
     if bad:
         raise CLIError(f"the checkpoint's weight generator.{bad} is non-finite (NaN or infinity); refusing to sample")
     try:
@@ -300,7 +296,7 @@ def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64,
         G = Generator(cfg)
         G.load_state_dict(ckpt["generator"])
     except (TypeError, RuntimeError, ValueError) as e:
-        raise CLIError(f"malformed GAN checkpoint: {common.first_line(e)}") from e
+        raise CLIError(f"malformed GAN checkpoint: {first_line(e)}") from e
     G.to(device).eval()
     # The noise is drawn on the CPU from its own generator, so the result does not
     # depend on the device, the batch size, or anything else using the global RNG.
@@ -309,101 +305,6 @@ def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64,
 
 
 # --------------------------------------------------------------------------- collapse detection
-
-DIVERSITY_FLOOR = 0.25  # samples' spread below 1/4 of the real images': collapsed (gate.py uses the same floor)
-
-
-def mean_pairwise_distance(x: torch.Tensor) -> float:
-    """Mean L2 distance between all pairs of a batch (N, ...), per pixel (RMS)."""
-    flat = x.flatten(1).float()
-    return (torch.pdist(flat) / math.sqrt(flat.shape[1])).mean().item()
-
-
-class CollapseMonitor:
-    """Watches the training metrics for the two failures the original run showed, and for divergence.
-
-    1. The discriminator wins: loss_d < `loss_d_floor` on every one of the last
-       `window` steps, or D(x) - D(G(z)) > `gap_ceiling` on all of them. G then
-       receives vanishing gradients and rarely recovers.
-    2. Mode collapse: `diversity()` (the mean pairwise distance of G's fixed-noise
-       samples over that of real images) below `diversity_floor`; the samples are
-       nearly one image. (A 200-step run on the NIH 64 px set whose 64 samples
-       looked like one image by eye measured 0.10-0.24; real-vs-real is 1 by
-       construction.) Measured every `every` steps and once more by `finish`.
-    3. Divergence: a loss above LOSS_CEILING (a learning rate far too high).
-
-    Called by train_loop after each step with (step, metrics); returns a warning
-    for 1 and 3 once when the condition starts, and again only after it has
-    cleared. Diversity raises no warning mid-run: a GAN's samples often look alike
-    early and spread out later (issue 16: "collapse" at step 100, diverse samples
-    at the end), so `finish` judges the END state and reports the worst point
-    beside it, as two separate facts.
-    """
-
-    def __init__(self, window: int = 200, loss_d_floor: float = 0.05, gap_ceiling: float = 0.99,
-                 every: int = 100, diversity_floor: float = DIVERSITY_FLOOR,
-                 diversity: Callable[[], float] | None = None):
-        self.loss_d_floor, self.gap_ceiling, self.every, self.diversity_floor = loss_d_floor, gap_ceiling, every, diversity_floor
-        self.diversity = diversity
-        self.recent = deque(maxlen=window)
-        self.firing = {"d_wins": False, "exploded": False}
-        self.worst: tuple[float, int] | None = None  # (lowest diversity ratio, its step) since this run started
-
-    def _edge(self, name: str, condition: bool, message: str) -> str | None:
-        fire = condition and not self.firing[name]
-        self.firing[name] = condition
-        return message if fire else None
-
-    def _measure(self, step: int) -> float:
-        ratio = self.diversity()
-        if self.worst is None or ratio < self.worst[0]:
-            self.worst = (ratio, step)
-        return ratio
-
-    def __call__(self, step: int, metrics: dict) -> str | None:
-        self.recent.append((metrics["loss_d"], metrics.get("d_real", 0.5) - metrics.get("d_fake", 0.5)))
-        full = len(self.recent) == self.recent.maxlen
-        d_wins = full and (all(l < self.loss_d_floor for l, _ in self.recent)
-                           or all(g > self.gap_ceiling for _, g in self.recent))
-        warnings = [self._edge("d_wins", d_wins,
-                               f"discriminator has won for {len(self.recent)} steps (loss_d < {self.loss_d_floor} "
-                               f"or D(x) - D(G(z)) > {self.gap_ceiling}): training has likely diverged")]
-        worst = max(metrics["loss_d"], metrics.get("loss_g", 0.0))
-        warnings.append(self._edge("exploded", worst > LOSS_CEILING,
-                                   f"a loss reached {worst:.3g} (a working GAN's stays far below {LOSS_CEILING:g}): "
-                                   "training has diverged; try a lower --lr-g / --lr-d"))
-        if self.diversity is not None and step % self.every == 0:
-            self._measure(step)
-        found = [w for w in warnings if w]
-        return "; ".join(found) if found else None
-
-    def finish(self, step: int) -> tuple[str, bool] | None:
-        """The diversity verdict at the end of training (step `step`), with the worst
-        point of the run beside it: (one line, collapsed at the end?); None without
-        a diversity measure."""
-        if self.diversity is None:
-            return None
-        end = self._measure(step)
-        collapsed = end < self.diversity_floor
-        low, at = self.worst
-        state = "mode collapse: the samples are nearly identical" if collapsed else "not collapsed"
-        return (f"diversity (samples' pairwise distance over the real images'; collapsed below "
-                f"{self.diversity_floor:g}): worst {low:.3f} at step {at}; at the end (step {step}) {end:.3f}: "
-                f"{state}", collapsed)
-
-    def report(self, step: int, out: Path) -> None:
-        """`finish`, printed and kept: OUT/diversity.txt always, OUT/warnings.log too
-        when the samples are collapsed at the end (the state the run's samples are in)."""
-        found = self.finish(step)
-        if found is None:
-            return
-        line, collapsed = found
-        print(("warning: " if collapsed else "") + line, flush=True)
-        with common.atomic_path(out / "diversity.txt") as tmp:
-            tmp.write_text(line + "\n")
-        if collapsed:
-            with open(out / "warnings.log", "a") as f:
-                f.write(f"step {step}: {line}\n")
 
 
 # --------------------------------------------------------------------------- training
@@ -418,20 +319,19 @@ def r1_penalty(logits_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-              cfg: DCGANConfig, tcfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], dict]:
+              cfg: DCGANConfig, tcfg: TrainConfig, device: torch.device,
+              augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[torch.Tensor], dict]:
     """One discriminator update followed by `g_steps` generator updates (the original's 1:2, modern 1:1).
 
     D step:  maximise log D(T(x)) + log(1 - D(T(G(z))))   (Goodfellow et al. 2014, Eq. 1)
              [- gamma/2 R1 with an R1 preset]
     G step:  maximise log D(T(G(z))), the non-saturating loss of the same paper.
-    T is the preset's DiffAugment (identity in the original), drawn afresh for every batch and applied to
-    real and fake alike (Zhao et al. 2020, Eq. 2-3); G's gradient flows through it.
+    T is `augment`, the preset's DiffAugment (None: identity, as in the original), drawn afresh for every
+    batch and applied to real and fake alike (Zhao et al. 2020, Eq. 2-3); G's gradient flows through it.
     """
     D_plain, G_plain = unwrap(D), unwrap(G)
     p = tcfg.settings()
-
-    def T(x: torch.Tensor) -> torch.Tensor:
-        return diffaugment.diff_augment(x, p.augment)
+    T = augment or (lambda x: x)  # noqa: E731
 
     def step(real: torch.Tensor) -> dict:
         real = real.to(device, non_blocking=True)
@@ -475,79 +375,3 @@ def make_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: t
     return step
 
 
-def train(tcfg: TrainConfig) -> Path:
-    """Train on a folder, one checkpoint and sample grid per epoch (torchrun: DDP); returns the
-    checkpoint's path. common.training_run does what both generators share (checks, lock, torchrun,
-    resume, seeds); rank 0 matches a single-process run, and DDP copies its initial weights to all ranks."""
-    with common.training_run(tcfg, "dcgan", ("config", "generator", "discriminator", "opt_g", "opt_d")) as run:
-        return _train(tcfg, run)
-
-
-def _train(tcfg: TrainConfig, run: common.Run) -> Path:
-    info, device, out = run.info, run.info.device, tcfg.out
-    cfg = tcfg.network(run.ckpt["config"] if run.ckpt else None)
-    if run.ckpt:  # the checkpoint's preset (one written before presets: the original), as for its shape
-        tcfg = common.keep_saved(tcfg, {"preset": run.ckpt.get("preset", LEGACY_PRESET)})
-    p = tcfg.settings()
-    G, D = Generator(cfg).to(device), Discriminator(cfg, p).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=p.lr_g, betas=tcfg.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=p.lr_d, betas=tcfg.betas)
-    start = run.restore(generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
-    images = data.load_training_folder(tcfg.data, cfg.size, tcfg.class_name).images  # (N, S, S) uint8
-    real = data.to_unit_range(images)  # (N, 1, S, S) in [-1, 1]
-    if cfg.channels == 3:
-        real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the original's input
-    if info.is_main:
-        print(f"DCGAN {cfg.size}x{cfg.size}x{cfg.channels}, preset {tcfg.preset} ({p.g_steps} G per D update, lr G "
-              f"{p.lr_g:g}, lr D {p.lr_d:g}, DiffAugment {p.augment or 'none'}, spectral norm "
-              f"{'on' if p.spectral_norm else 'off'}, R1 gamma {p.r1_gamma:g}): generator {count_parameters(G):,} "
-              f"parameters, discriminator {count_parameters(D):,}; {real.shape[0]} training images"
-              + (f", resuming at step {start}" if start else ""))
-    if info.world_size > 1 and device.type == "cuda":
-        # One batch statistic over all GPUs, as a single-GPU run of the global batch would see.
-        # On CPU (gloo) plain BatchNorm normalises each rank's own batch: the same per-batch
-        # statistics a single process has at the per-rank batch size.
-        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    G_train, D_train = run.wrap(G), run.wrap(D)  # state dicts still come from G and D
-
-    # Fixed noise for the per-epoch grids and the collapse check: its own generator,
-    # so drawing it never moves the training RNG (resume stays bit-exact).
-    fixed_z = sample_noise(tcfg.num_samples, cfg, torch.Generator().manual_seed(tcfg.seed)).to(device)
-    real_spread = mean_pairwise_distance(real[:64])
-
-    @torch.no_grad()
-    def fixed_samples(z: torch.Tensor = fixed_z) -> torch.Tensor:
-        G.eval()  # eval: no BatchNorm running-statistics update, same as `sample` (see generate)
-        x = G(z).float()
-        G.train()
-        return x
-
-    def eval_samples(n: int) -> torch.Tensor:
-        """n samples of fixed noise (another seed than the grids') as grey uint8 (n, S, S), for monitor.py."""
-        z = sample_noise(n, cfg, torch.Generator().manual_seed(tcfg.seed + 1)).to(device)
-        return torch.from_numpy(common.to_uint8(fixed_samples(z).mean(dim=1, keepdim=True).cpu()))
-
-    def on_epoch_end(epoch: int) -> None:
-        save_image_grid(fixed_samples().cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=8)
-
-    def state() -> dict:
-        train = {**asdict(p), "betas": list(tcfg.betas), "amp": tcfg.amp}
-        return {"kind": "dcgan", "config": asdict(cfg), "preset": tcfg.preset, "train": train,
-                "generator": G.state_dict(), "discriminator": D.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "seed": tcfg.seed}
-
-    monitor = CollapseMonitor(window=tcfg.collapse_window, every=100,
-                              diversity=lambda: mean_pairwise_distance(fixed_samples()[:64]) / max(real_spread, 1e-8))
-    total = common.total_steps(tcfg, real.shape[0], info.world_size)[0]
-    watch = (quality.setup(tcfg, cfg.size, total, eval_samples, state, ("loss_d", "loss_g"), device, start)
-             if info.is_main else None)
-    fields = (("loss_d", "loss_g", "d_real", "d_fake", "grad_d", "grad_g") + (("r1",) if p.r1_gamma else ())
-              + (quality.FIELDS if watch else ()))
-    step = train_loop(real, make_step(G_train, D_train, opt_g, opt_d, cfg, tcfg, device), state, tcfg, info,
-                      start, on_epoch_end, fields, monitor, keep_epoch_checkpoints=not tcfg.no_epoch_checkpoints,
-                      evaluate=watch)
-    if info.is_main:
-        save_image_grid(fixed_samples().cpu(), out / "samples_latest.png", nrow=8)
-        monitor.report(step, out)  # diversity at the end, beside the run's worst point
-        print(f"step {step}: checkpoint, samples_latest.png and loss.csv in {common.shown(out)}")
-    return out / "checkpoint.pt"

@@ -3,7 +3,7 @@ its pretrained weights, fine-tuning and sampling. The diffusion process and the 
 DPM-Solver++) are in diffusion.py. Read top to bottom:
   3. the UNet, whose default configuration is exactly `google/ddpm-cifar10-32`,
   4. loading that model's diffusers-format weights (an explicit key map),
-  5. training (Alg. 1; `main.py ddpm`), 6. sampling (`main.py sample`).
+  5. training: one step of Alg. 1 (`train_step`; training/ddpm_run.py runs the loop), 6. sampling.
 (Sections 1 and 2, the noise schedule and the diffusion process, are diffusion.py's.)
 Checked against diffusers 0.42 in tests/test_ddpm.py (UNet2DModel gives the same numbers);
 nothing here imports diffusers.
@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-import pretrained
-from common import CLIError, flag
 from diffusion import (BETA_SCHEDULES, DEFAULT_STEPS, NUM_TIMESTEPS, VARIANCE_TYPES,  # noqa: F401 (ddpm.X, as before)
-                       GaussianDiffusion, check_sampler, extract, make_betas)
+                       GaussianDiffusion, check_sampler, make_betas)
 from diffusion import BETA_END, BETA_START, LOSS_WEIGHTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, check_settings
-from pretrained import DEFAULT_PRETRAINED, convert_diffusers_state_dict  # noqa: F401 (ddpm.X, as before)
+from plumbing import weightfiles
+from plumbing.configs import CLIError, RunConfig, first_line, flag, keep_saved
+from plumbing.files import first_nonfinite, require_keys
+from plumbing.runtime import autocast
+from plumbing.weightfiles import DEFAULT_PRETRAINED
 
 # --------------------------------------------------------------------------- 3. the UNet
 
@@ -229,20 +230,91 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
 
 
-# --------------------------------------------------------------------------- 4. pretrained weights (diffusers format)
+# --------------------------------------------------------------------------- 4. pretrained weights: diffusers' names -> ours
+
+
+# Attention sub-keys of older diffusers checkpoints -> the current names, which ours follow.
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def unet_config(cfg: dict) -> dict:
+    """ddpm.UNetConfig's fields from a diffusers UNet2DModel config.json; refuses what the UNet does not
+    implement (tools/export.py's unet_config_to_diffusers is the inverse). num_class_embeds N (a class-conditional UNet)
+    is N - 1 classes and the no-label token of classifier-free guidance, the last row, as ddpm.UNet has it."""
+    unsupported = {"time_embedding_type": "positional", "center_input_sample": False, "act_fn": "silu",
+                   "mid_block_scale_factor": 1, "resnet_time_scale_shift": "default", "class_embed_type": None,
+                   "add_attention": True, "time_embedding_dim": None,
+                   "downsample_type": "conv", "upsample_type": "conv"}
+    for key, ok in unsupported.items():
+        if cfg.get(key, ok) != ok:
+            raise CLIError(f"config.json: {key}={cfg[key]!r} is not supported (this UNet implements {ok!r})")
+    down = cfg.get("down_block_types", [])
+    up = cfg.get("up_block_types", [])
+    levels = tuple(i for i, name in enumerate(down) if name.startswith("Attn"))
+    if tuple(len(up) - 1 - i for i, name in enumerate(up) if name.startswith("Attn"))[::-1] != levels:
+        raise CLIError("config.json: attention must sit at the same levels in down_block_types and up_block_types")
+    chs, groups, eps = tuple(cfg.get("block_out_channels", ())), cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5)
+    if not chs or type(groups) is not int or groups < 1 or any(type(c) is not int or c < 1 or c % groups for c in chs):
+        raise CLIError(f"config.json: block_out_channels {list(chs)} must be positive multiples of norm_num_groups {groups}")
+    if type(eps) not in (int, float) or not eps > 0:
+        raise CLIError(f"config.json: norm_eps must be a positive number, got {eps!r}")
+    head = cfg.get("attention_head_dim")
+    if levels and head is not None and any(head != chs[i] for i in levels):
+        raise CLIError("config.json: only single-head attention (attention_head_dim null) is supported")
+    embeds = cfg.get("num_class_embeds")
+    if embeds is not None and (type(embeds) is not int or embeds < 2):
+        raise CLIError(f"config.json: num_class_embeds must be null or a whole number >= 2 (classes and the "
+                       f"no-label token), got {embeds!r}")
+    sample_size = cfg.get("sample_size", 32)
+    return dict(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
+                sample_size=sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size,
+                block_out_channels=chs, layers_per_block=cfg.get("layers_per_block", 2), attention_levels=levels,
+                norm_groups=groups, norm_eps=eps, dropout=cfg.get("dropout", 0.0), freq_shift=cfg.get("freq_shift", 0),
+                flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), downsample_padding=cfg.get("downsample_padding", 1),
+                num_classes=None if embeds is None else embeds - 1)
+
+
+def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Explicit key map, diffusers -> ours: names are the same except
+        attentions.*.{query,key,value,proj_attn}  -> {to_q,to_k,to_v,to_out}   (old generation)
+        attentions.*.to_out.0                     -> to_out                    (current generation)
+    (class_embedding.weight, a conditional UNet's (num_classes + 1, 4 C0) table, keeps its name)
+    and [C, C, 1, 1] attention projections (1x1 convolutions in old conversions) become [C, C].
+    Every tensor's shape is checked; the first missing, unexpected or mis-shaped key is an error."""
+    ours = model.state_dict()
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")  # e.g. mid_block.attentions.0.query.weight
+        if "attentions" in parts:
+            parts[-2:-1] = _OLD_ATTENTION_NAMES.get(parts[-2], parts[-2]).split(".")
+            if parts[-3:-1] == ["to_out", "0"]:
+                del parts[-2]
+            if value.dim() == 4 and value.shape[2:] == (1, 1):
+                value = value[:, :, 0, 0]
+        new = ".".join(parts)
+        if new not in ours:
+            raise CLIError(f"unexpected key in pretrained weights: {key}")
+        if value.shape != ours[new].shape:
+            raise CLIError(f"shape mismatch for {key}: file has {tuple(value.shape)}, model expects {tuple(ours[new].shape)}")
+        out[new] = value.float()
+    missing = [k for k in ours if k not in out]
+    if missing:
+        raise CLIError(f"pretrained weights lack key {missing[0]} ({len(missing)} missing in all)")
+    return out
+
 
 def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True) -> UNet:
     """UNet from a diffusers checkpoint: a folder with config.json and diffusion_pytorch_model.{safetensors,bin}
     (one without weights: the Hugging Face cache's google/ddpm-cifar10-32, else, with `download`, a download
-    into it), or a lone weights file, implying the cifar10-32 config. pretrained.py finds and reads the files
-    and holds the explicit key map from diffusers' names to ours."""
-    config, weights = pretrained.locate(Path(path), download)
+    into it), or a lone weights file, implying the cifar10-32 config. plumbing/weightfiles.py finds and reads
+    the files; convert_diffusers_state_dict maps the names."""
+    config, weights = weightfiles.locate(Path(path), download)
     try:
-        model = UNet(UNetConfig(**pretrained.unet_config(config)) if config is not None else None)
+        model = UNet(UNetConfig(**unet_config(config)) if config is not None else None)
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise CLIError(f"the config.json of {path} does not describe a UNet this project builds "
-                       f"({common.first_line(e)})") from e
-    model.load_state_dict(pretrained.convert_diffusers_state_dict(pretrained.read_weights(weights), model))
+                       f"({first_line(e)})") from e
+    model.load_state_dict(convert_diffusers_state_dict(weightfiles.read_weights(weights), model))
     return model
 
 
@@ -259,9 +331,34 @@ def with_classes(model: UNet, num_classes: int) -> UNet:
 # --------------------------------------------------------------------------- 5. training (DDPM Alg. 1): `main.py ddpm`
 
 
+def train_step(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, optimizer: torch.optim.Optimizer,
+               class_labels: torch.Tensor | None = None, grad_clip: float = 1.0, amp: bool = False):
+    """One step of DDPM Algorithm 1 (Ho et al. 2020) on a batch x0 (B, C, H, W) in [-1, 1]:
+        t ~ Uniform({1, ..., T}),  eps ~ N(0, I)
+        gradient step on  || eps - eps_theta(sqrt(alpha-bar_t) x0 + sqrt(1 - alpha-bar_t) eps, t) ||^2
+    (diffusion.training_loss; v or x0 is the target for those prediction types). class_labels (B,):
+    a conditional model's labels. Returns (loss, gradient norm before clipping), as tensors."""
+    net = model if class_labels is None else functools.partial(model, class_labels=class_labels)
+    with autocast(x0.device, amp):
+        loss = diffusion.training_loss(net, x0)  # lines 2-5: draw t and eps, x_t by Eq. 4, the squared error
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    return loss.detach(), grad_norm
+
+
+def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Label dropout of classifier-free guidance (Ho & Salimans 2022, Alg. 1, "c <- none with probability
+    p_uncond"): each label independently becomes the no-label token `null` with probability p, so one network
+    learns eps(x, y) and eps(x, none) at once."""
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
 @dataclass(kw_only=True)
-class TrainConfig(common.RunConfig):
-    """Everything `train` needs: the run's options (common.RunConfig: data, out, epochs, ...) and the
+class TrainConfig(RunConfig):
+    """Everything `train` needs: the run's options (RunConfig: data, out, epochs, ...) and the
     model's below; `main.py ddpm` makes one option per field."""
 
     finetune: bool = flag(False, "start from the pretrained CIFAR-10 UNet")
@@ -331,12 +428,12 @@ class TrainConfig(common.RunConfig):
                     loss_weight=self.loss_weight, snr_gamma=self.snr_gamma)
 
     def resumed(self, ckpt: dict) -> TrainConfig:
-        """This config continuing `ckpt`, whose model and schedule settings are the truth (common.keep_saved).
+        """This config continuing `ckpt`, whose model and schedule settings are the truth (keep_saved).
         A checkpoint from before an option existed holds no entry for it: it was trained with the default."""
         try:
             args, d = ckpt.get("args") or {}, GaussianDiffusion(**ckpt["diffusion"]).config()
         except (TypeError, ValueError) as e:
-            raise CLIError(f"malformed DDPM checkpoint: {common.first_line(e)}") from e
+            raise CLIError(f"malformed DDPM checkpoint: {first_line(e)}") from e
         saved = {k: Path(args[k]) if k == "pretrained" else args[k] for k in ("finetune", "preset", "pretrained") if k in args}
         saved["conditional"] = (ckpt.get("config") or {}).get("num_classes") is not None
         saved.update(beta_schedule=d["beta_schedule"], variance=d["variance_type"], prediction=d["prediction_type"],
@@ -344,119 +441,7 @@ class TrainConfig(common.RunConfig):
                      loss_weight=d["loss_weight"], snr_gamma=d["snr_gamma"])
         if d["beta_schedule"] != "cosine":  # cosine has no end betas (the option stays None)
             saved.update(beta_start=d["beta_start"], beta_end=d["beta_end"])
-        return common.keep_saved(self, {**saved, **({"image_size": ckpt["image_size"]} if ckpt.get("image_size") else {})})
-
-
-def class_indices(labels: torch.Tensor, root: Path) -> dict[str, int]:
-    """The classes of a conditional model, {name: index}, index = data.LABELS (no_finding 0, infiltration 1):
-    refused unless every image lies in a class folder and both classes are there."""
-    import data
-
-    if (labels < 0).any() or set(labels.tolist()) != set(data.LABELS.values()):
-        raise CLIError(f"--conditional needs the images under {root} in class folders, with images in each of "
-                       f"{', '.join(c + '/' for c in data.LABELS)} and nowhere else")
-    return dict(sorted(data.LABELS.items(), key=lambda item: item[1]))
-
-
-def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Label dropout of classifier-free guidance (Ho & Salimans 2022, Alg. 1, "c <- none with probability
-    p_uncond"): each label independently becomes the no-label token `null` with probability p, so one network
-    learns eps(x, y) and eps(x, none) at once."""
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
-    return torch.where(drop, torch.full_like(labels, null), labels)
-
-
-def train(cfg: TrainConfig) -> Path:
-    """Fine-tune or train with DDPM Alg. 1, inside common.training_run (checks, lock, torchrun, resume,
-    seeds) and common.train_loop (data order, log, checkpoints, Ctrl-C, NaN); with --eval-every, monitor.py
-    measures the samples against held-out images and keeps OUT/best.pt. Returns OUT/checkpoint.pt.
-    --conditional: the class of each image goes in as a label, dropped to "no label" at --label-dropout
-    (Ho & Salimans 2022, Alg. 1); the checkpoint's "classes" maps class names to labels."""
-    import data
-    import monitor
-
-    with common.training_run(cfg, "ddpm", ("config", "diffusion", "model", "ema", "optimizer")) as run:
-        if run.ckpt is not None:
-            given, cfg = (cfg.beta_schedule, cfg.variance), cfg.resumed(run.ckpt)
-            if run.info.is_main and given != (cfg.beta_schedule, cfg.variance):
-                print(f"note: --resume keeps the checkpoint's schedule ({cfg.beta_schedule}, {cfg.variance})")
-            model = UNet(UNetConfig(**run.ckpt["config"]))
-        else:
-            model = load_pretrained(cfg.pretrained) if cfg.finetune else UNet(PRESETS[cfg.preset])
-            model = with_classes(model, len(data.LABELS)) if cfg.conditional else model
-        device, ucfg, levels = run.info.device, model.config, 2 ** (len(model.config.block_out_channels) - 1)
-        cfg = replace(cfg, image_size=cfg.image_size or ucfg.sample_size)  # the checkpoint's "args" say the size
-        if cfg.image_size < 8 or cfg.image_size % levels:
-            raise CLIError(f"--image-size {cfg.image_size} must be divisible by {levels}")
-        diffusion = GaussianDiffusion(**cfg.diffusion_settings()).to(device)
-        ema = common.EMA(model.to(device), cfg.ema_decay)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-        step = start_step = run.restore(model=model, ema=ema, optimizer=opt)
-        train_set = data.load_training_folder(cfg.data, cfg.image_size, cfg.class_name)  # decoded once
-        images, labels = train_set.images, train_set.labels.to(device)  # (N, S, S) uint8, (N,)
-        classes = class_indices(train_set.labels, cfg.data) if ucfg.num_classes is not None else None
-        if len(images) < cfg.batch_size * run.info.world_size:
-            raise CLIError(f"{len(images)} images under {cfg.data} but the batch needs "
-                           f"{cfg.batch_size * run.info.world_size} (lower --batch-size)")
-        images = images.to(device) if device.type == "cuda" else images  # once, as train_loop would move them
-        net = run.wrap(model)
-
-        def step_fn(idx: torch.Tensor) -> dict:
-            nonlocal step
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x0 = data.to_rgb_range(images[idx]).to(device, non_blocking=True)  # (B, S, S) uint8 -> (B, 3, S, S)
-            # the labels ride along with the network: diffusion.training_loss calls model(x_t, t)
-            eps_model = net if classes is None else functools.partial(
-                net, class_labels=drop_labels(labels[idx], cfg.label_dropout, ucfg.num_classes))
-            with common.autocast(device, cfg.amp):
-                loss = diffusion.training_loss(eps_model, x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            opt.step()
-            ema.update(model, step)  # decay warm-up: see common.EMA
-            step += 1
-            return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
-
-        def state_fn() -> dict:
-            return {"kind": "ddpm", "config": asdict(ucfg), "diffusion": diffusion.config(), "image_size": cfg.image_size,
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    **({"classes": classes} if classes is not None else {})}
-
-        # fixed noise, own generator: the grids of successive epochs are comparable and the training RNG is untouched
-        x_T = torch.randn((cfg.num_samples, ucfg.in_channels, cfg.image_size, cfg.image_size),
-                          generator=torch.Generator().manual_seed(cfg.seed))
-
-        def sampling_model(n: int) -> nn.Module:
-            """The EMA network; a conditional one told the classes in turn (0, 1, 0, ...; guidance scale 1)."""
-            if classes is None:
-                return ema.model
-            return Guided(ema.model, torch.arange(n, device=device) % ucfg.num_classes, 1.0, ucfg.num_classes)
-
-        def on_epoch_end(epoch: int) -> None:
-            images = diffusion.sample(sampling_model(len(x_T)), x_T.shape, cfg.sample_sampler, cfg.sample_steps,
-                                      x_T=x_T.to(device), progress=False)
-            common.save_image_grid(images, cfg.out / f"samples_epoch{epoch + 1:03d}.png")
-
-        def eval_samples(n: int) -> torch.Tensor:
-            """n samples of fixed noise (another seed than the grids') as grey uint8 (n, S, S), for monitor.py."""
-            noise = torch.randn((n, *x_T.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 1))
-            x = diffusion.sample(sampling_model(n), noise.shape, "ddim", cfg.sample_steps, x_T=noise.to(device),
-                                 progress=False)
-            return torch.from_numpy(common.to_uint8(x.mean(dim=1, keepdim=True)))  # RGB -> grey, as `sample` writes
-
-        total = common.total_steps(cfg, len(images), run.info.world_size)[0]
-        watch = monitor.setup(cfg, cfg.image_size, total, eval_samples, state_fn, ("loss",), device,
-                              start_step) if run.info.is_main else None
-        fields = ("loss", "grad_norm", "lr") + (monitor.FIELDS if watch else ())
-        order = torch.arange(len(images))  # the loop deals out indices: step_fn takes each batch's images and labels
-        final = common.train_loop(order, step_fn, state_fn, cfg, run.info, start_step, on_epoch_end, fields,
-                                  evaluate=watch)
-        if run.info.is_main:
-            print(f"trained to step {final}; checkpoint {common.shown(cfg.out / 'checkpoint.pt')}")
-        return cfg.out / "checkpoint.pt"
+        return keep_saved(self, {**saved, **({"image_size": ckpt["image_size"]} if ckpt.get("image_size") else {})})
 
 
 # --------------------------------------------------------------------------- 6. sampling: `main.py sample`
@@ -523,14 +508,14 @@ def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[UNet, Gauss
     """The UNet (EMA weights when present), its diffusion and image size from a checkpoint of `train`.
     Weights holding NaN or infinity are refused: they would sample black images."""
     try:
-        weights = common.require_keys(ckpt, ("config", "model"), "this DDPM checkpoint").get("ema") or ckpt["model"]
+        weights = require_keys(ckpt, ("config", "model"), "this DDPM checkpoint").get("ema") or ckpt["model"]
         model = UNet(UNetConfig(**ckpt["config"]))
         model.load_state_dict(weights)
         diffusion = GaussianDiffusion(**ckpt.get("diffusion", {}))
     except (TypeError, RuntimeError, ValueError) as e:
-        raise CLIError(f"malformed DDPM checkpoint: {common.first_line(e)}") from e
-    if common.first_nonfinite(weights):
-        raise CLIError(f"the checkpoint's weight {common.first_nonfinite(weights)} is non-finite (NaN or infinity)")
+        raise CLIError(f"malformed DDPM checkpoint: {first_line(e)}") from e
+    if first_nonfinite(weights):
+        raise CLIError(f"the checkpoint's weight {first_nonfinite(weights)} is non-finite (NaN or infinity)")
     return model.to(device).eval(), diffusion.to(device), ckpt.get("image_size", model.config.sample_size)
 
 
@@ -560,7 +545,7 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
                                                   CPU_MAX_BATCH if device.type == "cpu" else None)
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with common.autocast(device, amp):
+            with autocast(device, amp):
                 return guided(x, t).float()
 
         out.append(diffusion.sample(model, shape, sampler, steps, eta, generator=generator).cpu())

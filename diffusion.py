@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from plumbing.configs import CLIError
 
-from common import CLIError
 
 # --------------------------------------------------------------------------- 1. the noise schedule
 

@@ -13,7 +13,7 @@ torchvision's Inception-v3 layout with 1008 classes and four patched block
 kinds, written out here so the weights load by their own key names. Checked
 against pytorch-fid 0.3.0 (features, FID) and torch-fidelity 0.4.0 (IS, KID)
 in tests/test_fid.py. Precision, recall, density and coverage on the same
-features are in precision_recall.py (`fid.prdc` is the same function).
+features are in fid.py (`fid.prdc` is the same function).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import zipfile
 import zlib
 from dataclasses import MISSING, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 from scipy import linalg
 
 import data
-from common import CLIError, atomic_path, check_config, download, flag, pick_device
-from precision_recall import PRDC_K, PRDC_KEYS, knn_radii, prdc  # noqa: F401 (fid.prdc: the same features, another metric)
+from plumbing.configs import check_config, CLIError, flag
+from plumbing.files import atomic_path, download
+from plumbing.runtime import pick_device
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -555,45 +557,97 @@ def evaluate(real, fake, inception_weights=None, device=None, batch_size: int = 
     return out
 
 
+# --------------------------------------------------------------------------- precision, recall, density, coverage
+# Kynkaanniemi et al., NeurIPS 2019 (precision, recall); Naeem et al., ICML 2020 (density, coverage).
+
+
+PRDC_K = 3  # Kynkaanniemi et al. 2019 use k = 3; Naeem et al. 2020 recommend k = 5 for density and coverage
+PRDC_CHUNK = 2048  # rows and columns of one distance block: 2048^2 float64 = 32 MiB, whatever N and M
+PRDC_KEYS = ("precision", "recall", "density", "coverage")  # what prdc returns, in this order
+
+
+def _prdc_features(x, device: torch.device) -> torch.Tensor:
+    x = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+    return x.to(device=device, dtype=torch.float64)
+
+
+def knn_radii(x: torch.Tensor, k: int = PRDC_K, chunk: int = PRDC_CHUNK) -> torch.Tensor:
+    """NND_k(x_i) = |x_i - NN_k(x_i)|: distance from each point to its k-th nearest OTHER
+    point of the same set, the radius of its k-NN ball (Kynkaanniemi et al. 2019, Eq. 1).
+
+    prdc and torch-fidelity take the (k+1)-th smallest distance with the point's own zero
+    included; leaving the point out and taking the k-th is the same number, and does not
+    depend on cdist's rounding giving an exact zero on the diagonal. Distances are
+    computed in chunk x chunk blocks, of which only the k smallest per row are kept."""
+    n = len(x)
+    radii = torch.empty(n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, chunk):
+        rows = x[i:i + chunk]
+        nearest = rows.new_empty(len(rows), 0)  # (rows, <= k) running k smallest
+        for j in range(0, n, chunk):
+            d = torch.cdist(rows, x[j:j + chunk])  # (rows, cols)
+            if i == j:  # the diagonal block: a point is not its own neighbour
+                d.fill_diagonal_(float("inf"))
+            d = d.topk(min(k, d.shape[1]), dim=1, largest=False).values
+            both = torch.cat([nearest, d], dim=1)
+            nearest = both.topk(min(k, both.shape[1]), dim=1, largest=False).values
+        radii[i:i + chunk] = nearest.max(dim=1).values  # the k-th smallest: n > k fills all k slots
+    return radii
+
+
+def prdc(real_features, fake_features, k: int = PRDC_K, *, chunk: int = PRDC_CHUNK, closed: bool = False,
+         device: str | torch.device | None = "cpu") -> dict:
+    """Precision, recall, density and coverage of N real and M fake features (N, D), (M, D),
+    from k-NN balls B(x, NND_k(x)) (see knn_radii):
+
+      precision = 1/M sum_j 1{fake_j in some real ball}          (Kynkaanniemi et al. 2019, Eq. 2)
+      recall    = 1/N sum_i 1{real_i in some fake ball}          (Kynkaanniemi et al. 2019, Eq. 2)
+      density   = 1/(kM) sum_j sum_i 1{fake_j in B(real_i)}      (Naeem et al. 2020)
+      coverage  = 1/N sum_i 1{some fake_j in B(real_i)}          (Naeem et al. 2020)
+
+    Density counts how many real balls hold each fake sample, so it can exceed 1 and one
+    large ball around a real outlier adds little; coverage, unlike recall, uses only real
+    balls, so large balls around fake outliers cannot inflate it. Distances are float64 on
+    `device` ('auto': CUDA when present), in blocks of at most chunk x chunk.
+
+    closed=False uses open balls, d < NND_k, as Naeem et al.'s prdc package does; closed=True
+    uses closed balls, d <= NND_k, as Kynkaanniemi et al.'s Eq. 1 and torch-fidelity's prc do.
+    The two differ only when a distance equals a radius exactly, which continuous features
+    almost never produce but integer-valued ones (raw pixels, duplicated images) can."""
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    real, fake = _prdc_features(real_features, device), _prdc_features(fake_features, device)
+    if real.ndim != 2 or fake.ndim != 2:
+        raise CLIError(f"PRDC needs features of shape (N, D); got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if real.shape[1] != fake.shape[1]:
+        raise CLIError(f"PRDC: real and fake features differ in dimension ({real.shape[1]} vs {fake.shape[1]})")
+    n, m = len(real), len(fake)
+    if k < 1:
+        raise CLIError(f"PRDC: k must be at least 1 (got {k})")
+    if k >= min(n, m):  # the k-th neighbour of a point needs k others
+        raise CLIError(f"PRDC with k = {k} needs more than {k} samples per side (got {n} real and {m} fake)")
+    if chunk < 1:
+        raise CLIError(f"PRDC: chunk must be at least 1 (got {chunk})")
+
+    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    # Patch: prdc counts d < NND_k, torch-fidelity (after Kynkaanniemi Eq. 1) d <= NND_k.
+    inside = torch.le if closed else torch.lt
+    balls_per_fake = torch.zeros(m, dtype=torch.int64, device=device)  # real balls holding fake_j
+    real_in_fake_ball = torch.zeros(n, dtype=torch.bool, device=device)
+    real_ball_covered = torch.zeros(n, dtype=torch.bool, device=device)
+    for i in range(0, n, chunk):
+        for j in range(0, m, chunk):
+            d = torch.cdist(real[i:i + chunk], fake[j:j + chunk])  # (real rows, fake cols)
+            in_real_ball = inside(d, r_real[i:i + chunk, None])
+            balls_per_fake[j:j + chunk] += in_real_ball.sum(dim=0)
+            real_ball_covered[i:i + chunk] |= in_real_ball.any(dim=1)
+            real_in_fake_ball[i:i + chunk] |= inside(d, r_fake[None, j:j + chunk]).any(dim=1)
+    return dict(precision=(balls_per_fake > 0).double().mean().item(),
+                recall=real_in_fake_ball.double().mean().item(),
+                density=balls_per_fake.sum().item() / (k * m),
+                coverage=real_ball_covered.double().mean().item())
+
+
 # --------------------------------------------------------------------------- a chest X-ray feature distance
-
-
-def feature_distance(f_real: np.ndarray, f_fake: np.ndarray, pr_k: int | None = None) -> dict:
-    """Frechet distance and KID on any features (N, D), and with pr_k precision, recall, density and
-    coverage (prdc). The same formulas as FID and KID, so the same caveats about sample counts; the
-    values live on another scale."""
-    if min(len(f_real), len(f_fake)) < 2:
-        raise CLIError(f"need at least 2 images per side (got {len(f_real)} and {len(f_fake)})")
-    mu1, s1 = mean_and_covariance(np.asarray(f_real, np.float64))
-    mu2, s2 = mean_and_covariance(np.asarray(f_fake, np.float64))
-    k_mean, k_std, m = kid(f_real, f_fake)
-    out = dict(cxr_fd=frechet_distance(mu1, s1, mu2, s2), cxr_kid_mean=k_mean, cxr_kid_std=k_std,
-               cxr_kid_subset_size=m, cxr_n_real=len(f_real), cxr_n_fake=len(f_fake), cxr_dim=int(f_real.shape[1]))
-    return out | ({f"cxr_{k}": v for k, v in prdc(f_real, f_fake, pr_k).items()} if pr_k else {})
-
-
-def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None, size: int | None = None,
-                                progress: bool = True, pr_k: int | None = None) -> dict:
-    """Frechet distance and KID on the penultimate features of our chest X-ray
-    classifier (classify.py, trained on real data): features that see X-ray anatomy
-    rather than ImageNet objects, and no ImageNet weights needed. NOT comparable with FID.
-
-    real/fake: folders or uint8 tensors (N, S, S). features_fn(uint8 (N, S, S)) -> (N, D)
-    replaces the classifier (a seam for tests); then `size` must be given."""
-    if features_fn is None:
-        import classify
-
-        model, config = classify.load_classifier(classifier_path)
-        size = size or int(config.get("size") or config.get("image_size"))
-        features_fn = lambda u8: classify.embed(model, u8, size)  # noqa: E731
-
-    def u8(source):
-        if torch.is_tensor(source):
-            return source
-        return data.load_folder(source, size, progress=progress).images  # (N, S, S), centre-cropped
-
-    return feature_distance(np.asarray(features_fn(u8(real)), np.float64),
-                            np.asarray(features_fn(u8(fake)), np.float64), pr_k)
 
 
 # --------------------------------------------------------------------------- the `fid` command
@@ -619,9 +673,10 @@ class FIDConfig:
         check_config(self)
 
 
-def run(cfg: FIDConfig) -> dict:
-    """FID, KID and IS of cfg.fake against cfg.real, plus the classifier feature
-    distance with cfg.classifier. Without Inception weights and with a classifier,
+def run(cfg: FIDConfig, classifier_distance: Callable[..., dict] | None = None) -> dict:
+    """FID, KID and IS of cfg.fake against cfg.real, plus, with cfg.classifier, the distance that
+    classifier_distance(real, fake, classifier, pr_k=k) returns (main.py passes
+    study.distances.classifier_feature_distance). Without Inception weights and with a classifier,
     the Inception numbers are None (with a warning) instead of an error."""
     for p in (cfg.real, cfg.fake):
         if not Path(p).exists():
@@ -642,7 +697,7 @@ def run(cfg: FIDConfig) -> dict:
         res = dict(fid=None, kid_mean=None, kid_std=None, is_mean=None, is_std=None, n_real=None, n_fake=None,
                    **dict.fromkeys(PRDC_KEYS))
     if cfg.classifier is not None:
-        res |= classifier_feature_distance(cfg.real, cfg.fake, cfg.classifier, pr_k=pr_k)
+        res |= classifier_distance(cfg.real, cfg.fake, cfg.classifier, pr_k=pr_k)
         res |= {f"cxr_{k}": res.get(f"cxr_{k}") for k in PRDC_KEYS}
         if res["n_real"] is None:
             res["n_real"], res["n_fake"] = res["cxr_n_real"], res["cxr_n_fake"]

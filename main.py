@@ -18,8 +18,11 @@ import sys
 import typing
 from pathlib import Path
 
-import common
-from common import CLIError
+from plumbing.configs import CLIError, check_config, flag, option_name, shown
+from plumbing.files import atomic_path, first_nonfinite, load_checkpoint
+from plumbing.runtime import pick_device
+from training.harness import check_out, run_lock
+
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +78,7 @@ def _plain_type(hint) -> tuple[type, bool]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = ()) -> None:
-    """One option per field of the dataclass `cls` that has help text (see common.flag)."""
+    """One option per field of the dataclass `cls` that has help text (see flag)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -97,7 +100,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, exclude: tuple[str, .
         if meta.get("positional"):
             parser.add_argument(f.name, **kw)
             continue
-        names = list(dict.fromkeys([common.option_name(f), meta.get("short")] if meta.get("short") else [common.option_name(f)]))
+        names = list(dict.fromkeys([option_name(f), meta.get("short")] if meta.get("short") else [option_name(f)]))
         if kind is not bool:
             kw.update(default=default, required=required)
         parser.add_argument(*names, dest=f.name, **kw)
@@ -122,7 +125,7 @@ def _add(sub, name: str, help: str, cls=None, func=None, description: str | None
 
 
 def data_commands(sub) -> None:
-    import extract
+    from tools import extract
 
     _add(sub, "extract", "build the two-class data set (NIH ChestX-ray14 or synthetic phantoms)",
          extract.ExtractConfig, cmd_extract,
@@ -149,7 +152,7 @@ def json_line(obj, **kw) -> str:
 
 
 def cmd_extract(args) -> None:
-    import extract
+    from tools import extract
 
     summary = extract.run(config_from_args(extract.ExtractConfig, args, progress=not args.json))
     print(extract.format_summary(summary), flush=True)
@@ -165,29 +168,29 @@ class SampleConfig:
     """The `sample` command. It reads checkpoints of both generators, so it lives here
     rather than in ddpm.py or dcgan.py; in Python, call ddpm.generate or dcgan.generate."""
 
-    checkpoint: Path = common.flag(help="checkpoint.pt written by `ddpm` or `gan`")
-    out: Path = common.flag(help="folder for the PNGs, grid.png and samples.json (must be empty, or see --force)")
-    n: int = common.flag(64, "number of images", flag="-n", min=1)
-    sampler: str = common.flag("ddpm", "DDPM only: ancestral (ddpm), DDIM (ddim) or DPM-Solver++(2M) (dpmpp)",
+    checkpoint: Path = flag(help="checkpoint.pt written by `ddpm` or `gan`")
+    out: Path = flag(help="folder for the PNGs, grid.png and samples.json (must be empty, or see --force)")
+    n: int = flag(64, "number of images", flag="-n", min=1)
+    sampler: str = flag("ddpm", "DDPM only: ancestral (ddpm), DDIM (ddim) or DPM-Solver++(2M) (dpmpp)",
                                choices=("ddpm", "ddim", "dpmpp"))
-    steps: int | None = common.flag(None, "DDPM only: sampling steps (default 1000 ddpm, 50 ddim, 20 dpmpp); ddpm "
+    steps: int | None = flag(None, "DDPM only: sampling steps (default 1000 ddpm, 50 ddim, 20 dpmpp); ddpm "
                                     "with fewer than 1000 is ancestral sampling on a strided chain (DDIM, eta 1)", min=1)
-    eta: float = common.flag(0.0, "DDIM only: 0 deterministic, 1 DDPM-like noise (not defined for dpmpp)")
-    seed: int = common.flag(0, "the same seed gives the same images")
-    batch_size: int = common.flag(64, "images per forward pass", min=1)
-    device: str = common.flag("auto", "auto, cpu, cuda, cuda:1")
-    amp: bool = common.flag(False, "DDPM only: bf16 autocast for the network")
-    compile: bool = common.flag(False, "DDPM only: torch.compile the network")
-    class_name: str | None = common.flag(None, "class-conditional DDPM only (ddpm --conditional): the class to draw",
+    eta: float = flag(0.0, "DDIM only: 0 deterministic, 1 DDPM-like noise (not defined for dpmpp)")
+    seed: int = flag(0, "the same seed gives the same images")
+    batch_size: int = flag(64, "images per forward pass", min=1)
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
+    amp: bool = flag(False, "DDPM only: bf16 autocast for the network")
+    compile: bool = flag(False, "DDPM only: torch.compile the network")
+    class_name: str | None = flag(None, "class-conditional DDPM only (ddpm --conditional): the class to draw",
                                          flag="--class")
-    guidance: float = common.flag(1.0, "class-conditional DDPM only: classifier-free guidance scale w, eps(x, none) "
+    guidance: float = flag(1.0, "class-conditional DDPM only: classifier-free guidance scale w, eps(x, none) "
                                   "+ w (eps(x, y) - eps(x, none)); 1 conditional, 0 unconditional", min=0)
-    force: bool = common.flag(False, "replace an earlier sample's images in --out (only the files that its "
+    force: bool = flag(False, "replace an earlier sample's images in --out (only the files that its "
                               "samples.json lists; anything else there is refused)")
 
     def __post_init__(self):
         self.checkpoint, self.out = Path(self.checkpoint), Path(self.out)
-        common.check_config(self)
+        check_config(self)
         import diffusion
 
         diffusion.check_sampler(self.sampler, self.steps, self.eta)  # before OUT is touched; GANs ignore these options
@@ -204,7 +207,9 @@ def ddpm_commands(sub) -> None:
 def cmd_ddpm(args) -> None:
     import ddpm
 
-    ddpm.train(config_from_args(ddpm.TrainConfig, args))
+    from training import ddpm_run
+
+    ddpm_run.train(config_from_args(ddpm.TrainConfig, args))
 
 
 SAMPLE_FILE = re.compile(r"sample_\d{5}\.png|grid\.png")  # what `sample` writes, besides its samples.json
@@ -214,7 +219,7 @@ def earlier_samples(out: Path, force: bool) -> list[Path]:
     """The files an earlier `sample` wrote into OUT (its samples.json lists them), which --force replaces.
     Refused: an OUT that is a file, a non-empty OUT without --force, and with it anything that an
     earlier sample did not write (hidden files such as the run lock aside)."""
-    common.check_out(out)
+    check_out(out)
     found = sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     if found and not force:
         raise CLIError(f"--out {out} is not empty: pass --force to replace an earlier sample's images, "
@@ -239,23 +244,23 @@ def cmd_sample(args) -> None:
     until all are drawn and finite."""
     import dcgan
     import ddpm
-    from common import save_image_grid, save_png, to_uint8
+    from plumbing.files import save_image_grid, save_png, to_uint8
 
     cfg = config_from_args(SampleConfig, args)
     earlier_samples(cfg.out, cfg.force)
-    ckpt = common.load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind not in ("ddpm", "dcgan"):
         raise CLIError(f"{cfg.checkpoint} is not a DDPM or GAN checkpoint of this project (kind={kind!r})")
-    bad = common.first_nonfinite(ckpt)
+    bad = first_nonfinite(ckpt)
     if bad:
         raise CLIError(f"{cfg.checkpoint}: {bad} is non-finite (NaN or infinity); refusing to sample from it")
     if kind == "ddpm":
         ddpm.class_label(ckpt, cfg.class_name, cfg.guidance)  # --class and --guidance against the checkpoint, now
     elif cfg.class_name is not None or cfg.guidance != 1:
         raise CLIError("--class and --guidance need a class-conditional DDPM checkpoint (this is a GAN's)")
-    device = common.pick_device(cfg.device)
-    with common.run_lock(cfg.out, "sample"):
+    device = pick_device(cfg.device)
+    with run_lock(cfg.out, "sample"):
         earlier = earlier_samples(cfg.out, cfg.force)  # again: nothing can write here from now on
         if kind == "ddpm":
             images = ddpm.generate(ckpt, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
@@ -268,14 +273,14 @@ def cmd_sample(args) -> None:
         for p in earlier:
             p.unlink()
         names = [f"sample_{i:05d}.png" for i in range(cfg.n)] + ["grid.png"]
-        with common.atomic_path(cfg.out / "samples.json") as tmp:  # first: lists what may be written next
+        with atomic_path(cfg.out / "samples.json") as tmp:  # first: lists what may be written next
             conditional = {"class": cfg.class_name, "guidance": cfg.guidance} if cfg.class_name is not None else {}
             tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "kind": kind, "seed": cfg.seed,
                                        **conditional, "files": names}, indent=1) + "\n")
         for name, img in zip(names, pngs):
             save_png(img, cfg.out / name)
         save_image_grid(grey[:64], cfg.out / "grid.png")
-    print(f"wrote {cfg.n} images and grid.png to {common.shown(cfg.out)}")
+    print(f"wrote {cfg.n} images and grid.png to {shown(cfg.out)}")
 
 
 # --------------------------------------------------------------------------- commands: the GAN baseline
@@ -290,7 +295,9 @@ def gan_commands(sub) -> None:
 def cmd_gan(args) -> None:
     import dcgan
 
-    dcgan.train(config_from_args(dcgan.TrainConfig, args))
+    from training import gan_run
+
+    gan_run.train(config_from_args(dcgan.TrainConfig, args))
 
 
 # --------------------------------------------------------------------------- commands: evaluation (fid, classify)
@@ -311,7 +318,13 @@ def eval_commands(sub) -> None:
 def cmd_fid(args) -> None:
     import fid
 
-    res = fid.run(config_from_args(fid.FIDConfig, args))
+    cfg = config_from_args(fid.FIDConfig, args)
+    if cfg.classifier is not None:
+        from study import distances
+
+        res = fid.run(cfg, distances.classifier_feature_distance)
+    else:
+        res = fid.run(cfg)
     if res["fid"] is not None:
         print(f"FID  {res['fid']:.4f}   (n_real={res['n_real']}, n_fake={res['n_fake']})")
         if res["kid_mean"] is not None:
@@ -352,37 +365,37 @@ def cmd_classify(args) -> None:
 
 
 def study_commands(sub) -> None:
-    import memorization
-    import study
+    from study import memorization
+    from study import experiment
 
     p = _add(sub, "experiment", "the whole study: generators per real fraction (ddpm and gan per class, ddpm-cfg "
-             "for both), classifier grid, memorisation, report.md and summary.json", study.ExperimentOptions,
+             "for both), classifier grid, memorisation, report.md and summary.json", experiment.ExperimentOptions,
              cmd_experiment)
     p.add_argument("--synthetic", action="append", default=[], metavar="NAME=DIR",
                    help="add another generator's samples (DIR/infiltration/, DIR/no_finding/) as generator NAME; "
                         "repeatable")
     _add(sub, "demo", "the experiment end to end on phantom X-rays with small models (about 5-10 min on a CPU)",
-         study.DemoConfig, cmd_demo)
+         experiment.DemoConfig, cmd_demo)
     p = _add(sub, "memorization", "are synthetic images closer to training images than real held-out images are?",
              memorization.MemorizationConfig, cmd_memorization)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
 
 
 def cmd_experiment(args) -> None:
-    import study
+    from study import experiment
 
-    study.run_study(study.study_config(config_from_args(study.ExperimentOptions, args, synthetic=tuple(args.synthetic))))
+    experiment.run_study(experiment.study_config(config_from_args(experiment.ExperimentOptions, args, synthetic=tuple(args.synthetic))))
 
 
 def cmd_demo(args) -> None:
-    import study
+    from study import experiment
 
-    cfg = config_from_args(study.DemoConfig, args)
-    study.run_demo(cfg.out, cfg.quick, cfg.device)
+    cfg = config_from_args(experiment.DemoConfig, args)
+    experiment.run_demo(cfg.out, cfg.quick, cfg.device)
 
 
 def cmd_memorization(args) -> None:
-    import memorization
+    from study import memorization
 
     res = memorization.run(config_from_args(memorization.MemorizationConfig, args))
     print(f"{res['n_flagged']} of {res['n_synthetic']} synthetic images ({res['flagged_fraction']:.1%}) are exact "
@@ -398,16 +411,16 @@ def cmd_memorization(args) -> None:
 
 
 def export_commands(sub) -> None:
-    import hub
+    from tools import export
 
     _add(sub, "export", "write a DDPM checkpoint in the Hugging Face diffusers layout (DDPMPipeline)",
-         hub.ExportConfig, cmd_export)
+         export.ExportConfig, cmd_export)
 
 
 def cmd_export(args) -> None:
-    import hub
+    from tools import export
 
-    hub.export(config_from_args(hub.ExportConfig, args))
+    export.export(config_from_args(export.ExportConfig, args))
 
 
 # --------------------------------------------------------------------------- entry point

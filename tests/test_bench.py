@@ -1,4 +1,4 @@
-"""bench.py --quick end to end: every figure is produced and finite (speed itself is
+"""python -m tools.bench --quick end to end: every figure is produced and finite (speed itself is
 never asserted; that is what the benchmark is for)."""
 
 import json
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_quick_produces_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--json", str(out)],
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--device", "cpu", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}

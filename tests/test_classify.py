@@ -16,7 +16,8 @@ import classify
 import data
 import main
 from classify import ClassifyConfig
-from common import CLIError, save_png
+from plumbing.configs import CLIError
+from plumbing.files import save_png
 
 TINY = dict(model="small", width=8, epochs=2, batch_size=32, patience=0, device="cpu")
 

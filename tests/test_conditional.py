@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import data
 import ddpm
-import hub
-import phantoms
+from tools import export as hub
+from tools import phantoms
 from PIL import Image
 
 from clitools import cli, images as clitools_images, quiet, refused
+from plumbing.configs import CLIError
+from plumbing.files import load_checkpoint, save_checkpoint
+from training import ddpm_run
 
 TINY = dict(block_out_channels=(16, 32), layers_per_block=1, norm_groups=8, sample_size=16)  # ddpm.PRESETS["tiny"]
 
@@ -68,7 +70,7 @@ def test_class_embedding_export_round_trip(tmp_path):
     sd = model.state_dict()
     ckpt = {"kind": "ddpm", "config": asdict(model.config), "image_size": 16, "diffusion": ddpm.GaussianDiffusion().config(),
             "model": sd, "ema": None, "step": 1, "classes": {"no_finding": 0, "infiltration": 1}, "args": {}}
-    common.save_checkpoint(ckpt, tmp_path / "run" / "checkpoint.pt")
+    save_checkpoint(ckpt, tmp_path / "run" / "checkpoint.pt")
     out = hub.export(hub.ExportConfig(checkpoint=tmp_path / "run" / "checkpoint.pt", out=tmp_path / "exported"))
     assert json.loads((out / "unet" / "config.json").read_text())["num_class_embeds"] == 3
     assert "class_labels" in (out / "README.md").read_text()
@@ -85,13 +87,11 @@ def test_class_embedding_export_round_trip(tmp_path):
 
 
 def test_bad_num_class_embeds_in_config_is_one_line(tmp_path):
-    import pretrained
-
     base = hub.unet_config_to_diffusers(ddpm.UNetConfig(**TINY))
     for bad in (1, 2.5, "two"):
-        with pytest.raises(common.CLIError, match="num_class_embeds"):
-            pretrained.unet_config({**base, "num_class_embeds": bad})
-    assert pretrained.unet_config(base)["num_classes"] is None
+        with pytest.raises(CLIError, match="num_class_embeds"):
+            ddpm.unet_config({**base, "num_class_embeds": bad})
+    assert ddpm.unet_config(base)["num_classes"] is None
 
 
 # --------------------------------------------------------------------------- the zero start, label dropout, guidance
@@ -181,7 +181,7 @@ def test_guided_samples_carry_the_class_on_phantoms(tmp_path):
     about a minute. Phantoms are drawings, so this proves the machinery (labels in, labels out), not X-rays."""
     size, n = 8, 64
     phantoms.write_phantoms(240, tmp_path / "ph", size=32, seed=0)
-    ckpt_path = ddpm.train(ddpm.TrainConfig(
+    ckpt_path = ddpm_run.train(ddpm.TrainConfig(
         data=tmp_path / "ph" / "train_data", out=tmp_path / "run", conditional=True, preset="tiny", image_size=size,
         max_steps=600, batch_size=32, lr=3e-3, warmup=20, ema_decay=0.99, num_samples=2, sample_steps=1, device="cpu"))
     # the classifier: logistic regression on standardised pixels of the real training phantoms
@@ -203,7 +203,7 @@ def test_guided_samples_carry_the_class_on_phantoms(tmp_path):
     test = data.load_split(tmp_path / "ph", "test", size)
     t = score(test.images.flatten(1) / 255)
     real = auroc(t[test.labels == 0], t[test.labels == 1])
-    ckpt = common.load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
     kw = dict(seed=1, batch_size=n, device=torch.device("cpu"), sampler="ddpm", steps=50, guidance=5.0)
     fake = {c: score(ddpm.generate(ckpt, n, class_name=c, **kw).mean(dim=1).flatten(1) * 0.5 + 0.5)
             for c in ("no_finding", "infiltration")}
@@ -241,11 +241,11 @@ def conditional_run(tmp_path_factory):
 
 def test_conditional_training_stores_its_classes_and_resumes(conditional_run, tmp_path):
     root, cfg_ckpt, plain_ckpt = conditional_run
-    ckpt = common.load_checkpoint(cfg_ckpt)
+    ckpt = load_checkpoint(cfg_ckpt)
     assert ckpt["classes"] == {"no_finding": 0, "infiltration": 1} and ckpt["config"]["num_classes"] == 2
     assert ckpt["args"]["conditional"] and ckpt["args"]["label_dropout"] == 0.5
     assert ckpt["model"]["class_embedding.weight"].shape == (3, 64)
-    plain = common.load_checkpoint(plain_ckpt)
+    plain = load_checkpoint(plain_ckpt)
     assert "classes" not in plain and plain["config"]["num_classes"] is None
     assert not any(k.startswith("class_embedding") for k in plain["model"])
 
@@ -256,7 +256,7 @@ def test_sample_a_class_with_guidance(conditional_run, tmp_path, capsys):
     code, out, err = cli(capsys, *base, "--out", tmp_path / "a", "--class", "infiltration", "--guidance", "2")
     assert code == 0, err
     assert json.loads((tmp_path / "a" / "samples.json").read_text())["class"] == "infiltration"
-    ckpt = common.load_checkpoint(cfg_ckpt)
+    ckpt = load_checkpoint(cfg_ckpt)
     kw = dict(seed=0, batch_size=2, device=torch.device("cpu"), sampler="ddim", steps=2)
     a, b = (ddpm.generate(ckpt, 3, class_name="infiltration", guidance=2.0, **kw) for _ in range(2))
     assert torch.equal(a, b) and torch.isfinite(a).all()  # deterministic, batches of 2 and 1
@@ -283,7 +283,7 @@ def test_bad_class_options_are_refused_before_anything_is_written(conditional_ru
 
 
 def test_class_on_a_gan_checkpoint_is_refused(tmp_path, capsys):
-    common.save_checkpoint({"kind": "dcgan", "config": {}, "generator": {}}, tmp_path / "gan.pt")
+    save_checkpoint({"kind": "dcgan", "config": {}, "generator": {}}, tmp_path / "gan.pt")
     code, _, err = cli(capsys, "sample", "--checkpoint", tmp_path / "gan.pt", "--out", tmp_path / "out",
                        "--class", "infiltration")
     refused(code, err, "--class", "GAN")

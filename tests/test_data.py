@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 import data
-import extract
+from tools import extract
 import main
-import phantoms
-from common import CLIError
+from tools import phantoms
+from plumbing.configs import CLIError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The official header: 9 names, but a plain CSV split gives 11 fields, like every row.

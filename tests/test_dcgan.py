@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import dcgan
-import diffaugment
+from training import diffaugment
 import main
-import study
-from common import load_checkpoint
+from study import experiment as study
+from plumbing.files import load_checkpoint
+from training import gan_run
 
 TINY = ["--g-width", "8", "--d-width", "8"]  # small networks: the loop, not the model, is under test
 
@@ -163,7 +164,7 @@ def test_compile_matches_eager_training(tmp_path):
 
 
 def test_collapse_monitor_fires_on_a_winning_discriminator():
-    m = dcgan.CollapseMonitor(window=200)
+    m = gan_run.CollapseMonitor(window=200)
     healthy = [m(s, {"loss_d": 1.2, "d_real": 0.6, "d_fake": 0.4}) for s in range(1, 301)]
     assert not any(healthy)
     won = [m(s, {"loss_d": 0.01, "d_real": 0.999, "d_fake": 0.001}) for s in range(301, 701)]
@@ -178,7 +179,7 @@ def test_collapse_monitor_fires_on_a_winning_discriminator():
 def test_collapse_is_judged_at_the_end_with_the_worst_point_beside_it(tmp_path):
     def monitor(*ratios):
         ratio = iter(ratios)
-        m = dcgan.CollapseMonitor(every=10, diversity=lambda: next(ratio))
+        m = gan_run.CollapseMonitor(every=10, diversity=lambda: next(ratio))
         assert not any(m(s, {"loss_d": 1.0}) for s in range(1, 21))  # measured at 10 and 20, no warning mid-run
         return m
 
@@ -195,13 +196,13 @@ def test_collapse_is_judged_at_the_end_with_the_worst_point_beside_it(tmp_path):
     monitor(0.6, 0.1, 0.05).report(22, tmp_path)
     assert (tmp_path / "warnings.log").read_text() == f"step 22: {line}\n"
     assert (tmp_path / "diversity.txt").read_text() == line + "\n"
-    assert dcgan.CollapseMonitor().finish(5) is None  # no diversity measure: nothing to judge
+    assert gan_run.CollapseMonitor().finish(5) is None  # no diversity measure: nothing to judge
 
 
 def test_collapse_warning_reaches_the_log(tmp_path, monkeypatch, capsys):
     data = write_phantoms(tmp_path / "data", 8, size=32)
     # A window of 1 with an absurd floor: the first step already counts as the discriminator winning.
-    monkeypatch.setattr(dcgan, "CollapseMonitor", functools.partial(dcgan.CollapseMonitor, loss_d_floor=100.0))
+    monkeypatch.setattr(gan_run, "CollapseMonitor", functools.partial(gan_run.CollapseMonitor, loss_d_floor=100.0))
     out = tmp_path / "run"
     assert gan(data, out, "--size", 32, "--batch-size", 4, "--max-steps", 1, "--collapse-window", 1) == 0
     assert "step 1: discriminator has won" in (out / "warnings.log").read_text()
@@ -254,7 +255,8 @@ def tiny_step(preset: str, size: int = 32):
     calls = []
     for name, opt in (("G", opt_g), ("D", opt_d)):
         opt.step = functools.partial(lambda step, n: (calls.append(n), step())[1], opt.step, name)
-    return dcgan.make_step(G, D, opt_g, opt_d, cfg, tcfg, torch.device("cpu")), calls, (opt_g, opt_d)
+    step = dcgan.make_step(G, D, opt_g, opt_d, cfg, tcfg, torch.device("cpu"), gan_run.augmentation(p.augment))
+    return step, calls, (opt_g, opt_d)
 
 
 @pytest.mark.parametrize("preset, order, lrs", [("original", ["D", "G", "G"], (2e-4, 1e-4)),
@@ -277,7 +279,7 @@ def test_diffaugment_is_applied_to_real_and_fake_in_both_steps(monkeypatch):
         seen.append((x, policy))
         return augment(x, policy)
 
-    monkeypatch.setattr(dcgan.diffaugment, "diff_augment", recording)
+    monkeypatch.setattr(gan_run.diffaugment, "diff_augment", recording)
     for preset, policy in (("modern", "translation,cutout"), ("original", "")):
         seen.clear()
         step, _, _ = tiny_step(preset)
@@ -422,5 +424,5 @@ def test_a_short_modern_run_on_phantoms_does_not_collapse(tmp_path):
     line = (out / "diversity.txt").read_text()
     worst, end = (float(v) for v in re.search(r"worst ([\d.]+) at step \d+; at the end \(step 100\) ([\d.]+)",
                                               line).groups())
-    assert min(worst, end) > dcgan.DIVERSITY_FLOOR and line.strip().endswith("not collapsed"), line
+    assert min(worst, end) > gan_run.DIVERSITY_FLOOR and line.strip().endswith("not collapsed"), line
     assert not (out / "warnings.log").exists()

@@ -15,11 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import ddpm
 import main
-import pretrained
-from common import CLIError
+from plumbing import weightfiles
+from plumbing.configs import CLIError
+from plumbing.files import load_checkpoint
+from plumbing.runtime import autocast
+from training.harness import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,7 +254,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, capsys):
 
 
 def test_offline_download_gives_one_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrained, "HF_URL", "http://127.0.0.1:9/{}")  # nothing listens on the discard port
+    monkeypatch.setattr(weightfiles, "HF_URL", "http://127.0.0.1:9/{}")  # nothing listens on the discard port
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no_cache"))  # nor may a real Hugging Face cache answer
     folder = tmp_path / "models" / "ddpm-cifar10-32"
     with pytest.raises(CLIError) as e:
@@ -286,7 +288,7 @@ def test_finetune_writes_checkpoint_log_and_grid(tiny_ref, images_dir, tmp_path)
     _, folder = tiny_ref
     out = tmp_path / "run"
     _train(images_dir, out, "--finetune", "--pretrained", str(folder), "--class", "infiltration", "--warmup", "2")
-    ckpt = common.load_checkpoint(out / "checkpoint.pt")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 2 and ckpt["epoch"] == 1  # 4 images / batch 2
     assert ckpt["config"]["block_out_channels"] == (16, 32) and set(ckpt["ema"]) == set(ckpt["model"])
     rows = list(csv.DictReader(open(out / "loss.csv")))
@@ -300,7 +302,7 @@ def test_conditional_finetune_from_the_pretrained_model(tiny_ref, images_dir, tm
     ref, folder = tiny_ref
     out = tmp_path / "cfg"
     _train(images_dir, out, "--finetune", "--pretrained", str(folder), "--conditional", "--max-steps", "2")
-    ckpt = common.load_checkpoint(out / "checkpoint.pt")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["classes"] == {"no_finding": 0, "infiltration": 1} and ckpt["config"]["num_classes"] == 2
     released = ddpm.load_pretrained(folder).state_dict()
     assert set(ckpt["model"]) == set(released) | {"class_embedding.weight"}
@@ -313,7 +315,7 @@ def test_resume_equals_straight_run(images_dir, tmp_path):
     _train(images_dir, a, "--preset", "tiny", "--max-steps", "2")
     _train(images_dir, a, "--preset", "tiny", "--max-steps", "4", "--resume")
     _train(images_dir, b, "--preset", "tiny", "--max-steps", "4")
-    ca, cb = common.load_checkpoint(a / "checkpoint.pt"), common.load_checkpoint(b / "checkpoint.pt")
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
     assert ca["step"] == cb["step"] == 4
     for part in ("model", "ema"):
         for k in cb[part]:
@@ -340,7 +342,7 @@ def test_torchrun_two_cpu_processes(images_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = common.load_checkpoint(out / "checkpoint.pt")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 2  # global batch 4 = 2 per process x 2 processes, 8 images: 2 steps = one epoch
     assert (out / "samples_epoch001.png").is_file()
 
@@ -378,7 +380,7 @@ def test_amp_close_to_fp32_on_tiny_model():
     x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 10, 500, 999])
     with torch.no_grad():
         ref = model(x, t)
-        with common.autocast(torch.device("cpu"), True):
+        with autocast(torch.device("cpu"), True):
             low = model(x, t)
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
@@ -394,7 +396,7 @@ def test_compile_matches_eager_on_tiny_model():
 
 
 def test_sampling_with_amp_stays_close_to_fp32(tiny_checkpoint):
-    ckpt = common.load_checkpoint(tiny_checkpoint)
+    ckpt = load_checkpoint(tiny_checkpoint)
     kw = dict(seed=0, batch_size=2, device=torch.device("cpu"), sampler="ddim", steps=5)
     ref = ddpm.generate(ckpt, 2, **kw)
     low = ddpm.generate(ckpt, 2, amp=True, **kw)
@@ -455,11 +457,11 @@ def test_fixed_small_samples_with_the_posterior_variance():
 
 
 def test_ema_decay_warms_up():
-    """common.EMA with step: decay min(decay, (1 + step) / (10 + step)), shadow <- d shadow + (1 - d) param."""
+    """EMA with step: decay min(decay, (1 + step) / (10 + step)), shadow <- d shadow + (1 - d) param."""
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    ema = common.EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9)
     with torch.no_grad():
         model.weight.fill_(1.0)
     expected = 0.0
@@ -581,7 +583,7 @@ def test_sample_steps_beyond_the_schedule_fail_before_training(images_dir, tmp_p
 def test_cosine_schedule_trains_and_sample_uses_it(images_dir, tmp_path, capsys):
     out = tmp_path / "cos"
     _train(images_dir, out, "--preset", "tiny", "--max-steps", "2", "--beta-schedule", "cosine", "--variance", "fixed_small")
-    ckpt = common.load_checkpoint(out / "checkpoint.pt")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["diffusion"]["beta_schedule"] == "cosine"
     assert ckpt["diffusion"]["variance_type"] == "fixed_small"
     assert ckpt["args"]["beta_schedule"] == "cosine" and ckpt["args"]["out"] == str(out)  # the config, Paths as str
@@ -599,7 +601,7 @@ def test_cosine_schedule_trains_and_sample_uses_it(images_dir, tmp_path, capsys)
 
     _train(images_dir, out, "--preset", "tiny", "--max-steps", "3", "--resume")  # default options: linear
     assert "keeps the checkpoint's schedule (cosine, fixed_small)" in capsys.readouterr().out
-    assert common.load_checkpoint(out / "checkpoint.pt")["diffusion"]["beta_schedule"] == "cosine"
+    assert load_checkpoint(out / "checkpoint.pt")["diffusion"]["beta_schedule"] == "cosine"
 
 
 # --------------------------------------------------------------------------- DPM-Solver++(2M): diffusers as oracle
@@ -708,7 +710,7 @@ def test_sample_command_dpmpp_and_its_one_line_errors(tiny_checkpoint, tmp_path,
         assert err.count("\n") == 1 and text in err and "Traceback" not in err, err
     assert not (tmp_path / "b").exists()
     with pytest.raises(CLIError, match="--eta 0.5 is not defined"):
-        ddpm.generate(common.load_checkpoint(tiny_checkpoint), 1, seed=0, batch_size=1, device=torch.device("cpu"),
+        ddpm.generate(load_checkpoint(tiny_checkpoint), 1, seed=0, batch_size=1, device=torch.device("cpu"),
                       sampler="dpmpp", eta=0.5)
 
 

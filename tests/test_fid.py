@@ -16,6 +16,7 @@ from PIL import Image
 
 import fid
 import main
+from study import distances
 
 pfi = pytest.importorskip("pytorch_fid.inception")
 fid_score = pytest.importorskip("pytorch_fid.fid_score")
@@ -272,11 +273,11 @@ def test_classifier_feature_distance_through_a_features_seam():
     g = torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (40, 16, 16), dtype=torch.uint8, generator=g)
     fake = (real.float() * 0.5).to(torch.uint8)
-    res = fid.classifier_feature_distance(real, fake, None, features_fn=features, size=16)
-    direct = fid.feature_distance(features(real), features(fake))
+    res = distances.classifier_feature_distance(real, fake, None, features_fn=features, size=16)
+    direct = distances.feature_distance(features(real), features(fake))
     assert res["cxr_fd"] == pytest.approx(direct["cxr_fd"]) and res["cxr_fd"] > 0
     assert res["cxr_n_real"] == res["cxr_n_fake"] == 40 and res["cxr_dim"] == 32
-    assert abs(fid.classifier_feature_distance(real, real, None, features_fn=features, size=16)["cxr_fd"]) < 1e-6
+    assert abs(distances.classifier_feature_distance(real, real, None, features_fn=features, size=16)["cxr_fd"]) < 1e-6
 
 
 # --------------------------------------------------------------------------- bad input

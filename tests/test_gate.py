@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import data
-import gate
+from study import gate
 import main
-import memorization
+from study import memorization
 
 
 def _interval(a, lo, hi, p=0.001):
@@ -108,7 +108,7 @@ def test_diversity_is_one_for_real_images_and_zero_for_one_image(real):
     tx = real["train"][0]
     assert gate.diversity(tx, tx) == pytest.approx(1.0)
     assert gate.diversity(tx[:1].expand(40, -1, -1), tx) == 0.0
-    assert gate.COLLAPSE_FLOOR == gate.dcgan.DIVERSITY_FLOOR  # one floor for the GAN monitor and the gate
+    assert gate.COLLAPSE_FLOOR == gate.gan_run.DIVERSITY_FLOOR  # one floor for the GAN monitor and the gate
 
 
 def test_study_gate_is_cached_by_its_inputs(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """hub.py: our safetensors writer against the safetensors package, the exported
 folder against diffusers (UNet2DModel, DDPMScheduler, DDPMPipeline; used here
-only as oracles), the export's refusals, and the Hub-cache lookup (pretrained.find_cached_snapshot,
+only as oracles), the export's refusals, and the Hub-cache lookup (weightfiles.find_cached_snapshot,
 used by ddpm.load_pretrained) on a fake cache."""
 
 import json
@@ -10,12 +10,12 @@ from dataclasses import asdict, make_dataclass
 import pytest
 import torch
 
-import common
 import ddpm
-import hub
+from tools import export as hub
 import main
-import pretrained
-from common import CLIError
+from plumbing import weightfiles
+from plumbing.configs import CLIError
+from plumbing.files import save_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 safetensors = pytest.importorskip("safetensors")
@@ -36,7 +36,7 @@ def ddpm_checkpoint(preset: str = "tiny", image_size: int = 16, ema: bool = True
 
 
 def export(tmp_path, ckpt: dict, out_name: str = "exported", **kw):
-    common.save_checkpoint(ckpt, tmp_path / "run" / "checkpoint.pt")
+    save_checkpoint(ckpt, tmp_path / "run" / "checkpoint.pt")
     return hub.export(hub.ExportConfig(checkpoint=tmp_path / "run" / "checkpoint.pt", out=tmp_path / out_name, **kw))
 
 
@@ -62,7 +62,7 @@ def test_safetensors_writer_read_back_bit_exact(tmp_path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0 and raw[8:9] == b"{"
-    for reader in (safetensors_torch.load_file, pretrained.read_safetensors):
+    for reader in (safetensors_torch.load_file, weightfiles.read_safetensors):
         back = reader(path)
         assert back.keys() == tensors.keys()
         for k, v in tensors.items():
@@ -86,7 +86,7 @@ def test_safetensors_writer_gives_the_reference_bytes(tmp_path):
 def test_unet_config_is_the_inverse_of_the_loader(preset):
     cfg = ddpm.PRESETS[preset]
     config = hub.unet_config_to_diffusers(cfg)
-    assert ddpm.UNetConfig(**pretrained.unet_config(config)) == cfg
+    assert ddpm.UNetConfig(**ddpm.unet_config(config)) == cfg
     assert config["_class_name"] == "UNet2DModel" and config["attention_head_dim"] is None
     if preset == "cifar10":  # the released model's block types (REFERENCE.md section 1)
         assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]
@@ -169,7 +169,7 @@ def test_export_falls_back_to_model_weights_and_writes_a_model_card(tmp_path, ca
         {"ddpm/infiltration": {"n_real": 500, "classifier": {"fd": 12.345678}}, "inception_missing": "offline"}))
     out = export(tmp_path, ckpt)
     assert "exported the model weights (step 123)" in capsys.readouterr().out
-    back = pretrained.read_safetensors(out / hub.WEIGHTS_FILE)
+    back = weightfiles.read_safetensors(out / hub.WEIGHTS_FILE)
     assert torch.equal(back["conv_in.weight"], ckpt["model"]["conv_in.weight"])
     card = (out / "README.md").read_text()
     for text in ("must not be used for diagnosis", "`data/nih/train`, class infiltration", "123 training steps",
@@ -193,7 +193,7 @@ def test_export_refuses_bad_checkpoints(tmp_path):
         if isinstance(ckpt, bytes):
             path.write_bytes(ckpt)
         else:
-            common.save_checkpoint(ckpt, path)
+            save_checkpoint(ckpt, path)
         with pytest.raises(CLIError, match=match) as e:
             hub.export(hub.ExportConfig(checkpoint=path, out=out))
         assert "\n" not in str(e.value) and not out.exists()
@@ -235,7 +235,7 @@ def test_export_folder_rules(tmp_path):
 
 
 def test_export_command_line(tmp_path, capsys):
-    common.save_checkpoint(ddpm_checkpoint(), tmp_path / "run" / "checkpoint.pt")
+    save_checkpoint(ddpm_checkpoint(), tmp_path / "run" / "checkpoint.pt")
     argv = ["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "out")]
     assert main.main(argv) == 0 and (tmp_path / "out" / "model_index.json").is_file()
     assert main.main(argv) == 2
@@ -278,7 +278,7 @@ UNET_FILES = {"config.json": b"{}", "diffusion_pytorch_model.safetensors": b"wei
 
 
 def cached():
-    return pretrained.find_cached_snapshot()
+    return weightfiles.find_cached_snapshot()
 
 
 def test_cache_prefers_refs_main_else_the_newest(tmp_path, monkeypatch, no_hf_env):
@@ -340,5 +340,5 @@ def test_load_pretrained_uses_the_cache_before_downloading(tmp_path, monkeypatch
     folder = tmp_path / "models" / "ddpm-cifar10-32"  # the default folder's shape: missing, so a download was due
     model = ddpm.load_pretrained(folder)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
-    assert f"using the Hugging Face cache's {pretrained.HF_REPO} at {snap}" in capsys.readouterr().out
+    assert f"using the Hugging Face cache's {weightfiles.HF_REPO} at {snap}" in capsys.readouterr().out
     assert not folder.exists()  # nothing downloaded, nothing made

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import main
-import monitor
+from training import monitor
+from plumbing.configs import DEFAULT_EPOCHS, RunConfig, total_steps
+from plumbing.files import first_nonfinite, load_checkpoint, save_checkpoint, to_uint8
 
 TINY_DDPM = ("--preset", "tiny", "--batch-size", "4", "--num-samples", "2", "--sample-steps", "2", "--lr", "1e-3",
              "--device", "cpu")
@@ -63,7 +64,7 @@ def test_max_steps_is_the_budget_and_wins_over_epochs(layout, tmp_path, capsys, 
     code, stdout, _ = _run(capsys, command, "--data", layout / "train_data", "--class", "infiltration", "--out", out,
                            *extra, "--max-steps", 5, "--epochs", 1)
     assert code == 0 and "--max-steps 5 is the budget; --epochs 1 is ignored" in stdout
-    assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 5
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 5
     assert [int(r["step"]) for r in _rows(out)] == [1, 2, 3, 4, 5]
     assert not (out / "best.pt").exists()  # no --eval-every: no monitoring
 
@@ -72,9 +73,9 @@ def test_epochs_are_the_budget_without_max_steps(layout, tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(capsys, "ddpm", "--data", layout / "train_data", "--class", "infiltration", "--out", out, *TINY_DDPM,
                 "--epochs", 3)[0] == 0
-    assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 6 and len(_rows(out)) == 6
-    cfg = common.RunConfig(data=layout, out=out, batch_size=4)
-    assert common.total_steps(cfg, 8) == (common.DEFAULT_EPOCHS * 2, 2)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6 and len(_rows(out)) == 6
+    cfg = RunConfig(data=layout, out=out, batch_size=4)
+    assert total_steps(cfg, 8) == (DEFAULT_EPOCHS * 2, 2)
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -91,9 +92,9 @@ def test_monitor_logs_one_row_per_evaluation_and_keeps_the_best(layout, tmp_path
     evals = {int(r["step"]): float(r["kid"]) for r in rows if r["kid"]}
     assert list(evals) == [3, 6] and all(r["nn_accuracy"] for r in rows if r["kid"])
     assert all(0 <= float(r["nn_accuracy"]) <= 1 for r in rows if r["kid"])
-    best = common.load_checkpoint(out / "best.pt")
+    best = load_checkpoint(out / "best.pt")
     assert best["step"] == min(evals, key=evals.get) and best["monitor"]["kid"] == pytest.approx(min(evals.values()), rel=1e-5)  # loss.csv: 6 digits
-    assert common.first_nonfinite(best) is None and (out / "curves.png").is_file()
+    assert first_nonfinite(best) is None and (out / "curves.png").is_file()
     # a resumed run without monitoring reads the log with its extra columns and goes on
     assert _run(capsys, command, "--data", layout / "train_data", "--class", "infiltration", "--out", out, *extra,
                 "--max-steps", 8, "--resume")[0] == 0
@@ -106,7 +107,7 @@ class _Net(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
 
 
-def _scripted_monitor(cfg: common.RunConfig, outputs: list[torch.Tensor]) -> tuple[monitor.Monitor, _Net]:
+def _scripted_monitor(cfg: RunConfig, outputs: list[torch.Tensor]) -> tuple[monitor.Monitor, _Net]:
     """A monitor whose generator draws outputs[k] at its k-th evaluation and whose weight is the step."""
     net, calls = _Net(), iter(outputs)
     watch = monitor.setup(cfg, 32, 10, lambda n: next(calls)[:n], lambda: {"model": net.state_dict()},
@@ -125,21 +126,21 @@ def test_best_is_chosen_on_validation_images_never_test(layout, tmp_path):
     outputs = [loaded("validation_data").flip(0), loaded("test_data").flip(0)]
     picks = {}
     for name, eval_data in (("default", None), ("test", layout / "test_data")):
-        cfg = common.RunConfig(data=layout / "train_data", out=tmp_path / name, class_name="infiltration",
+        cfg = RunConfig(data=layout / "train_data", out=tmp_path / name, class_name="infiltration",
                                max_steps=10, eval_every=1, eval_data=eval_data)
         watch, net = _scripted_monitor(cfg, outputs)
         for step in (1, 2):
             net.w.data.fill_(step)
             row = watch(step)
             assert set(row) == set(monitor.FIELDS)
-        best = common.load_checkpoint(tmp_path / name / "best.pt")
+        best = load_checkpoint(tmp_path / name / "best.pt")
         assert best["model"]["w"].item() == best["step"]
         picks[name] = best["step"]
     assert picks == {"default": 1, "test": 2}  # the default held-out set is validation_data, never test_data
 
 
 def test_nonfinite_weights_never_become_best(layout, tmp_path, capsys):
-    cfg = common.RunConfig(data=layout / "train_data", out=tmp_path, class_name="infiltration", max_steps=10,
+    cfg = RunConfig(data=layout / "train_data", out=tmp_path, class_name="infiltration", max_steps=10,
                            eval_every=1)
     images = torch.full((6, 32, 32), 200, dtype=torch.uint8)
     watch, net = _scripted_monitor(cfg, [images])
@@ -167,7 +168,7 @@ def test_monitoring_bad_input_is_one_line_and_training_goes_on(layout, tmp_path,
     notes = [line for line in stdout.splitlines() if "without monitoring" in line]
     assert code == 0 and len(notes) == 1 and "Traceback" not in err
     assert {"too_large": "larger than the run (3 steps)", "plain_folder": "plain folder"}[case] in notes[0]
-    assert common.load_checkpoint(out / "checkpoint.pt")["step"] == 3 and "kid" not in _rows(out)[0]
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3 and "kid" not in _rows(out)[0]
     assert not (out / "best.pt").exists()
 
 
@@ -190,7 +191,7 @@ def test_the_study_samples_from_best_pt_when_it_exists(tmp_path):
     import dataclasses
 
     import dcgan
-    import study
+    from study import experiment as study
 
     net = dcgan.DCGANConfig(size=32, g_width=8, d_width=8)
     torch.manual_seed(0)
@@ -198,7 +199,7 @@ def test_the_study_samples_from_best_pt_when_it_exists(tmp_path):
                   for _ in range(2))
     run = tmp_path / "generators" / "gan_infiltration_f1"
     run.mkdir(parents=True)
-    common.save_checkpoint(last, run / "checkpoint.pt")
+    save_checkpoint(last, run / "checkpoint.pt")
     cfg = study.StudyConfig(tmp_path / "data", tmp_path, gan=study.gan_recipe(size=32), generators=("gan",),
                             device="cpu")
 
@@ -208,8 +209,8 @@ def test_the_study_samples_from_best_pt_when_it_exists(tmp_path):
 
     def expected(ckpt: dict) -> np.ndarray:
         images = dcgan.generate(ckpt, 3, seed=study.noise_seed("gan", "infiltration", 1.0), device="cpu")
-        return common.to_uint8(images.mean(dim=1, keepdim=True))
+        return to_uint8(images.mean(dim=1, keepdim=True))
 
     assert np.array_equal(drawn(), expected(last))
-    common.save_checkpoint(best, run / "best.pt")
+    save_checkpoint(best, run / "best.pt")
     assert np.array_equal(drawn(), expected(best)) and not np.array_equal(expected(best), expected(last))

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import fid
-from common import CLIError
+from plumbing.configs import CLIError
 
 prdc_ref = pytest.importorskip("prdc")
 metric_prc = pytest.importorskip("torch_fidelity.metric_prc")

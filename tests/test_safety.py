@@ -18,15 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import data
 import fid
 import main
-import phantoms
+from tools import phantoms
 
 from clitools import cli, images, process, quiet, refused, snapshot
+from plumbing import files
+from tools import layout
 
-TEMPORARY = data._TEMPORARY  # the name pattern of an atomic write's temporary file
+TEMPORARY = layout._TEMPORARY  # the name pattern of an atomic write's temporary file
 
 
 def temporaries(root: Path) -> list[Path]:
@@ -120,14 +121,14 @@ def test_2_rerun_reuses_and_another_seed_replaces_what_the_manifest_lists(tmp_pa
     assert (s["written"], s["reused"], s["removed_stale"]) == (len(new - old), len(new & old), len(old - new)) \
         and len(old - new) >= 2
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if "_data" in str(p)) == \
-        sorted(r["image"] for r in data.read_manifest(out))
+        sorted(r["image"] for r in layout.read_manifest(out))
     assert all(path.read_text() == text for path, text in mine.items()) and (out / "img_0.png").is_file()
-    assert not (out / data.PENDING).exists() and not temporaries(out)
+    assert not (out / layout.PENDING).exists() and not temporaries(out)
 
 
 def test_2_an_interrupted_extract_is_resumed_and_never_reuses_half_replaced_files(tmp_path, capsys, monkeypatch):
     out, fresh = tmp_path / "d", tmp_path / "fresh"
-    render = data._render
+    render = layout._render
     assert quiet("extract", "--phantoms", 12, "--out", out, "--size", 32, "--seed", 0, "--workers", 1) == 0
     calls = []
 
@@ -137,10 +138,10 @@ def test_2_an_interrupted_extract_is_resumed_and_never_reuses_half_replaced_file
             raise KeyboardInterrupt
         return render(job)
 
-    monkeypatch.setattr(data, "_render", stopped_after_five)
+    monkeypatch.setattr(layout, "_render", stopped_after_five)
     assert quiet("extract", "--phantoms", 12, "--out", out, "--size", 32, "--seed", 1, "--workers", 1) == 130
-    assert (out / data.PENDING).is_file() and not temporaries(out)
-    monkeypatch.setattr(data, "_render", render)
+    assert (out / layout.PENDING).is_file() and not temporaries(out)
+    monkeypatch.setattr(layout, "_render", render)
     # Back to seed 0: five files already hold seed 1's pixels, and which ones the stopped run
     # cannot have recorded, so every file it was replacing is redrawn, none reused.
     code, stdout, _ = cli(capsys, "extract", "--phantoms", 12, "--out", out, "--size", 32, "--json", "--workers", 1)
@@ -149,12 +150,12 @@ def test_2_an_interrupted_extract_is_resumed_and_never_reuses_half_replaced_file
     assert quiet("extract", "--phantoms", 12, "--out", fresh, "--size", 32, "--workers", 1) == 0
     assert {k: v for k, v in snapshot(out).items() if k.endswith(".png")} == \
         {k: v for k, v in snapshot(fresh).items() if k.endswith(".png")}
-    assert not (out / data.PENDING).exists()
+    assert not (out / layout.PENDING).exists()
 
 
 def test_2_a_first_extract_stopped_half_way_is_resumed_not_refused(tmp_path, capsys, monkeypatch):
     out = tmp_path / "d"
-    render, calls = data._render, []
+    render, calls = layout._render, []
 
     def stopped_after_three(job):
         calls.append(job)
@@ -162,9 +163,9 @@ def test_2_a_first_extract_stopped_half_way_is_resumed_not_refused(tmp_path, cap
             raise KeyboardInterrupt
         return render(job)
 
-    monkeypatch.setattr(data, "_render", stopped_after_three)
+    monkeypatch.setattr(layout, "_render", stopped_after_three)
     assert quiet("extract", "--phantoms", 10, "--out", out, "--size", 32, "--workers", 1) == 130
-    monkeypatch.setattr(data, "_render", render)
+    monkeypatch.setattr(layout, "_render", render)
     code, stdout, _ = cli(capsys, "extract", "--phantoms", 10, "--out", out, "--size", 32, "--json")
     s = json.loads(stdout.splitlines()[-1])
     assert code == 0 and (s["written"], s["reused"]) == (7, 3)
@@ -246,7 +247,7 @@ def test_8_disk_full_while_rendering_is_one_line_and_leaves_no_temporaries(tmp_p
     assert not temporaries(out)
     # no file can even be created (tempfile.mkstemp fails)
     monkeypatch.undo()
-    monkeypatch.setattr(common.tempfile, "mkstemp", _enospc)
+    monkeypatch.setattr(files.tempfile, "mkstemp", _enospc)
     code, _, err = cli(capsys, "extract", "--phantoms", 4, "--out", tmp_path / "d3", "--size", 32, "--workers", 1)
     refused(code, err, "no space left on the device holding", "while writing")
 
@@ -275,7 +276,7 @@ def test_8_disk_full_while_writing_the_manifest_or_summary(tmp_path, capsys, mon
         f = open(path, *args, **kwargs)
         return Full(f) if Path(path).name.startswith(f".{victim}.") else f
 
-    monkeypatch.setattr(data, "open", full_open, raising=False)
+    monkeypatch.setattr(layout, "open", full_open, raising=False)
     code, _, err = cli(capsys, "extract", "--phantoms", 10, "--out", out, "--size", 32, "--workers", 1)
     refused(code, err, "no space left on the device holding", f"while writing {victim}")
     assert not temporaries(out)
@@ -321,7 +322,7 @@ def test_12_extract_writes_its_manifest_under_non_utf8_names(tmp_path, capsys):
     out = latin / "out"
     code, stdout, err = process("extract", "--csv", csv_path, "--images", root, "--out", out, "--size", 32)
     assert code == 0, err
-    rows = data.read_manifest(out)
+    rows = layout.read_manifest(out)
     assert len(rows) == len(list(out.rglob("*.png"))) > 0
     assert all(Path(r["source"]).is_file() and os.fsencode(r["source"]).startswith(os.fsencode(latin)) for r in rows)
     code, stdout, _ = process("extract", "--csv", csv_path, "--images", root, "--out", out, "--size", 32, "--json")
@@ -393,7 +394,7 @@ def test_16_printed_json_is_strict():
 
 def test_19_a_phantom_set_without_a_test_split_says_so(tmp_path, capsys):
     assert phantoms.min_phantoms() == 10
-    counts = data.count_layout(phantoms.phantom_plan(10))["counts"]
+    counts = layout.count_layout(phantoms.phantom_plan(10))["counts"]
     assert all(n > 0 for split in counts.values() for n in split.values())
     assert quiet("extract", "--phantoms", 4, "--out", tmp_path / "d", "--size", 32) == 0
     code, _, err = cli(capsys, "classify", "--data", tmp_path / "d", "--size", 32, "--epochs", 1)
@@ -502,4 +503,4 @@ def test_no_data_command_deletes_or_changes_a_file_it_did_not_write(tmp_path, ca
         {k: v for k, v in before.items() if not ours(k) or "keep" in k or "mine" in k}
     assert {k: after.get(k) for k in before if k.startswith("user")} == \
         {k: v for k, v in before.items() if k.startswith("user")}
-    assert not temporaries(work) and not list(work.rglob(data.PENDING))
+    assert not temporaries(work) and not list(work.rglob(layout.PENDING))

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
 import dcgan
 from clitools import ROOT, cli, images, quiet, refused, snapshot
+from plumbing.configs import CLIError
+from plumbing.files import first_nonfinite, load_checkpoint, save_checkpoint, save_image_grid
+from training import gan_run
 
 TINY_DDPM = ("--preset", "tiny", "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--num-samples", "2",
              "--sample-steps", "2", "--device", "cpu")
@@ -80,7 +82,7 @@ def test_4_diverging_training_saves_nothing_non_finite(tmp_path, capsys, steps):
                        "--lr", "1e9", "--max-steps", steps, "--epochs", 10, "--num-samples", 2,
                        "--sample-steps", 2, "--device", "cpu")
     if (out / "checkpoint.pt").exists():
-        assert common.first_nonfinite(common.load_checkpoint(out / "checkpoint.pt")) is None
+        assert first_nonfinite(load_checkpoint(out / "checkpoint.pt")) is None
     if code != 0:
         line = refused(code, err)
         assert "keeps the last good state" not in line or (out / "checkpoint.pt").exists()
@@ -108,18 +110,18 @@ def test_4_non_finite_flags_are_refused_while_parsing(tmp_path, capsys, tiny_ddp
 
 @pytest.mark.parametrize("part", ["ema", "model", "optimizer"])
 def test_4_sample_refuses_a_ddpm_checkpoint_with_non_finite_tensors(tmp_path, capsys, tiny_ddpm, part):
-    ckpt = common.load_checkpoint(tiny_ddpm)
+    ckpt = load_checkpoint(tiny_ddpm)
     if part == "optimizer":
         ckpt[part]["state"][0]["exp_avg"][0] = float("inf")
     else:
         key = next(iter(ckpt[part]))
         ckpt[part][key] = torch.full_like(ckpt[part][key], float("nan"))
-    common.save_checkpoint(ckpt, tmp_path / "bad.pt")
+    save_checkpoint(ckpt, tmp_path / "bad.pt")
     code, _, err = cli(capsys, "sample", "--checkpoint", tmp_path / "bad.pt", "--out", tmp_path / "s", "-n", 2, *DDIM2)
     refused(code, err, "non-finite", part)
     assert not (tmp_path / "s").exists()  # refused before the folder is made or locked
     if part == "ema":  # the library function refuses too
-        with pytest.raises(common.CLIError, match="non-finite"):
+        with pytest.raises(CLIError, match="non-finite"):
             import ddpm
 
             ddpm.generate(ckpt, 1, seed=0, batch_size=1, device=torch.device("cpu"), sampler="ddim", steps=2)
@@ -127,17 +129,17 @@ def test_4_sample_refuses_a_ddpm_checkpoint_with_non_finite_tensors(tmp_path, ca
 
 def test_4_sample_never_writes_a_non_finite_image(tmp_path, capsys, tiny_gan):
     # Finite weights that draw NaN: a negative BatchNorm running variance (sqrt of it is NaN in eval mode).
-    ckpt = common.load_checkpoint(tiny_gan)
+    ckpt = load_checkpoint(tiny_gan)
     key = next(k for k in ckpt["generator"] if k.endswith("running_var"))
     ckpt["generator"][key] = -torch.ones_like(ckpt["generator"][key])
-    common.save_checkpoint(ckpt, tmp_path / "nan_out.pt")
-    assert common.first_nonfinite(ckpt) is None
+    save_checkpoint(ckpt, tmp_path / "nan_out.pt")
+    assert first_nonfinite(ckpt) is None
     s = tmp_path / "s"
     code, _, err = cli(capsys, "sample", "--checkpoint", tmp_path / "nan_out.pt", "--out", s, "-n", 3, "--device", "cpu")
     refused(code, err, "non-finite")
     assert not pngs(s) and not (s / "samples.json").exists()
-    with pytest.raises(common.CLIError, match="non-finite"):  # nor does any grid of the project
-        common.save_image_grid(torch.full((2, 1, 4, 4), float("nan")), tmp_path / "grid.png")
+    with pytest.raises(CLIError, match="non-finite"):  # nor does any grid of the project
+        save_image_grid(torch.full((2, 1, 4, 4), float("nan")), tmp_path / "grid.png")
     assert not (tmp_path / "grid.png").exists()
 
 
@@ -152,8 +154,8 @@ def test_4_gan_logs_its_gradient_norms(tiny_gan):
 
 def test_5_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys, phantoms, tiny_ddpm):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import common, time, sys\n"
-                               f"with common.run_lock(r'{out}'):\n    print('held', flush=True); time.sleep(60)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import time, sys\nfrom training.harness import run_lock\n"
+                               f"with run_lock(r'{out}'):\n    print('held', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -252,7 +254,7 @@ def test_10_resume_refuses_another_model_and_keeps_its_settings(tmp_path, capsys
     code, out, err = cli(capsys, *train, "--resume", *TINY_DDPM[2:-4], "--max-steps", 3, "--sample-steps", 2, "--device", "cpu")
     assert code == 0, err
     assert "keeps the checkpoint's schedule (cosine, fixed_large)" in out
-    args = common.load_checkpoint(run / "checkpoint.pt")["args"]
+    args = load_checkpoint(run / "checkpoint.pt")["args"]
     assert (args["preset"], args["image_size"], args["beta_schedule"], args["finetune"]) == ("tiny", 16, "cosine", False)
 
 
@@ -287,7 +289,7 @@ def test_12_a_non_utf8_data_folder_trains_and_samples(tmp_path):
         r = subprocess.run([sys.executable, "main.py", *map(os.fsencode, map(str, argv))], cwd=ROOT, env=env,
                            capture_output=True)
         assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
-    assert os.fsencode(common.load_checkpoint(latin / "run" / "checkpoint.pt")["args"]["data"]) == os.fsencode(latin / "infiltration")
+    assert os.fsencode(load_checkpoint(latin / "run" / "checkpoint.pt")["args"]["data"]) == os.fsencode(latin / "infiltration")
     assert len(pngs(latin / "s")) == 3
 
 
@@ -299,9 +301,9 @@ def test_12_a_non_utf8_data_folder_trains_and_samples(tmp_path):
 def test_14_checkpoints_with_missing_keys_are_one_line(tmp_path, capsys, phantoms, tiny_ddpm, tiny_gan, which, drop):
     src = tiny_gan if "gan" in which else tiny_ddpm
     run = tmp_path / "run"
-    ckpt = common.load_checkpoint(src)
+    ckpt = load_checkpoint(src)
     del ckpt[drop]
-    common.save_checkpoint(ckpt, run / "checkpoint.pt")
+    save_checkpoint(ckpt, run / "checkpoint.pt")
     before = snapshot(run)
     if which.startswith("sample"):
         call = ("sample", "--checkpoint", run / "checkpoint.pt", "--out", tmp_path / "s", "-n", 2, *DDIM2)
@@ -314,9 +316,9 @@ def test_14_checkpoints_with_missing_keys_are_one_line(tmp_path, capsys, phantom
 
 def test_14_a_checkpoint_whose_weights_do_not_fit_is_one_line(tmp_path, capsys, phantoms, tiny_ddpm):
     run = tmp_path / "run"
-    ckpt = common.load_checkpoint(tiny_ddpm)
+    ckpt = load_checkpoint(tiny_ddpm)
     ckpt["model"].pop(next(iter(ckpt["model"])))
-    common.save_checkpoint(ckpt, run / "checkpoint.pt")
+    save_checkpoint(ckpt, run / "checkpoint.pt")
     code, _, err = cli(capsys, "ddpm", "--data", phantoms / "train_data", "--out", run, "--resume", "--device", "cpu")
     refused(code, err, "cannot restore 'model'")
 
@@ -359,14 +361,14 @@ def test_17_an_exploding_gan_is_warned_about_or_stopped(tmp_path, capsys, phanto
         line = refused(code, err)
         assert "learning rate" in line or "non-finite" in line, line
         assert not (tmp_path / "g" / "checkpoint.pt").exists() or \
-            common.first_nonfinite(common.load_checkpoint(tmp_path / "g" / "checkpoint.pt")) is None
+            first_nonfinite(load_checkpoint(tmp_path / "g" / "checkpoint.pt")) is None
     else:
         assert "warning: a loss reached" in out + err
         assert "a loss reached" in (tmp_path / "g" / "warnings.log").read_text()
 
 
 def test_17_the_loss_ceiling_warns_once_per_episode():
-    m = dcgan.CollapseMonitor(window=1000)
+    m = gan_run.CollapseMonitor(window=1000)
     said = [m(s, {"loss_d": loss, "loss_g": 0.7}) for s, loss in enumerate([1.3, 250.0, 1e21, 1.2, 101.0], 1)]
     assert [bool(w) for w in said] == [False, True, False, False, True]
     assert "a loss reached 250" in said[1] and "--lr-g" in said[1]

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import ddpm
 import diffusion
-import hub
+from tools import export as hub
 import main
-from common import CLIError
 from diffusion import GaussianDiffusion
+from plumbing.configs import CLIError
+from plumbing.files import load_checkpoint, save_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 warnings.filterwarnings("ignore", module="diffusers")  # its deprecation chatter, not ours
@@ -376,7 +376,7 @@ def test_training_flags_reach_the_checkpoint_sample_and_resume(images, tmp_path,
     flags = ["--prediction", "v_prediction", "--beta-schedule", "sigmoid", "--beta-end", "0.03", "--zero-snr",
              "--timestep-spacing", "trailing", "--loss-weight", "min-snr", "--snr-gamma", "3"]
     assert _train(images, out, "--max-steps", "2", *flags) == 0
-    ckpt = common.load_checkpoint(out / "checkpoint.pt")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["diffusion"] == dict(GaussianDiffusion().config(), beta_schedule="sigmoid", beta_end=0.03,
                                      prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                      timestep_spacing="trailing", loss_weight="min-snr", snr_gamma=3.0)
@@ -386,7 +386,7 @@ def test_training_flags_reach_the_checkpoint_sample_and_resume(images, tmp_path,
     assert torch.equal(got, ref) and d.ddim_timesteps(4)[0] == 999  # trailing: the chain starts at t = T
     assert hub.scheduler_config(ckpt["diffusion"])["rescale_betas_zero_snr"] is True
     assert _train(images, out, "--max-steps", "3", "--resume") == 0  # no flags: the checkpoint's settings
-    assert common.load_checkpoint(out / "checkpoint.pt")["diffusion"] == ckpt["diffusion"]
+    assert load_checkpoint(out / "checkpoint.pt")["diffusion"] == ckpt["diffusion"]
     capsys.readouterr()
     assert _train(images, out, "--max-steps", "4", "--resume", "--prediction", "sample") == 2
     err = capsys.readouterr().err
@@ -395,7 +395,7 @@ def test_training_flags_reach_the_checkpoint_sample_and_resume(images, tmp_path,
 
 def test_strided_ddpm_sampling_says_how_it_differs_from_diffusers(tmp_path, capsys):
     path = tmp_path / "c.pt"
-    common.save_checkpoint(_checkpoint(OLD_DIFFUSION), path)
+    save_checkpoint(_checkpoint(OLD_DIFFUSION), path)
     assert main.main(["sample", "--checkpoint", str(path), "--out", str(tmp_path / "s"), "-n", "1",
                       "--sampler", "ddpm", "--steps", "2", "--device", "cpu"]) == 0
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]

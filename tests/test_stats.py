@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import binomtest
 
 import classify
-import stats
+from study import stats
 
 N_BOOT = 300  # per simulated study: enough for a standard error, fast enough for 200 studies
 

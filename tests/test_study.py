@@ -21,13 +21,15 @@ import dcgan
 import ddpm
 import classify
 import data
-import generators
+from training import ddpm_run, gan_run
+from study import generators
 import main
-import memorization
-import report
-import stats
-import study
-from phantoms import make_phantom
+from study import memorization
+from study import report
+from study import stats
+from study import experiment as study
+from tools.phantoms import make_phantom
+from training.harness import run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH64 = ROOT.parent / "shared" / "data" / "nih-64px" / "images"
@@ -433,8 +435,9 @@ def test_rerun_skips_finished_work(demo_dir, monkeypatch):
         raise AssertionError("re-run trained or sampled a generator again")
 
     monkeypatch.setattr(classify, "train_and_evaluate", counting)
-    for module in (ddpm, dcgan):
+    for module in (ddpm_run, gan_run):
         monkeypatch.setattr(module, "train", no_generator)
+    for module in (ddpm, dcgan):
         monkeypatch.setattr(module, "generate", no_generator)
     study.run_demo(demo_dir, quick=True, device="cpu")  # everything done: nothing trains
     assert calls == [] and [r["finished_at"] for r in _rows(demo_dir)] == [r["finished_at"] for r in before]
@@ -542,10 +545,9 @@ def test_external_samples_guard_and_changed_data(phantom_data, tmp_path, capsys)
 
 
 def test_a_second_study_in_the_same_folder_is_refused(phantom_data, tmp_path, capsys):
-    import common
 
     out = tmp_path / "study"
-    with common.run_lock(out, "study"):
+    with run_lock(out, "study"):
         assert main.main(_experiment(phantom_data, out, "--synthetic", f"x={phantom_data / 'train_data'}")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in use by another study" in err[0]

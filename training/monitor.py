@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 
 import classify
-import common
 import data
 import fid
+from plumbing.configs import CLIError, RunConfig
+from plumbing.files import atomic_path, first_nonfinite, save_checkpoint
 
 FIELDS = ("kid", "nn_accuracy")  # the columns an evaluation adds to loss.csv
 MAX_IMAGES = 100  # held-out images (and as many samples) per evaluation: KID's variance falls as 1/n
@@ -100,7 +101,7 @@ class Features:
 # --------------------------------------------------------------------------- the monitor
 
 
-def heldout_folder(cfg: common.RunConfig) -> tuple[Path | None, str]:
+def heldout_folder(cfg: RunConfig) -> tuple[Path | None, str]:
     """The held-out real images to compare with: --eval-data, else the extract's validation_data
     (--data DIR/train_data or DIR itself -> DIR/validation_data). None and the reason when there are none."""
     train, val = data.SPLIT_DIRS["train"], data.SPLIT_DIRS["validation"]
@@ -122,7 +123,7 @@ def heldout_folder(cfg: common.RunConfig) -> tuple[Path | None, str]:
 
 
 class Monitor:
-    """Called by common.train_loop after every step; every `every` steps it samples, measures, logs,
+    """Called by train_loop after every step; every `every` steps it samples, measures, logs,
     keeps best.pt (lower KID; finite weights only, written atomically) and redraws curves.png.
 
     sample_fn() -> uint8 (n, S, S) samples from fixed noise (the same every time, so steps compare);
@@ -155,12 +156,12 @@ class Monitor:
         row = {"kid": kid, "nn_accuracy": one_nn_accuracy(real["cnn"], fake["cnn"])}
         if kid < self.best:
             state = self.state_fn()
-            bad = common.first_nonfinite(state)
+            bad = first_nonfinite(state)
             if bad:
                 print(f"warning: {bad} is non-finite at step {step}; best.pt keeps its earlier weights")
             else:
                 state.update(step=step, monitor={**row, "held_out": self.n_real})
-                common.save_checkpoint(state, self.out / "best.pt")
+                save_checkpoint(state, self.out / "best.pt")
                 self.best = kid
         self.draw([*self.logged(), {"step": step, **row}])
         return row
@@ -190,12 +191,12 @@ class Monitor:
         bottom.set_ylabel(f"KID vs {self.n_real} held-out images")
         fig.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
-        with common.atomic_path(self.out / "curves.png") as tmp:
+        with atomic_path(self.out / "curves.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
 
 
-def setup(cfg: common.RunConfig, size: int, total: int, sample_fn: Callable[[int], torch.Tensor],
+def setup(cfg: RunConfig, size: int, total: int, sample_fn: Callable[[int], torch.Tensor],
           state_fn: Callable[[], dict], loss_fields: tuple[str, ...], device: torch.device,
           start_step: int = 0) -> Monitor | None:
     """The monitor of a run, or None (with one line saying why) when --eval-every is not given, is larger
@@ -208,10 +209,10 @@ def setup(cfg: common.RunConfig, size: int, total: int, sample_fn: Callable[[int
         return None
     folder, why = heldout_folder(cfg)
     if cfg.eval_data is not None and folder is None:
-        raise common.CLIError(f"--eval-data: {why}")
+        raise CLIError(f"--eval-data: {why}")
     try:
         real = data.load_folder(folder, size, cfg.class_name, progress=False).images if folder else None
-    except common.CLIError as e:  # a validation folder without this class, or without images
+    except CLIError as e:  # a validation folder without this class, or without images
         real, why = None, str(e)
     if real is not None and len(real) < 2:
         real, why = None, f"{folder} holds {len(real)} image(s) of the class; KID needs 2"

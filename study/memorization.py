@@ -27,8 +27,9 @@ import torch
 
 import classify
 import data
-import stats
-from common import CLIError, atomic_path, check_config, flag, save_image_grid
+from study import stats
+from plumbing.configs import check_config, CLIError, flag
+from plumbing.files import atomic_path, check_output, save_image_grid
 
 PERCENTILE = 1.0  # flag synthetic images closer than the 1st percentile of real held-out NN distances
 OUTPUTS = ("memorization.json", "closest_pairs.png")  # what `memorization --out DIR` writes into DIR
@@ -167,9 +168,9 @@ def run(cfg: MemorizationConfig) -> dict:
     """The check on its own: the result of memorization_check (without the
     per-image arrays), and under "train" what served as training and reference set."""
     if cfg.out is not None:  # before any image is read
-        data.check_output(cfg.out, "--out", folder=True)
+        check_output(cfg.out, "--out", folder=True)
         for name in OUTPUTS:
-            data.check_output(cfg.out / name, "--out", folder=False)
+            check_output(cfg.out / name, "--out", folder=False)
     data.list_images(cfg.synthetic)  # a missing or empty --synthetic fails now, before the training set is read
     folder, note = data.training_folder(cfg.train)
     train = data.load_folder(folder, cfg.size).images

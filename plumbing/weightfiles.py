@@ -1,7 +1,7 @@
-"""google/ddpm-cifar10-32 coming in (hub.py is the way out): where its files are (a folder, the
-Hugging Face cache, a download from the Hub), reading weight files without running code, and
-diffusers' config.json and weight names mapped to those of ddpm.UNet (an explicit key map).
-ddpm.load_pretrained puts these together; nothing here imports ddpm, diffusers or safetensors.
+"""Pretrained weights coming in: where a diffusers model's files are (a folder, the Hugging Face
+cache, a download from the Hub) and reading weight files without running code (safetensors parsed
+by hand; `.bin` pickles with `torch.load(weights_only=True)`). The key map from diffusers' names to
+ours is in ddpm.py; tools/export.py is the way out. Imports neither diffusers nor safetensors.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-import common
-from common import CLIError
+from plumbing import files
+from plumbing.configs import CLIError, first_line, shown
 
 HF_REPO = "google/ddpm-cifar10-32"
 HF_URL = "https://huggingface.co/google/ddpm-cifar10-32/resolve/main/{}"
@@ -64,7 +64,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = common.first_line(e)
+        first = first_line(e)
         for line in str(e).splitlines():  # the refusal names the offending global
             if "Unsupported global" in line or "Unsupported operand" in line:
                 first = line.strip()
@@ -120,12 +120,12 @@ def locate(path: Path, download: bool = True) -> tuple[dict | None, Path]:
     if is_folder and not any((path / f).is_file() for f in WEIGHT_FILES):
         cached = find_cached_snapshot()
         if cached is not None:
-            print(f"no weights in {common.shown(path)}: using the Hugging Face cache's {HF_REPO} at {cached}")
+            print(f"no weights in {shown(path)}: using the Hugging Face cache's {HF_REPO} at {cached}")
             path = cached
         for name in ("config.json", WEIGHT_FILES[0]) if cached is None and download else ():
             try:
                 if not (path / name).is_file():
-                    common.download(HF_URL.format(name), path / name)
+                    files.download(HF_URL.format(name), path / name)
             except OSError as e:  # URLError, timeouts, refused connections
                 raise CLIError(f"no pretrained weights at {path} and the download failed ({getattr(e, 'reason', e)}): "
                                f"fetch config.json and {WEIGHT_FILES[0]} from https://huggingface.co/{HF_REPO}/tree/"
@@ -140,76 +140,3 @@ def locate(path: Path, download: bool = True) -> tuple[dict | None, Path]:
         return json.loads((path / "config.json").read_text()), weights
     except (ValueError, UnicodeDecodeError) as e:
         raise CLIError(f"{path / 'config.json'} is not valid JSON ({e})") from e
-
-
-# --------------------------------------------------------------------------- diffusers' names -> ours
-
-
-# Attention sub-keys of older diffusers checkpoints -> the current names, which ours follow.
-_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def unet_config(cfg: dict) -> dict:
-    """ddpm.UNetConfig's fields from a diffusers UNet2DModel config.json; refuses what the UNet does not
-    implement (hub.unet_config_to_diffusers is the inverse). num_class_embeds N (a class-conditional UNet)
-    is N - 1 classes and the no-label token of classifier-free guidance, the last row, as ddpm.UNet has it."""
-    unsupported = {"time_embedding_type": "positional", "center_input_sample": False, "act_fn": "silu",
-                   "mid_block_scale_factor": 1, "resnet_time_scale_shift": "default", "class_embed_type": None,
-                   "add_attention": True, "time_embedding_dim": None,
-                   "downsample_type": "conv", "upsample_type": "conv"}
-    for key, ok in unsupported.items():
-        if cfg.get(key, ok) != ok:
-            raise CLIError(f"config.json: {key}={cfg[key]!r} is not supported (this UNet implements {ok!r})")
-    down = cfg.get("down_block_types", [])
-    up = cfg.get("up_block_types", [])
-    levels = tuple(i for i, name in enumerate(down) if name.startswith("Attn"))
-    if tuple(len(up) - 1 - i for i, name in enumerate(up) if name.startswith("Attn"))[::-1] != levels:
-        raise CLIError("config.json: attention must sit at the same levels in down_block_types and up_block_types")
-    chs, groups, eps = tuple(cfg.get("block_out_channels", ())), cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5)
-    if not chs or type(groups) is not int or groups < 1 or any(type(c) is not int or c < 1 or c % groups for c in chs):
-        raise CLIError(f"config.json: block_out_channels {list(chs)} must be positive multiples of norm_num_groups {groups}")
-    if type(eps) not in (int, float) or not eps > 0:
-        raise CLIError(f"config.json: norm_eps must be a positive number, got {eps!r}")
-    head = cfg.get("attention_head_dim")
-    if levels and head is not None and any(head != chs[i] for i in levels):
-        raise CLIError("config.json: only single-head attention (attention_head_dim null) is supported")
-    embeds = cfg.get("num_class_embeds")
-    if embeds is not None and (type(embeds) is not int or embeds < 2):
-        raise CLIError(f"config.json: num_class_embeds must be null or a whole number >= 2 (classes and the "
-                       f"no-label token), got {embeds!r}")
-    sample_size = cfg.get("sample_size", 32)
-    return dict(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-                sample_size=sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size,
-                block_out_channels=chs, layers_per_block=cfg.get("layers_per_block", 2), attention_levels=levels,
-                norm_groups=groups, norm_eps=eps, dropout=cfg.get("dropout", 0.0), freq_shift=cfg.get("freq_shift", 0),
-                flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), downsample_padding=cfg.get("downsample_padding", 1),
-                num_classes=None if embeds is None else embeds - 1)
-
-
-def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Explicit key map, diffusers -> ours: names are the same except
-        attentions.*.{query,key,value,proj_attn}  -> {to_q,to_k,to_v,to_out}   (old generation)
-        attentions.*.to_out.0                     -> to_out                    (current generation)
-    (class_embedding.weight, a conditional UNet's (num_classes + 1, 4 C0) table, keeps its name)
-    and [C, C, 1, 1] attention projections (1x1 convolutions in old conversions) become [C, C].
-    Every tensor's shape is checked; the first missing, unexpected or mis-shaped key is an error."""
-    ours = model.state_dict()
-    out = {}
-    for key, value in sd.items():
-        parts = key.split(".")  # e.g. mid_block.attentions.0.query.weight
-        if "attentions" in parts:
-            parts[-2:-1] = _OLD_ATTENTION_NAMES.get(parts[-2], parts[-2]).split(".")
-            if parts[-3:-1] == ["to_out", "0"]:
-                del parts[-2]
-            if value.dim() == 4 and value.shape[2:] == (1, 1):
-                value = value[:, :, 0, 0]
-        new = ".".join(parts)
-        if new not in ours:
-            raise CLIError(f"unexpected key in pretrained weights: {key}")
-        if value.shape != ours[new].shape:
-            raise CLIError(f"shape mismatch for {key}: file has {tuple(value.shape)}, model expects {tuple(ours[new].shape)}")
-        out[new] = value.float()
-    missing = [k for k in ours if k not in out]
-    if missing:
-        raise CLIError(f"pretrained weights lack key {missing[0]} ({len(missing)} missing in all)")
-    return out

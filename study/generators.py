@@ -23,8 +23,12 @@ import data
 import dcgan
 import ddpm
 import fid
-import monitor
-from common import CLIError, atomic_path, load_checkpoint, pick_device, save_png, to_uint8
+from training import monitor
+from plumbing.configs import CLIError
+from plumbing.files import atomic_path, load_checkpoint, save_png, to_uint8
+from plumbing.runtime import pick_device
+from training import ddpm_run
+from training import gan_run
 
 GENERATORS = ("ddpm", "gan", "ddpm-cfg")
 GUIDANCE_GRID = (1.0, 1.5, 2.0, 3.0)  # the guidance scales ddpm-cfg chooses from (w = 1: plain conditional)
@@ -89,7 +93,7 @@ def train_generator(cfg, gen: str, cls: str | None, frac: float, folder: Path, t
                               max_steps=steps, eval_every=every, eval_data=cfg.data / data.SPLIT_DIRS["validation"])
     with atomic_path(inputs) as tmp:
         tmp.write_text(json.dumps({"trained_on": trained_on, "data": str(folder)}))
-    ckpt = {"ddpm": ddpm.train, "gan": dcgan.train, "ddpm-cfg": ddpm.train}[gen](run)
+    ckpt = {"ddpm": ddpm_run.train, "gan": gan_run.train, "ddpm-cfg": ddpm_run.train}[gen](run)
     with atomic_path(done) as tmp:
         finished = time.strftime("%Y-%m-%d %H:%M:%S")
         tmp.write_text(json.dumps({"config": dataclasses.asdict(run), "finished_at": finished}, default=str))

@@ -1,6 +1,6 @@
 """Speed, measured side by side with the reference implementations in one run.
 
-    python bench.py [--quick] [--device D] [--json FILE] [--amp] [--compile]
+    python -m tools.bench [--quick] [--device D] [--json FILE] [--amp] [--compile]
 
 Each figure is the median of several repeats after a warm-up, with its reference
 beside it and the ratio (higher is better for ours):
@@ -34,7 +34,10 @@ from pathlib import Path
 
 import torch
 
-import common
+from plumbing.configs import CLIError
+from plumbing.files import atomic_path
+from plumbing.runtime import autocast, epoch_order, pick_device
+
 
 
 @dataclass
@@ -127,7 +130,7 @@ def bench_unet(device, args, rows: list[Row]) -> None:
 
     def fwd(model, unwrap_sample):
         def f():
-            with torch.inference_mode(), common.autocast(device, args.amp):
+            with torch.inference_mode(), autocast(device, args.amp):
                 y = model(x, t)
                 return y.sample if unwrap_sample else y
         return f
@@ -144,7 +147,7 @@ def bench_unet(device, args, rows: list[Row]) -> None:
         target = torch.randn_like(x)
 
         def f():
-            with common.autocast(device, args.amp):
+            with autocast(device, args.amp):
                 y = model(x, t)
                 y = y.sample if unwrap_sample else y
             loss = torch.nn.functional.mse_loss(y.float(), target)
@@ -255,7 +258,7 @@ def bench_compile(device, args, rows: list[Row]) -> None:
         opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
         def f():
-            with common.autocast(device, args.amp):
+            with autocast(device, args.amp):
                 loss = diffusion.training_loss(net, x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -329,6 +332,7 @@ def bench_fid(device, args, rows: list[Row], tmp: Path) -> None:
 
 def bench_dcgan(device, args, rows: list[Row]) -> None:
     import dcgan
+    from training import gan_run
 
     for size in (256, 64):
         torch.manual_seed(0)
@@ -337,7 +341,7 @@ def bench_dcgan(device, args, rows: list[Row]) -> None:
         opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(D.parameters(), 1e-4, betas=(0.5, 0.999))
         tcfg = dcgan.TrainConfig(data=Path(), out=Path(), amp=args.amp, preset="original")  # 1 D + 2 G updates
-        step = dcgan.make_step(G, D, opt_g, opt_d, cfg, tcfg, device)
+        step = dcgan.make_step(G, D, opt_g, opt_d, cfg, tcfg, device, gan_run.augmentation(tcfg.settings().augment))
         real = torch.rand(32, cfg.channels, size, size, device=device) * 2 - 1
         s = median_time(lambda: step(real), device, repeats=max(1, args.repeats - (2 if size == 256 else 0)))
         rows.append(Row(f"DCGAN training step {size}x{size}, batch 32", s, None, "s/step", "1 D + 2 G updates"))
@@ -348,7 +352,7 @@ def bench_dcgan(device, args, rows: list[Row]) -> None:
 
 def bench_data(device, args, rows: list[Row], tmp: Path) -> None:
     import data
-    import phantoms
+    from tools import phantoms
 
     folder = tmp / "pngs"
     n = 64 if args.quick else 256
@@ -362,7 +366,7 @@ def bench_data(device, args, rows: list[Row], tmp: Path) -> None:
     load_s = time.perf_counter() - t0
 
     # What train_loop does per step: index a batch of the in-memory tensor and convert it.
-    order = common.epoch_order(len(images), 0, 0)
+    order = epoch_order(len(images), 0, 0)
 
     def fetch():
         for i in range(0, len(images) - 31, 32):
@@ -397,7 +401,7 @@ def finetune_step_memory(device_name: str, amp: bool) -> dict:
     base = _peak_rss_mib()  # Python + torch, no model yet
     import ddpm
 
-    device = common.pick_device(device_name)
+    device = pick_device(device_name)
     model = ddpm.UNet().to(device)
     diffusion = ddpm.GaussianDiffusion().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -405,7 +409,7 @@ def finetune_step_memory(device_name: str, amp: bool) -> dict:
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        with common.autocast(device, amp):
+        with autocast(device, amp):
             loss = diffusion.training_loss(model, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -419,8 +423,8 @@ def finetune_step_memory(device_name: str, amp: bool) -> dict:
 
 
 def bench_memory(device, args, rows: list[Row]) -> dict:
-    cmd = [sys.executable, __file__, "--_memory-probe", "--device", str(device)] + (["--amp"] if args.amp else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    cmd = [sys.executable, "-m", "tools.bench", "--_memory-probe", "--device", str(device)] + (["--amp"] if args.amp else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     if res.returncode != 0:
         rows.append(Row("peak memory, fine-tuning step batch 32", None, None, "MiB", "probe failed: " +
                         (res.stderr.strip().splitlines() or ["?"])[-1]))
@@ -455,8 +459,8 @@ def main(argv=None) -> int:
     p.add_argument("--_memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
-        device = common.pick_device(args.device)
-    except common.CLIError as e:
+        device = pick_device(args.device)
+    except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args._memory_probe:
@@ -494,7 +498,7 @@ def main(argv=None) -> int:
                    "quick": args.quick, "amp": args.amp, "compile": args.compile,
                    "rows": [{"name": r.name, "ours": r.ours, "reference": r.reference, "ratio": r.ratio,
                              "unit": r.unit, "note": r.note, **r.extra} for r in rows]}
-        with common.atomic_path(args.json) as tmp_json:
+        with atomic_path(args.json) as tmp_json:
             tmp_json.write_text(json.dumps(payload, indent=2))
     return 0
 

@@ -28,10 +28,11 @@ import classify
 import data
 import ddpm
 import fid
-import gate
-import memorization
-import stats
-from common import atomic_path, pick_device
+from study import gate
+from study import memorization
+from study import stats
+from plumbing.files import atomic_path
+from plumbing.runtime import pick_device
 
 HEADLINE_KEYS = ("generator", "ratio", "real_fraction", "diff", "ci_low", "ci_high", "p_adjusted", "verdict", "seeds",
                  "n_test_images", "n_test_patients", "seed_sd", "test_sd")

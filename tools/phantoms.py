@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import CLIError
-from data import CLASSES, SPLITS, Entry, count_layout, entry_path, finish_layout, open_out_dir, render_entries
+from data import CLASSES, SPLITS
+
+from tools.layout import Entry, count_layout, entry_path, finish_layout, open_out_dir, render_entries
+from plumbing.configs import CLIError
 
 PHANTOM_DRAW_MAX = 128  # px; larger phantoms are drawn at this size and upsampled
 

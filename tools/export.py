@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-import common
 import ddpm
-from common import CLIError
+from plumbing.configs import check_config, CLIError, flag
+from plumbing.files import atomic_path, first_nonfinite, load_checkpoint
 
 # --------------------------------------------------------------------------- safetensors (our own writer)
 
@@ -50,7 +50,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         offset += size
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     head += b" " * (-len(head) % 8)
-    with common.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for name in order:
             t = tensors[name].detach().cpu()
@@ -193,16 +193,16 @@ EXPORT_FILES = ("model_index.json", "README.md", "unet/config.json", WEIGHTS_FIL
 
 @dataclass
 class ExportConfig:
-    checkpoint: Path = common.flag(help="checkpoint.pt written by `main.py ddpm`")
-    out: Path = common.flag(help="folder for model_index.json, unet/, scheduler/ and README.md (diffusers' layout)")
-    force: bool = common.flag(False, "replace an earlier export in --out (only the files export writes)")
-    distances: Path | None = common.flag(None, "JSON of held-out distances for the model card; "
+    checkpoint: Path = flag(help="checkpoint.pt written by `main.py ddpm`")
+    out: Path = flag(help="folder for model_index.json, unet/, scheduler/ and README.md (diffusers' layout)")
+    force: bool = flag(False, "replace an earlier export in --out (only the files export writes)")
+    distances: Path | None = flag(None, "JSON of held-out distances for the model card; "
                                          "without it, distances.json beside the checkpoint when there", metavar="JSON")
 
     def __post_init__(self):
         self.checkpoint, self.out = Path(self.checkpoint), Path(self.out)
         self.distances = None if self.distances is None else Path(self.distances)
-        common.check_config(self)
+        check_config(self)
 
 
 def _is_ours(rel: str) -> bool:
@@ -232,7 +232,7 @@ def export(cfg: ExportConfig, distances: dict | None = None) -> Path:
     first file is written. `distances` (for the model card) defaults to the JSON file
     cfg.distances, else distances.json beside the checkpoint."""
     earlier = _earlier_export(cfg.out, cfg.force)
-    ckpt = common.load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind == "dcgan":
         raise CLIError(f"only DDPM checkpoints export ({cfg.checkpoint} is a GAN checkpoint)")
@@ -247,7 +247,7 @@ def export(cfg: ExportConfig, distances: dict | None = None) -> Path:
         raise CLIError(f"malformed DDPM checkpoint {cfg.checkpoint}: {str(e) or type(e).__name__}") from e
     if not isinstance(sd, dict):
         raise CLIError(f"malformed DDPM checkpoint {cfg.checkpoint}: no weights")
-    bad = common.first_nonfinite(sd)
+    bad = first_nonfinite(sd)
     if bad:
         raise CLIError(f"{cfg.checkpoint}: weight {bad} holds NaN or infinity; refusing to export it")
     tensors = state_dict_to_diffusers(sd, unet_cfg)
@@ -269,7 +269,7 @@ def export(cfg: ExportConfig, distances: dict | None = None) -> Path:
         p.unlink()
     write_safetensors(tensors, cfg.out / WEIGHTS_FILE, metadata={"format": "pt"})  # as diffusers writes it
     for name, content in texts.items():  # model_index.json last: a half-written folder does not load
-        with common.atomic_path(cfg.out / name) as tmp:
+        with atomic_path(cfg.out / name) as tmp:
             tmp.write_text(content if isinstance(content, str) else json.dumps(content, indent=2) + "\n")
     print(f"exported the {weights} weights (step {ckpt.get('step', '?')}) to {cfg.out}: "
           f"DDPMPipeline.from_pretrained({str(cfg.out)!r})")

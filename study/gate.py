@@ -52,14 +52,14 @@ import torch
 
 import classify
 import data
-import dcgan
-from common import atomic_path
+from plumbing.files import atomic_path
+from training import gan_run
 
 FAKE_FLOOR = 0.95  # detectability interval entirely above this: a classifier tells every sample from real
 CHANCE = 0.5
 SEPARATION_P = 0.05  # held-out samples of the two classes told apart at this one-sided level
 MIN_SAMPLES = 30  # ten per third: fewer leave the detectability classifier nothing to train, select or test on
-COLLAPSE_FLOOR = dcgan.DIVERSITY_FLOOR  # spread below 1/4 of the real images': collapsed (one floor for all)
+COLLAPSE_FLOOR = gan_run.DIVERSITY_FLOOR  # spread below 1/4 of the real images': collapsed (one floor for all)
 
 
 @dataclass
@@ -157,11 +157,11 @@ def train_on_synthetic(fake_x: torch.Tensor, fake_y: torch.Tensor, real_val: tup
 
 def diversity(samples: torch.Tensor, real: torch.Tensor, n: int = 64) -> float:
     """Mean pairwise RMS distance of up to n samples over that of up to n real
-    images (dcgan.mean_pairwise_distance, the GAN monitor's measure): about 1 for
+    images (gan_run.mean_pairwise_distance, the GAN monitor's measure): about 1 for
     a generator as varied as the data, near 0 when collapsed."""
     def spread(x: torch.Tensor) -> float:
         pick = torch.from_numpy(_pick(len(x), n, 0, 9))  # pools are sorted by class: not the first n
-        return dcgan.mean_pairwise_distance(x[pick].double()) if len(x) > 1 else 0.0
+        return gan_run.mean_pairwise_distance(x[pick].double()) if len(x) > 1 else 0.0
     return spread(samples) / max(spread(real), 1e-12)
 
 

@@ -44,13 +44,16 @@ import data
 import dcgan
 import ddpm
 import diffusion
-import gate
-import phantoms
-import report
-import stats
-from common import CLIError, atomic_path, check_config, flag, run_lock
-from generators import (GENERATORS, choose_guidance, ddpm_recipe, gan_recipe, noise_seed,  # noqa: F401 (study.X)
+from study import gate
+from tools import phantoms
+from study import report
+from study import stats
+from study.generators import (GENERATORS, choose_guidance, ddpm_recipe, gan_recipe, noise_seed,  # noqa: F401 (study.X)
                         recipe, sample_generator, train_generator)
+from plumbing.configs import check_config, CLIError, flag
+from plumbing.files import atomic_path
+from training.harness import run_lock
+from tools import layout
 
 RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "auroc", "auroc_ci_low",
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
@@ -247,7 +250,7 @@ class RealData:
 def patients_of(root: Path, paths: list[str]) -> tuple[np.ndarray, str]:
     """Each test image's patient from ROOT/manifest.csv (`patient_id`); an image the
     manifest does not list (or all, without a manifest) is its own patient."""
-    rows = data.read_manifest(root) if (root / "manifest.csv").is_file() else []
+    rows = layout.read_manifest(root) if (root / "manifest.csv").is_file() else []
     known = {str((root / r["image"]).resolve()): r["patient_id"] for r in rows if r.get("patient_id")}
     ids = [known.get(str(Path(p).resolve())) for p in paths]
     missing = sum(i is None for i in ids)

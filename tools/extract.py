@@ -17,7 +17,7 @@ splits, and the label tracked the patient id range. Here, in order:
 5. within each split the larger class is randomly subsampled to the smaller
    one (and to --per-class), so every split is balanced;
 6. each image is centre-cropped, resized and written as 8-bit grey PNG
-   (data.render_entries), then manifest.csv and summary.json.
+   (layout.render_entries), then manifest.csv and summary.json.
 
 Every step's losses are counted in the summary's "skipped". `run(ExtractConfig)`
 does all of it, or, with `phantoms` set, writes synthetic phantoms
@@ -37,10 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-import phantoms
-from common import CLIError, check_config, flag
-from data import (CLASSES, IMAGE_EXTENSIONS, SPLIT_FRACTIONS, SPLITS, Entry, check_output, count_layout, entry_path,
-                  finish_layout, open_out_dir, read_resized, render_entries)
+from tools import phantoms
+from data import CLASSES, IMAGE_EXTENSIONS, SPLIT_FRACTIONS, SPLITS
+from plumbing.files import check_output
+from tools.layout import Entry, count_layout, entry_path, finish_layout, open_out_dir, read_resized, render_entries
+from plumbing.configs import check_config, CLIError, flag
+from tools import layout
 
 IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
 CLASS_LABELS = {"infiltration": "'Infiltration'", "no_finding": "'No Finding'"}  # as NIH spells them

@@ -1,157 +1,35 @@
-"""Shared plumbing: typed configs, devices, seeding, atomic files and locks, checkpoints,
-downloads, EMA, DDP, and the training run that both generators (ddpm.py, dcgan.py) share.
+"""The training run both generators share: open it (`training_run`), then loop (`train_loop`).
 
-Nothing here knows about a particular model. A model file opens `training_run` (checks of
---out and --data, the folder's lock, torchrun, the checkpoint to resume, seeds) and hands
-`train_loop` a step function and a state function; the loop owns everything a user expects
-of a long run: deterministic data order, a progress bar, a CSV loss log, a checkpoint per
-epoch written atomically, `--resume` that continues bit for bit, Ctrl-C that saves and
-exits, and a non-finite loss, gradient or weight that stops before anything is saved.
+A model's runner (ddpm_run.py, gan_run.py) opens `training_run` and hands `train_loop` a step
+function (one optimiser step, from the teaching module) and a state function (what its checkpoint
+holds); the loop owns what a user expects of a long run: deterministic data order, a progress bar,
+a CSV loss log, a checkpoint per epoch written atomically, `--resume` that continues bit for bit,
+Ctrl-C that saves and exits, and a non-finite loss, gradient or weight that stops before saving.
 """
 
 from __future__ import annotations
 
 import csv
-import errno
-import hashlib
 import math
 import os
 import random
-import re
 import shutil
 import signal
-import sys
-import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager, nullcontext
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+
+from plumbing.configs import CLIError, RunConfig, first_line, total_steps
+from plumbing.files import atomic_path, first_nonfinite, load_checkpoint, remove_stale_temporaries, require_keys, save_checkpoint
+from plumbing.runtime import epoch_order, pick_device, seed_everything
 
 
-class CLIError(Exception):
-    """A problem the user can fix; main.py prints it as one line and exits 2."""
-
-
-def shown(path: str | os.PathLike) -> str:
-    """A path as text any stream prints: bytes that are not UTF-8 (a Latin-1 folder name) become U+FFFD."""
-    return os.fsencode(path).decode("utf-8", "replace")
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (else its type's name), for one-line errors."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-# --------------------------------------------------------------------------- typed configurations
-
-
-def flag(default: Any = MISSING, help: str = "", **meta) -> Any:
-    """A dataclass field that is also a command-line option. main.py builds
-    `--field-name` from it, with this default and help, so a default and its
-    help are written once, beside the code that reads them. meta keys:
-      flag: another option name ("--class"); short: a short alias ("-n");
-      choices; min / above: the smallest allowed number (>= / >);
-      positional: an argument without "--"; metavar.
-    A field without help is not an option (set by the caller in Python only)."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
-def option_name(f) -> str:
-    """The command-line name of a config field, as error messages should say it."""
-    return f.metadata.get("flag") or ("" if f.metadata.get("positional") else "--") + f.name.replace("_", "-")
-
-
-def check_config(cfg) -> None:
-    """Check a config against its fields' metadata: numbers finite and within
-    min / above, values among choices. A config validates itself this way in
-    __post_init__, so a study that builds one in Python is checked like the CLI."""
-    for f in fields(cfg):
-        value, meta = getattr(cfg, f.name), f.metadata
-        for v in value if isinstance(value, tuple) else (value,):
-            if v is None or isinstance(v, bool):
-                continue
-            if isinstance(v, float) and not math.isfinite(v):
-                raise CLIError(f"{option_name(f)} must be a finite number, got {v}")
-            if "min" in meta and isinstance(v, (int, float)) and v < meta["min"]:
-                raise CLIError(f"{option_name(f)} must be at least {meta['min']}, got {v}")
-            if "above" in meta and isinstance(v, (int, float)) and not v > meta["above"]:
-                raise CLIError(f"{option_name(f)} must be greater than {meta['above']}, got {v}")
-            if meta.get("choices") and v not in meta["choices"]:
-                raise CLIError(f"{option_name(f)} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
-
-
-DEFAULT_EPOCHS = 20  # the budget of a run given neither --max-steps nor --epochs
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    """A generator's run options (read by training_run and train_loop); each model's TrainConfig adds its own."""
-
-    data: Path = flag(help="folder of training images, searched recursively")
-    out: Path = flag(help="run folder: checkpoint.pt, loss.csv, samples_epochNNN.png")
-    class_name: str | None = flag(None, "train on one class folder only, e.g. infiltration", flag="--class")
-    max_steps: int | None = flag(None, "the training budget in optimiser steps (in all, not per epoch); "
-                                 "when given, it wins over --epochs", min=1)
-    epochs: int | None = flag(None, f"passes over the training images: the budget when --max-steps is left out "
-                              f"(both left out: {DEFAULT_EPOCHS})", min=1)
-    batch_size: int = flag(32, "per process", min=1)
-    seed: int = flag(0, "seed of the initialisation, the noise and the data order")
-    resume: bool = flag(False, "continue OUT/checkpoint.pt (with its model settings; see README)")
-    amp: bool = flag(False, "bfloat16 autocast (CPU, or CUDA with bf16 support)")
-    compile: bool = flag(False, "torch.compile the network(s), worth it on GPUs")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:1")
-    eval_every: int | None = flag(None, "every N steps: KID and a detectability proxy against held-out real images "
-                                  "in loss.csv, best.pt, curves.png (monitor.py)", min=1)
-    eval_data: Path | None = flag(None, "the held-out real images --eval-every compares with (default: "
-                                  "validation_data beside --data, in the extract layout; never the test split)")
-
-    def __post_init__(self):
-        self.data, self.out = Path(self.data), Path(self.out)
-        self.eval_data = None if self.eval_data is None else Path(self.eval_data)
-        check_config(self)
-
-
-def total_steps(cfg: RunConfig, n: int, world_size: int = 1) -> tuple[int, int]:
-    """(steps of the run, steps per epoch) for n training images: --max-steps when given, else --epochs
-    (default DEFAULT_EPOCHS) passes of n // (batch * world) steps (a set smaller than a batch is one step)."""
-    per_epoch = max(1, (n // world_size) // cfg.batch_size)
-    return (cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or DEFAULT_EPOCHS) * per_epoch), per_epoch
-
-
-# --------------------------------------------------------------------------- devices and seeds
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """'auto' or None: CUDA when present, else CPU. An unusable name is a CLIError."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise CLIError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)") from e
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {name}: MPS (Apple GPU) is not available on this machine (use --device cpu)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise CLIError(f"--device {name}: only cpu, cuda and mps are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+# --------------------------------------------------------------------------- random state
 
 
 def rng_state() -> dict:
@@ -175,59 +53,7 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast where it is supported (CPU, CUDA with bf16), else a no-op context."""
-    ok = enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-TEMP_PREFIX = "."  # atomic writes go to ".NAME.<8 random characters>.SUFFIX" beside NAME
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the
-    block finishes, so a crash never leaves a half-written file. The file gets
-    the mode a plain open() would give (mkstemp's 0600 would otherwise survive
-    the rename), and a full disk is one clear error, with no temporary left."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=path.suffix or ".tmp")
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise CLIError(f"no space left on the device holding {path.parent} while writing {path.name}") from e
-        raise
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete what an atomic write killed mid-way (SIGKILL, power loss) left in
-    `folder`: only files named like atomic_path's temporaries of a file that the
-    project writes there. Returns how many were removed."""
-    removed = 0
-    for tmp in Path(folder).iterdir() if Path(folder).is_dir() else ():
-        m = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}(\.[^.]+)", tmp.name)
-        if m and tmp.is_file() and m.group(2) == (Path(m.group(1)).suffix or ".tmp"):
-            tmp.unlink()
-            removed += 1
-    return removed
+# --------------------------------------------------------------------------- one run per folder
 
 
 @contextmanager
@@ -261,73 +87,7 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         f.close()
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: the old checkpoint survives a crash."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True: a checkpoint must never run code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle refusing a global, truncated zip, not a checkpoint at all
-        raise CLIError(f"cannot read checkpoint {path} ({first_line(e)}); expected a .pt file written by this project") from e
-
-
-def first_nonfinite(state, prefix: str = "") -> str | None:
-    """The name of the first floating tensor in a (nested) state dict that holds
-    NaN or infinity, or None. A checkpoint with such weights samples black images."""
-    if torch.is_tensor(state):
-        return prefix or "tensor" if state.is_floating_point() and not torch.isfinite(state).all() else None
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
-    for key, value in items:
-        bad = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
-        if bad:
-            return bad
-    return None
-
-
-def require_keys(ckpt: dict, keys, what: str) -> dict:
-    """`ckpt`, if it holds every one of `keys`; else one line naming what is missing."""
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise CLIError(f"{what} is not a complete checkpoint: it lacks {', '.join(map(repr, missing))}")
-    return ckpt
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
-    """Save (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid, atomically."""
-    images = to_uint8(images)  # (N, H, W) or (N, H, W, 3)
-    n = images.shape[0]
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    ncol = math.ceil(n / nrow)
-    h, w = images.shape[1:3]
-    pad = 2
-    grid = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad) + images.shape[3:], np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
-    save_png(grid, path)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB. Images holding
-    NaN or infinity are refused: they would be written as black pictures of a diverged model."""
-    x = images.detach().float().cpu()
-    if not torch.isfinite(x).all():
-        raise CLIError("the images hold NaN or infinity (non-finite): the model has diverged; no image written")
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
-
-
-def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+# --------------------------------------------------------------------------- the loss log
 
 
 class CSVLog:
@@ -349,22 +109,6 @@ class CSVLog:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-# --------------------------------------------------------------------------- downloads
-
-
-def download(url: str, path: str | os.PathLike, sha256_prefix: str | None = None) -> None:
-    """Fetch `url` to `path` atomically: a failed or cut-off download leaves no file (nor a folder made before
-    the server answers); with sha256_prefix, another hash is refused. Network failures raise OSError."""
-    print(f"downloading {url} -> {path}", file=sys.stderr, flush=True)
-    h = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=60) as r, atomic_path(path) as tmp, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            h.update(chunk)
-            f.write(chunk)
-        if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
-            raise CLIError(f"downloaded {url} has the wrong sha256 ({h.hexdigest()[:8]}...), not saved")
 
 
 # --------------------------------------------------------------------------- EMA
@@ -430,12 +174,6 @@ def setup_distributed(device_name: str | None = None) -> DistInfo:
     return DistInfo(rank, world, device)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DistributedDataParallel or torch.compile."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 # --------------------------------------------------------------------------- the training loop
 
 
@@ -462,13 +200,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of an epoch, a pure function of (seed, epoch), so that a
-    resumed run sees exactly the batches the uninterrupted run would have."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
 
 
 def train_loop(
@@ -609,19 +340,6 @@ def open_run(out: str | os.PathLike, resume: bool, kind: str, keys: tuple[str, .
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise CLIError(f"{path} is not a {kind} checkpoint (kind={ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
     return require_keys(ckpt, ("step", "rng", *keys), str(path))
-
-
-def keep_saved(cfg, saved: dict):
-    """`cfg` with the checkpoint's `saved` settings, the truth on --resume. An option counts as given when it is
-    not at its field's default (one given at the default looks left out); given otherwise, it is an error."""
-    names = [f for f in fields(cfg) if f.name in saved]
-    for f in names:
-        given, was = getattr(cfg, f.name), saved[f.name]
-        if given != f.default and given != was:
-            trained = (f"{'with' if was else 'without'} {option_name(f)}" if isinstance(given, bool)
-                       else f"with {option_name(f)} {was}, not {given}")
-            raise CLIError(f"--resume: the checkpoint was trained {trained}")
-    return replace(cfg, **{f.name: saved[f.name] for f in names})
 
 
 @dataclass
