@@ -24,7 +24,7 @@ from diffusion import (BETA_SCHEDULES, DEFAULT_STEPS, NUM_TIMESTEPS, VARIANCE_TY
                        GaussianDiffusion, check_sampler, make_betas)
 from diffusion import BETA_END, BETA_START, LOSS_WEIGHTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, check_settings
 from plumbing import weightfiles
-from plumbing.configs import CLIError, RunConfig, first_line, flag, keep_saved
+from plumbing.configs import CLIError, RunConfig, first_line, flag, keep_saved, user_error
 from plumbing.files import first_nonfinite, require_keys
 from plumbing.runtime import autocast
 from plumbing.weightfiles import DEFAULT_PRETRAINED
@@ -408,16 +408,15 @@ class TrainConfig(RunConfig):
             raise CLIError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
         if self.conditional and self.class_name is not None:
             raise CLIError(f"--conditional trains on every class folder; leave out --class {self.class_name}")
-        check_sampler(self.sample_sampler, self.sample_steps, option="--sample-steps")  # now, not at the first grid
+        with user_error():  # now, not at the first grid
+            check_sampler(self.sample_sampler, self.sample_steps, option="--sample-steps")
         if self.beta_schedule == "cosine" and (self.beta_start, self.beta_end) != (None, None):
             raise CLIError("--beta-start/--beta-end with --beta-schedule cosine: the cosine schedule defines alpha-bar "
                            "directly and has no end betas (Nichol & Dhariwal Eq. 17)")
         if self.loss_weight != "min-snr" and self.snr_gamma != 5.0:
             raise CLIError(f"--snr-gamma {self.snr_gamma:g} with --loss-weight {self.loss_weight}: gamma is min-snr's")
-        try:
+        with user_error():
             check_settings(**{k: v for k, v in self.diffusion_settings().items() if k != "clip_sample"})
-        except ValueError as e:
-            raise CLIError(str(e)) from e
 
     def diffusion_settings(self) -> dict:
         """GaussianDiffusion's arguments for these options (the checkpoint's "diffusion" entry is its config())."""
@@ -528,7 +527,8 @@ def generate(ckpt: dict, n: int, *, seed: int, batch_size: int, device: torch.de
     class_name, guidance: a conditional checkpoint's class and guidance scale w (Guided; see class_label)."""
     label = class_label(ckpt, class_name, guidance)
     unet, diffusion, size = model_from_checkpoint(ckpt, device)
-    check_sampler(sampler, steps, eta, diffusion.num_timesteps)
+    with user_error():
+        check_sampler(sampler, steps, eta, diffusion.num_timesteps)
     if sampler == "ddpm" and steps not in (None, diffusion.num_timesteps):
         same = ("exactly" if diffusion.variance_type == "fixed_small"
                 else f"in the mean; its variance_type {diffusion.variance_type} would add noise of variance 1 - a_t/a_prev")

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from plumbing.configs import CLIError
 
 
 # --------------------------------------------------------------------------- 1. the noise schedule
@@ -421,13 +420,13 @@ def check_sampler(sampler: str, steps: int | None, eta: float = 0.0, num_timeste
     """A sampler setting as one-line errors, before any work: steps in 1..T (1..T-1 for dpmpp, see
     dpmpp_timesteps; None: the sampler's default) and eta only where it is defined (not for the ODE solver)."""
     if sampler not in DEFAULT_STEPS:
-        raise CLIError(f"unknown sampler {sampler!r} (choose from {', '.join(DEFAULT_STEPS)})")
+        raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(DEFAULT_STEPS)})")
     limit = max(num_timesteps - 1, 1) if sampler == "dpmpp" else num_timesteps
     if steps is not None and not 1 <= steps <= limit:
-        raise CLIError(f"{option} must be in 1..{limit}" + (" for --sampler dpmpp" if sampler == "dpmpp" else
+        raise ValueError(f"{option} must be in 1..{limit}" + (" for --sampler dpmpp" if sampler == "dpmpp" else
                                                             " (the schedule's length)") + f", got {steps}")
     if sampler == "dpmpp" and eta:
-        raise CLIError(f"--eta {eta:g} is not defined for --sampler dpmpp (an ODE solver, deterministic)")
+        raise ValueError(f"--eta {eta:g} is not defined for --sampler dpmpp (an ODE solver, deterministic)")
 
 
 def _trajectory(record: list) -> dict:

@@ -18,7 +18,7 @@ import sys
 import typing
 from pathlib import Path
 
-from plumbing.configs import CLIError, check_config, flag, option_name, shown
+from plumbing.configs import CLIError, check_config, flag, option_name, shown, user_error
 from plumbing.files import atomic_path, first_nonfinite, load_checkpoint
 from plumbing.runtime import pick_device
 from training.harness import check_out, run_lock
@@ -193,7 +193,8 @@ class SampleConfig:
         check_config(self)
         import diffusion
 
-        diffusion.check_sampler(self.sampler, self.steps, self.eta)  # before OUT is touched; GANs ignore these options
+        with user_error():  # before OUT is touched; GANs ignore these options
+            diffusion.check_sampler(self.sampler, self.steps, self.eta)
 
 
 def ddpm_commands(sub) -> None:

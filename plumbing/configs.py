@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 class CLIError(Exception):
     """A problem the user can fix; main.py prints it as one line and exits 2."""
+
+
+@contextmanager
+def user_error() -> Iterator[None]:
+    """Re-raise a ValueError of library code (diffusion.py's checks) as the CLIError main.py prints."""
+    try:
+        yield
+    except ValueError as e:
+        raise CLIError(str(e)) from e
 
 
 def shown(path: str | os.PathLike) -> str:

@@ -50,7 +50,7 @@ from study import report
 from study import stats
 from study.generators import (GENERATORS, choose_guidance, ddpm_recipe, gan_recipe, noise_seed,  # noqa: F401 (study.X)
                         recipe, sample_generator, train_generator)
-from plumbing.configs import check_config, CLIError, flag
+from plumbing.configs import CLIError, check_config, flag, user_error
 from plumbing.files import atomic_path
 from training.harness import run_lock
 from tools import layout
@@ -101,7 +101,8 @@ class StudyConfig:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
         if not self.margin >= 0:
             raise CLIError(f"--margin must be at least 0, got {self.margin}")
-        diffusion.check_sampler(self.sampler, self.sample_steps, option="--sample-steps")  # before any generator trains
+        with user_error():  # before any generator trains
+            diffusion.check_sampler(self.sampler, self.sample_steps, option="--sample-steps")
         self.sample_steps = self.sample_steps or diffusion.DEFAULT_STEPS[self.sampler]
 
     @property

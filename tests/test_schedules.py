@@ -272,7 +272,7 @@ def test_one_timestep_samples_with_every_sampler():
             got = d.sample(model, x_T.shape, sampler, x_T=x_T, generator=torch.Generator().manual_seed(1), progress=False)
             assert (got - expected).abs().max().item() < 1e-5, (prediction, sampler)
         diffusion.check_sampler("dpmpp", 1, num_timesteps=1)
-        with pytest.raises(CLIError, match="1..1"):
+        with pytest.raises(ValueError, match="1..1"):
             diffusion.check_sampler("ddim", 2, num_timesteps=1)
 
 
