@@ -1,25 +1,15 @@
 """The downstream classifier: Infiltration (1) vs No Finding (0) on grey chest X-rays.
 
-This is the yardstick of the whole project: synthetic images are worth something
-only if adding them to the training set raises this classifier's AUROC on REAL
-test images. So the protocol matters more than the network:
+The yardstick of the project: synthetic images count only if adding them to the
+training set raises this classifier's AUROC on REAL test images. Synthetic images
+enter the training set only (`_training_set`); early stopping, model selection and
+the decision threshold use the validation split; the test split is scored once.
 
-- synthetic images only ever enter the training set (`_training_set` is the one
-  place they are used, and it never sees validation or test data);
-- early stopping, model selection and the decision threshold use the
-  VALIDATION split only; the test split is touched once, at the end;
-- the headline metric is AUROC (threshold-free) with a bootstrap 95% interval,
-  since accuracy depends on the class balance and on a threshold.
-
-Two networks: ResNet-18 (He et al. 2016, torchvision's layout) with a
-one-channel stem, optionally from ImageNet weights (the original experiment's choice), and a
-small CNN cheap enough to train many times on a CPU at 32-64 px.
-
-AUROC is the Mann-Whitney U statistic divided by n_pos * n_neg (Hanley and
-McNeil 1982), written out below with mid-ranks for ties; it is checked in the
-tests against the brute-force pairwise definition. Its bootstrap (one stratified
-resampling of the test cases, every model scored on the same resamples) is
-shared with report.py.
+Networks: ResNet-18 (He et al. 2016, torchvision's layout) with a one-channel stem,
+optionally from ImageNet weights, and a small CNN cheap enough for a CPU at 32-64 px.
+AUROC is the Mann-Whitney U statistic over n_pos * n_neg (Hanley and McNeil 1982),
+mid-ranks for ties; its stratified bootstrap is shared with study/report.py.
+The protocol, its reasons and reference numbers: docs/evaluation.md.
 
 `run(RunConfig)` is the `classify` command: load the splits, train, test, save.
 """
@@ -39,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from plumbing.configs import check_config, CLIError, flag
-from plumbing.files import check_output, load_checkpoint, save_checkpoint
+from plumbing.configs import check_config, CLIError, first_line, flag
+from plumbing.files import check_output, first_nonfinite, load_checkpoint, require_keys, save_checkpoint
 from plumbing.runtime import epoch_order, pick_device, seed_everything
 
 MODELS = ("small", "resnet18")
@@ -231,11 +221,9 @@ def auroc(scores, labels) -> float:
 
 
 def stratified_bootstrap_indices(labels, n_boot: int, seed: int = 0) -> np.ndarray:
-    """(B, n) resampled test indices, positives first then negatives, each class
-    resampled within itself with replacement (a stratified bootstrap, pROC's
-    default: every resample keeps the class counts, so AUROC is always defined).
-    Scoring several models on the SAME resamples makes their differences paired.
-    report.py resamples a study's test set with this too."""
+    """(B, n) stratified bootstrap indices (pROC's default): positives first, then
+    negatives, each class resampled within itself, so AUROC is always defined.
+    Models scored on the same resamples give paired differences."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
@@ -518,20 +506,25 @@ def save_classifier(model: nn.Module, cfg: ClassifyConfig, path, metrics: dict |
 
 
 def load_classifier(path) -> tuple[nn.Module, dict]:
-    """Rebuild a classifier saved by save_classifier, on the CPU, in eval mode."""
+    """Rebuild a classifier saved by save_classifier, on the CPU, in eval mode; a damaged one is one line."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
         raise CLIError(f"{path} is not a classifier checkpoint of this project "
                        f"(kind={ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
-    known = {f.name for f in fields(ClassifyConfig)}
-    cfg = ClassifyConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    cfg.pretrained = False  # the checkpoint holds the weights; no download
+    require_keys(ckpt, ("config", "model"), str(path))
+    known = {f.name for f in fields(ClassifyConfig)} - {"pretrained"}  # the checkpoint holds the weights: no download
+    try:
+        cfg = ClassifyConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CLIError(f"{path}: its 'config' is not a classifier's ({first_line(e)})") from e
     model = build_model(cfg)
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CLIError(f"{path}: weights do not fit a {cfg.model} classifier ({str(e).splitlines()[0]})") from e
-    return model.eval(), ckpt["config"]
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CLIError(f"{path}: weights do not fit a {cfg.model} classifier ({first_line(e)})") from e
+    if first_nonfinite(ckpt["model"]):
+        raise CLIError(f"{path}: the weight {first_nonfinite(ckpt['model'])} is non-finite (NaN or infinity)")
+    return model.eval(), asdict(cfg)
 
 
 # --------------------------------------------------------------------------- the `classify` command

@@ -1,20 +1,17 @@
 """Chest X-ray data: robust image loading, the class-folder layout, and a
 resized-tensor cache that keeps PNG decoding out of the training loop.
 
-Layout (the original experiment's, written by `main.py extract`):
+Layout (the original experiment's, written by `main.py extract`), searched recursively, so a
+class folder, a split folder or the whole tree all work:
     DIR/{train_data,validation_data,test_data}/{infiltration,no_finding}/*.png
-Every loader here searches a folder recursively, so a single class folder, a
-split folder or the whole tree all work.
 
 Every image becomes ONE grey channel, uint8, whatever mode it was stored in
 (L, RGB, RGBA, LA, I;16, P). Models see float tensors in [-1, 1]:
     DDPM:              (N, 3, 32, 32), grey repeated to RGB
     GAN / classifier:  (N, 1, S, S)
 
-Sections, top to bottom: reading one image; finding images; a folder as
-tensors (cached) and the splits of the layout; writing the layout (shared by
-the NIH extraction in extract.py and the phantoms in phantoms.py, which both
-import this module).
+Sections: reading one image; finding images; a folder as tensors (cached) and the splits;
+model inputs; copies and near-copies (the leakage guard). Writing a layout: tools/layout.py.
 """
 
 from __future__ import annotations
@@ -262,7 +259,7 @@ def split_hint(root: Path) -> str:
         source, total = summary["source"], int(summary["total"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""
-    if source == "phantoms":  # phantoms.py records its minimum (it imports this module, not the reverse)
+    if source == "phantoms":  # tools/phantoms.py records its minimum (it imports this module, not the reverse)
         return (f": {total} phantoms are too few; extract --phantoms {summary.get('min_phantoms', 10)} or more gives "
                 f"every split images of both classes")
     return ": the extract selected no images for it (too few patients in --csv, or on disk under --images)"
@@ -302,10 +299,8 @@ class XRayDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- copies and near-copies: the leakage guard
 
 # Near-copies: area-averaged 8x8 AND 16x16 thumbnails within these RMS differences (grey levels
-# 0-255). Measured at 32 px: a JPEG re-encode, or a copy saved at 128 or 256 px, moves them by at
-# most 1.3 / 1.8 (100 NIH images), while the closest two distinct images of the NIH 64 px sample
-# are 3.7 / 4.7 apart (phantoms: 7.0 / 9.2). An 8x8 average hash (bits) would not do: it put 53
-# pairs of distinct NIH images (10,038 pairs of 600 phantoms) within 2 bits of each other.
+# 0-255): above what a re-encode or a resize moves them, below the closest distinct images
+# (measured in docs/data.md, "Copies and near-copies").
 NEAR_RMS = {8: 2.5, 16: 3.5}
 
 

@@ -1,47 +1,16 @@
 """DCGAN: the baseline generator, a clean version of the original experiment's.
 
 Radford, Metz and Chintala, "Unsupervised Representation Learning with Deep
-Convolutional Generative Adversarial Networks", ICLR 2016. The architecture
-rules of the paper (section 3) are all here: strided convolutions instead of
-pooling, transposed convolutions to upsample, BatchNorm in both networks except
-the generator's output and the discriminator's input layer, ReLU in the
-generator with Tanh at the output, LeakyReLU(0.2) in the discriminator, weights
-drawn from N(0, 0.02), Adam with beta1 = 0.5.
+Convolutional Generative Adversarial Networks", ICLR 2016. The paper's rules
+(section 3) are all here: strided convolutions instead of pooling, BatchNorm
+except at G's output and D's input, ReLU in G with Tanh out, LeakyReLU(0.2) in D,
+weights N(0, 0.02), Adam with beta1 = 0.5. The default is the original experiment's
+256x256 network, layer for layer (shapes beside Generator and Discriminator).
 
-The default network is the original experiment's 256x256 one (README, "DCGAN
-baseline"), layer for layer; B is the batch, C the image channels:
-
-    Generator                                      Discriminator
-    (B, 100, 1, 1)    -> (B, 1024, 4, 4)   4x4 s1  (B, C, 256, 256)   -> (B, 64, 128, 128)
-    (B, 1024, 4, 4)   -> (B, 512, 8, 8)    4x4 s2  (B, 64, 128, 128)  -> (B, 128, 64, 64)
-    (B, 512, 8, 8)    -> (B, 256, 16, 16)  4x4 s2  (B, 128, 64, 64)   -> (B, 256, 32, 32)
-    (B, 256, 16, 16)  -> (B, 128, 32, 32)  4x4 s2  (B, 256, 32, 32)   -> (B, 512, 16, 16)
-    (B, 128, 32, 32)  -> (B, 64, 64, 64)   4x4 s2  (B, 512, 16, 16)   -> (B, 1024, 8, 8)
-    (B, 64, 64, 64)   -> (B, 32, 128, 128) 4x4 s2  (B, 1024, 8, 8)    -> (B, 1, 1, 1)  8x8 conv
-    (B, 32, 128, 128) -> (B, C, 256, 256)  4x4 s2, Tanh
-
-Every 4x4 stride-2 layer halves (D) or doubles (G) the side, so the original's D
-takes five halvings from 256 to 8 and then one 8x8 convolution, with no
-padding, over what is left. Other sizes (powers of two, 32..256) add or remove
-stride-2 stages at the image end: channel widths are counted from the image
-(G's last hidden layer has `g_width` channels, D's first has `d_width`, doubling
-per stage away from the image, as in Radford et al.'s own code), so a 64 px
-net is G 256-128-64-32 and D 64-128-256, and D always ends at 8x8.
-
-What differs from the original experiment (README, "DCGAN baseline", says why):
-one grey channel by default, a logit and BCE-with-logits instead of sigmoid + BCE,
-a checkpoint per epoch, and a warning when D wins outright, G ends collapsed or a loss explodes.
-
-Two training presets (`--preset`, PRESETS below). `original` keeps that
-experiment's imbalance: two G updates per D update, D at half G's learning
-rate. `modern` (the default) trains the same G the way small-data GANs are
-trained today: one D update per G update at equal learning rates; DiffAugment
-(diffaugment.py, Zhao et al. 2020) on real and fake images before D in both
-steps; and a discriminator without BatchNorm whose convolutions are spectrally
-normalised (Miyato et al. 2018). `modern-r1` puts an R1 penalty (Mescheder et
-al. 2018) in place of spectral normalisation. README, "DCGAN baseline", gives
-the measured comparison, and why the default is spectral normalisation.
-
+Training presets (PRESETS): `original` (2 G updates per D, D at half G's rate);
+`modern`, the default (1:1, DiffAugment of Zhao et al. 2020, spectral norm in D of
+Miyato et al. 2018); `modern-r1` (an R1 penalty, Mescheder et al. 2018, in its place).
+What differs from the original experiment, and the measured comparison: docs/dcgan.md.
 `python main.py gan --help` trains; `python main.py sample --checkpoint ...` samples.
 """
 
@@ -106,14 +75,13 @@ class Preset:
     g_steps: int  # generator updates per discriminator update
     lr_g: float  # Adam learning rates
     lr_d: float
-    augment: str  # DiffAugment policy applied to real and fake images before D ('': none; diffaugment.py)
+    augment: str  # DiffAugment policy applied to real and fake images before D ('': none; training/diffaugment.py)
     spectral_norm: bool  # D: spectrally normalised convolutions and no BatchNorm (Miyato et al. 2018)
     r1_gamma: float  # weight gamma of the R1 penalty on real images (0: none; Mescheder et al. 2018)
 
     @property
     def batch_norm_in_d(self) -> bool:
-        """The original D has BatchNorm; a regularised D has none: SN-GAN's discriminator has none, and a
-        gradient penalty is a per-image quantity that batch statistics would mix (Gulrajani et al. 2017, 4)."""
+        """The original D has BatchNorm; a regularised one has none (Miyato et al. 2018; Gulrajani et al. 2017, 4)."""
         return not (self.spectral_norm or self.r1_gamma)
 
 
@@ -121,11 +89,11 @@ PRESETS = {
     # The original experiment: G twice per D step, at twice D's learning rate.
     "original": Preset(g_steps=2, lr_g=2e-4, lr_d=1e-4, augment="", spectral_norm=False, r1_gamma=0.0),
     # Balanced updates, DiffAugment's translation + cutout (the paper's policy for its small-data runs;
-    # grey images have no colour to speak of) and spectral normalisation in D (README, "DCGAN baseline").
+    # grey images have no colour to speak of) and spectral normalisation in D (docs/dcgan.md).
     "modern": Preset(g_steps=1, lr_g=2e-4, lr_d=2e-4, augment="translation,cutout", spectral_norm=True,
                      r1_gamma=0.0),
-    # The same with an R1 penalty in place of spectral normalisation: as good on phantoms, less diverse, and
-    # a double backward (README). gamma = 1: between StyleGAN2's 0.01 (CIFAR) and Mescheder et al.'s 10.
+    # The same with an R1 penalty in place of spectral normalisation (docs/dcgan.md compares them).
+    # gamma = 1: between StyleGAN2's 0.01 (CIFAR) and Mescheder et al.'s 10.
     "modern-r1": Preset(g_steps=1, lr_g=2e-4, lr_d=2e-4, augment="translation,cutout", spectral_norm=False,
                         r1_gamma=1.0),
 }
@@ -230,13 +198,10 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """image (B, C, size, size) -> one real/fake logit per image (B,).
 
-    `preset` None or original: the DCGAN discriminator of the paper. A preset with
-    spectral_norm: the same convolutions, no BatchNorm, each weight W used as
-    W / sigma(W), its largest singular value estimated by one power iteration per
-    forward pass (Miyato et al. 2018, Eq. 8 and Algorithm 1; torch's
-    `spectral_norm` parametrisation), which bounds each layer's Lipschitz constant by 1.
-    A preset with an R1 penalty: the same convolutions, no BatchNorm, no normalisation.
-    Without BatchNorm the convolutions have biases (initialised to 0).
+    `preset` None or original: the paper's D, with BatchNorm. spectral_norm: no BatchNorm, each
+    conv weight W used as W / sigma(W), sigma from one power iteration per forward (Miyato et al.
+    2018, Eq. 8, Alg. 1), so each layer is 1-Lipschitz. R1: no BatchNorm, no normalisation.
+    Without BatchNorm the convolutions have biases (0 at init).
     """
 
     def __init__(self, cfg: DCGANConfig, preset: Preset | None = None):
@@ -304,16 +269,12 @@ def generate(ckpt: dict, n: int, *, seed: int = 0, batch_size: int = 64,
     return torch.cat([G(zb.to(device)).float().cpu() for zb in z.split(batch_size)])
 
 
-# --------------------------------------------------------------------------- collapse detection
-
-
 # --------------------------------------------------------------------------- training
 
 
 def r1_penalty(logits_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """R1 = E_x ||grad_x D(x)||^2 over real images x (Mescheder, Geiger and Nowozin 2018, Eq. 9; D's loss
-    adds gamma / 2 of it). `real` (B, C, H, W) must require grad and `logits_real` (B,) be computed from it;
-    the graph is kept (create_graph) so that the penalty's own gradient reaches D's weights."""
+    """R1 = E_x ||grad_x D(x)||^2 over real x (Mescheder, Geiger and Nowozin 2018, Eq. 9); D adds gamma/2 R1.
+    `logits_real` (B,) from `real` (B, C, H, W), which requires grad; create_graph lets R1 train D."""
     grad, = torch.autograd.grad(logits_real.sum(), real, create_graph=True)  # (B, C, H, W): each image's own
     return grad.pow(2).flatten(1).sum(1).mean()
 

@@ -20,11 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import (BETA_SCHEDULES, DEFAULT_STEPS, NUM_TIMESTEPS, VARIANCE_TYPES,  # noqa: F401 (ddpm.X, as before)
-                       GaussianDiffusion, check_sampler, make_betas)
-from diffusion import BETA_END, BETA_START, LOSS_WEIGHTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, check_settings
+from diffusion import DEFAULT_STEPS, GaussianDiffusion, check_sampler, make_betas  # noqa: F401 (ddpm.X re-exported)
 from plumbing import weightfiles
-from plumbing.configs import CLIError, RunConfig, first_line, flag, keep_saved, user_error
+from plumbing.configs import CLIError, first_line, shown, user_error
 from plumbing.files import first_nonfinite, require_keys
 from plumbing.runtime import autocast
 from plumbing.weightfiles import DEFAULT_PRETRAINED
@@ -143,9 +141,8 @@ class Upsample(nn.Module):
 
 
 def level(resnets: list, attentions: list, sampler: str, layer: nn.Module | None) -> nn.ModuleDict:
-    """One resolution level, named as diffusers' blocks so that weights load by name: resnets, the attention
-    that follows each (nn.Identity, which has no weights, at levels without), and `sampler` ("downsamplers"
-    or "upsamplers") holding the stride-2 layer, or nothing at the level where the UNet turns."""
+    """One resolution level named as diffusers' blocks, so weights load by name: resnets, attentions (nn.Identity
+    where none) and `sampler` ("downsamplers"/"upsamplers": the stride-2 layer, empty where the UNet turns)."""
     return nn.ModuleDict({"resnets": nn.ModuleList(resnets), "attentions": nn.ModuleList(attentions),
                           sampler: nn.ModuleList([layer] if layer is not None else [])})
 
@@ -209,7 +206,7 @@ class UNet(nn.Module):
             raise ValueError("class_labels given to a UNet without classes (UNetConfig.num_classes is None)")
         if self.channels_last:
             # Speed, not maths: NHWC activations spare oneDNN/cuDNN their layout conversions
-            # (nearest upsampling gets ~10x cheaper on a CPU); outputs agree to ~1e-6.
+            # (docs/performance.md); outputs agree to ~1e-6.
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]  # every output on the way down, taken back in reverse order on the way up
@@ -305,23 +302,33 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Mo
 
 def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True) -> UNet:
     """UNet from a diffusers checkpoint: a folder with config.json and diffusion_pytorch_model.{safetensors,bin}
-    (one without weights: the Hugging Face cache's google/ddpm-cifar10-32, else, with `download`, a download
-    into it), or a lone weights file, implying the cifar10-32 config. plumbing/weightfiles.py finds and reads
-    the files; convert_diffusers_state_dict maps the names."""
+    (a missing or empty one: the Hugging Face cache's google/ddpm-cifar10-32, else, with `download`, a download
+    into it), an export's folder (its unet/) or a lone weights file (the cifar10-32 config).
+    plumbing/weightfiles.py finds and reads the files; unet_from_diffusers builds the model."""
     config, weights = weightfiles.locate(Path(path), download)
+    return unet_from_diffusers(config, weightfiles.read_weights(weights), path)
+
+
+def unet_from_diffusers(config: dict | None, state_dict: dict[str, torch.Tensor], path: str | Path) -> UNet:
+    """The UNet of a diffusers config.json (None: the cifar10-32 one) with its weights under our names."""
     try:
         model = UNet(UNetConfig(**unet_config(config)) if config is not None else None)
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise CLIError(f"the config.json of {path} does not describe a UNet this project builds "
+        raise CLIError(f"the config.json of {shown(path)} does not describe a UNet this project builds "
                        f"({first_line(e)})") from e
-    model.load_state_dict(convert_diffusers_state_dict(weightfiles.read_weights(weights), model))
+    model.load_state_dict(convert_diffusers_state_dict(state_dict, model))
     return model
 
 
 def with_classes(model: UNet, num_classes: int) -> UNet:
     """`model` made class-conditional: the same weights plus a zero class embedding, so that its output is
     the same for every label until training moves the embedding (a conditional fine-tune starts as exactly
-    the pretrained unconditional model)."""
+    the pretrained unconditional model). A model that already has classes keeps its table, if of that size."""
+    if model.config.num_classes == num_classes:
+        return model
+    if model.config.num_classes is not None:
+        raise CLIError(f"the pretrained UNet is class-conditional with {model.config.num_classes} classes; "
+                       f"--conditional trains {num_classes}")
     conditional = UNet(replace(model.config, num_classes=num_classes))
     missing, unexpected = conditional.load_state_dict(model.state_dict(), strict=False)
     assert missing == ["class_embedding.weight"] and not unexpected, (missing, unexpected)
@@ -350,117 +357,25 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor,
 
 def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Label dropout of classifier-free guidance (Ho & Salimans 2022, Alg. 1, "c <- none with probability
-    p_uncond"): each label independently becomes the no-label token `null` with probability p, so one network
-    learns eps(x, y) and eps(x, none) at once."""
+    p_uncond"): each label becomes the no-label token `null` with probability p, to learn eps(x, none) too."""
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null), labels)
-
-
-@dataclass(kw_only=True)
-class TrainConfig(RunConfig):
-    """Everything `train` needs: the run's options (RunConfig: data, out, epochs, ...) and the
-    model's below; `main.py ddpm` makes one option per field."""
-
-    finetune: bool = flag(False, "start from the pretrained CIFAR-10 UNet")
-    pretrained: Path = flag(DEFAULT_PRETRAINED, "diffusers folder (config.json + diffusion_pytorch_model.safetensors/"
-                            ".bin) or a weights file; without weights: the Hugging Face cache's copy, else downloaded")
-    preset: str = flag("cifar10", "UNet size when training from scratch", choices=tuple(PRESETS))
-    image_size: int | None = flag(None, "training resolution (default: the model's, 32)")
-    lr: float = flag(1e-5, "AdamW learning rate", above=0)
-    warmup: int = flag(0, "linear learning-rate warm-up, in steps", min=0)
-    grad_clip: float = flag(1.0, "clip the gradient norm (0: off)", min=0)
-    ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling, in [0, 1); "
-                            "warms up as min(decay, (1+step)/(10+step))", min=0)
-    beta_schedule: str = flag("linear", "noise schedule: linear (Ho et al.), scaled_linear (latent diffusion), cosine "
-                              "(Nichol & Dhariwal) or sigmoid (diffusers' GeoDiff one); see diffusion.make_betas",
-                              choices=BETA_SCHEDULES)
-    beta_start: float | None = flag(None, f"first beta of linear, scaled_linear, sigmoid (default {BETA_START:g}; "
-                                    "cosine has none)")
-    beta_end: float | None = flag(None, f"last beta of linear, scaled_linear, sigmoid (default {BETA_END:g})")
-    prediction: str = flag("epsilon", "what the network predicts: the noise (Ho et al.), v = sqrt(a) eps - sqrt(1-a) x0 "
-                           "(Salimans & Ho 2022) or x0 (sample)", choices=PREDICTION_TYPES)
-    zero_snr: bool = flag(False, "rescale the betas to zero terminal SNR (Lin et al. 2024, Alg. 1); needs --prediction "
-                          "v_prediction or sample and --timestep-spacing trailing or linspace")
-    timestep_spacing: str = flag("leading", "timesteps of the strided samplers (DDIM, ddpm with fewer steps), "
-                                 "diffusers' names; DPM-Solver++ always uses linspace", choices=TIMESTEP_SPACINGS)
-    loss_weight: str = flag("none", "weight of each timestep's loss: none, or min-snr (Hang et al. 2023)",
-                            choices=LOSS_WEIGHTS)
-    snr_gamma: float = flag(5.0, "gamma of --loss-weight min-snr: the SNR above which the weight stops growing",
-                            above=0)
-    variance: str = flag("fixed_large", "reverse-step variance: beta_t (fixed_large) or beta~_t (fixed_small)",
-                         choices=VARIANCE_TYPES)
-    num_samples: int = flag(16, "images in the per-epoch sample grid", min=1)
-    sample_sampler: str = flag("ddim", "sampler of the per-epoch sample grid: DDIM or DPM-Solver++(2M)",
-                               choices=("ddim", "dpmpp"))
-    sample_steps: int | None = flag(None, "steps for the per-epoch sample grid (default: the sampler's, "
-                                    f"{DEFAULT_STEPS['ddim']} ddim, {DEFAULT_STEPS['dpmpp']} dpmpp)", min=1)
-    conditional: bool = flag(False, "one model for both classes, told the class folder of each image (a class "
-                             "embedding, zero at the start); sample with --class and --guidance")
-    label_dropout: float = flag(0.1, "--conditional: the share of labels replaced by the no-label token, which "
-                                "classifier-free guidance needs", min=0)
-
-    def __post_init__(self):
-        self.pretrained = Path(self.pretrained)
-        super().__post_init__()
-        if not self.ema_decay < 1:
-            raise CLIError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not self.label_dropout < 1:
-            raise CLIError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
-        if self.conditional and self.class_name is not None:
-            raise CLIError(f"--conditional trains on every class folder; leave out --class {self.class_name}")
-        with user_error():  # now, not at the first grid
-            check_sampler(self.sample_sampler, self.sample_steps, option="--sample-steps")
-        if self.beta_schedule == "cosine" and (self.beta_start, self.beta_end) != (None, None):
-            raise CLIError("--beta-start/--beta-end with --beta-schedule cosine: the cosine schedule defines alpha-bar "
-                           "directly and has no end betas (Nichol & Dhariwal Eq. 17)")
-        if self.loss_weight != "min-snr" and self.snr_gamma != 5.0:
-            raise CLIError(f"--snr-gamma {self.snr_gamma:g} with --loss-weight {self.loss_weight}: gamma is min-snr's")
-        with user_error():
-            check_settings(**{k: v for k, v in self.diffusion_settings().items() if k != "clip_sample"})
-
-    def diffusion_settings(self) -> dict:
-        """GaussianDiffusion's arguments for these options (the checkpoint's "diffusion" entry is its config())."""
-        return dict(num_timesteps=NUM_TIMESTEPS, beta_schedule=self.beta_schedule, variance_type=self.variance,
-                    clip_sample=True, beta_start=BETA_START if self.beta_start is None else self.beta_start,
-                    beta_end=BETA_END if self.beta_end is None else self.beta_end, prediction_type=self.prediction,
-                    rescale_betas_zero_snr=self.zero_snr, timestep_spacing=self.timestep_spacing,
-                    loss_weight=self.loss_weight, snr_gamma=self.snr_gamma)
-
-    def resumed(self, ckpt: dict) -> TrainConfig:
-        """This config continuing `ckpt`, whose model and schedule settings are the truth (keep_saved).
-        A checkpoint from before an option existed holds no entry for it: it was trained with the default."""
-        try:
-            args, d = ckpt.get("args") or {}, GaussianDiffusion(**ckpt["diffusion"]).config()
-        except (TypeError, ValueError) as e:
-            raise CLIError(f"malformed DDPM checkpoint: {first_line(e)}") from e
-        saved = {k: Path(args[k]) if k == "pretrained" else args[k] for k in ("finetune", "preset", "pretrained") if k in args}
-        saved["conditional"] = (ckpt.get("config") or {}).get("num_classes") is not None
-        saved.update(beta_schedule=d["beta_schedule"], variance=d["variance_type"], prediction=d["prediction_type"],
-                     zero_snr=d["rescale_betas_zero_snr"], timestep_spacing=d["timestep_spacing"],
-                     loss_weight=d["loss_weight"], snr_gamma=d["snr_gamma"])
-        if d["beta_schedule"] != "cosine":  # cosine has no end betas (the option stays None)
-            saved.update(beta_start=d["beta_start"], beta_end=d["beta_end"])
-        return keep_saved(self, {**saved, **({"image_size": ckpt["image_size"]} if ckpt.get("image_size") else {})})
 
 
 # --------------------------------------------------------------------------- 6. sampling: `main.py sample`
 
 
-CPU_MAX_BATCH = 64  # Guided's widest single forward on a CPU (measured on the 2-core development machine)
+CPU_MAX_BATCH = 64  # Guided's widest single forward on a CPU (docs/performance.md, "Cost of guidance")
 
 
 class Guided(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) around a class-conditional UNet, as a model(x, t)
     that every sampler of diffusion.py takes unchanged:
         eps~(x, y) = eps(x, none) + w (eps(x, y) - eps(x, none)),
-    which is their (1 + w') eps(x, y) - w' eps(x, none) with w' = w - 1 (our w is diffusers' guidance_scale).
-    w = 1: plain conditional sampling, one pass; w = 0: the unconditional model, one pass; otherwise both
-    passes as ONE forward of batch 2B, so guidance costs one wider call, not two calls. max_batch caps the
-    rows of one forward (the 2B rows then go in pieces of at most max_batch): on a CPU a forward much wider
-    than its cache holds costs more per image (tiny UNet, one thread: 4.2 ms/image at 64, 5.3 at 128), so
-    there narrower calls are the cheaper ones. The combination is linear in the network's raw output, so a
-    network that predicts v (or x_0) instead of eps is guided the same way. class_labels (B,) are fixed for
-    the batch; `null` is the no-label token (UNetConfig.num_classes)."""
+    their (1 + w') eps(x, y) - w' eps(x, none) with w' = w - 1 (our w is diffusers' guidance_scale).
+    w = 1 (conditional) or 0 (unconditional): one pass; otherwise one forward of 2B rows, in pieces of at
+    most max_batch. Linear in the raw output, so v- or x0-prediction is guided the same way.
+    class_labels (B,) are fixed for the batch; `null` is the no-label token (UNetConfig.num_classes)."""
 
     def __init__(self, model: nn.Module, class_labels: torch.Tensor, scale: float, null: int,
                  max_batch: int | None = None):
@@ -495,12 +410,20 @@ def class_label(ckpt: dict, class_name: str | None, guidance: float = 1.0) -> in
         if guidance != 1:
             raise CLIError(f"--guidance {guidance:g} needs a class-conditional checkpoint (trained with --conditional)")
         return None
+    if not isinstance(classes, dict) or not all(isinstance(k, str) for k in classes):
+        raise CLIError(f"malformed DDPM checkpoint: its classes are a {type(classes).__name__}, "
+                       "not class names and labels")
     if class_name is None:
         raise CLIError(f"this DDPM checkpoint is class-conditional: choose its class with --class "
                        f"({' or '.join(classes)})")
     if class_name not in classes:
         raise CLIError(f"--class {class_name!r} is not a class of this checkpoint (it knows {', '.join(classes)})")
-    return int(classes[class_name])
+    config = ckpt.get("config")
+    label, n = classes[class_name], config.get("num_classes") if isinstance(config, dict) else None
+    if type(label) is not int or type(n) is not int or not 0 <= label < n:  # the embedding has rows 0..n (n: none)
+        raise CLIError(f"malformed DDPM checkpoint: its classes map {class_name!r} to label {label!r}, outside "
+                       f"its UNet's class table (num_classes {n!r})")
+    return label
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[UNet, GaussianDiffusion, int]:

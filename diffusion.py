@@ -39,15 +39,12 @@ DEFAULT_STEPS = {"ddpm": NUM_TIMESTEPS, "ddim": 50, "dpmpp": 20}  # network call
 def make_betas(schedule: str, T: int, beta_start: float = BETA_START, beta_end: float = BETA_END) -> torch.Tensor:
     """beta_t for t = 0..T-1 in float64, under diffusers' DDPMScheduler names:
     linear: beta_start .. beta_end evenly (Ho et al. Sec. 4: 1e-4 .. 0.02).
-    scaled_linear: sqrt(beta) evenly from sqrt(beta_start) to sqrt(beta_end), squared (Rombach et al. 2022's
-      latent diffusion, 0.00085 .. 0.012 in Stable Diffusion).
+    scaled_linear: sqrt(beta) evenly from sqrt(beta_start) to sqrt(beta_end), squared (Rombach et al. 2022).
     cosine (diffusers: squaredcos_cap_v2): Nichol & Dhariwal Eq. 17, alpha-bar = f(t) / f(0) with
-      f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008 (paper t), as beta = 1 - f(t) / f(t-1) capped at
-      0.999 (their Sec. 3.2); the cap bites only at t = T, where f(T) = 0 would make beta 1.
-      beta_start and beta_end are not used, as in diffusers.
-    sigmoid: beta = beta_start + (beta_end - beta_start) sigmoid(x), x evenly from -6 to 6: diffusers'
-      "sigmoid", GeoDiff's (Xu et al. ICLR 2022). Not lucidrains' sigmoid_beta_schedule (Jabri et al. 2022),
-      which puts the sigmoid on alpha-bar itself; diffusers, hence the Hub's configs, mean this one."""
+      f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008, as beta = 1 - f(t) / f(t-1) capped at 0.999
+      (their Sec. 3.2; it bites only at t = T); beta_start and beta_end unused, as in diffusers.
+    sigmoid: beta = beta_start + (beta_end - beta_start) sigmoid(x), x evenly from -6 to 6 (diffusers'
+      "sigmoid", GeoDiff's, Xu et al. ICLR 2022; docs/ddpm.md says why not Jabri et al.'s)."""
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if schedule == "scaled_linear":
@@ -76,7 +73,7 @@ def check_settings(num_timesteps: int, beta_schedule: str, beta_start: float, be
                    rescale_betas_zero_snr: bool, timestep_spacing: str, variance_type: str,
                    loss_weight: str, snr_gamma: float) -> None:
     """GaussianDiffusion's settings, each bad one or bad combination as a one-line ValueError naming the
-    command-line options (ddpm.TrainConfig shows it as the CLI error)."""
+    command-line options (main.py shows it as one line)."""
     for name, value, allowed in (("--beta-schedule", beta_schedule, BETA_SCHEDULES),
                                  ("--prediction", prediction_type, PREDICTION_TYPES),
                                  ("--timestep-spacing", timestep_spacing, TIMESTEP_SPACINGS),
@@ -100,6 +97,17 @@ def check_settings(num_timesteps: int, beta_schedule: str, beta_start: float, be
                          "at t = T where the rescaled schedule is pure noise (use trailing, Lin et al. Sec. 3.3, or linspace)")
     if rescale_betas_zero_snr and num_timesteps < 2:
         raise ValueError("--zero-snr needs at least 2 timesteps (Alg. 1 pins alpha-bar_1 and sets alpha-bar_T = 0)")
+    betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)
+    if rescale_betas_zero_snr and not torch.isfinite(rescale_zero_terminal_snr(betas)).all():
+        raise ValueError(f"--zero-snr with --beta-start {beta_start:g} and --beta-end {beta_end:g}: alpha-bar "
+                         "reaches 0 in float64 before t = T, where the rescaling (Lin et al. Alg. 1) divides 0 by 0 "
+                         "(use smaller betas)")
+    last = torch.prod(1 - betas)  # alpha-bar_T in float64
+    if prediction_type == "epsilon" and not rescale_betas_zero_snr and torch.isinf((1 / last).sqrt().float()):
+        raise ValueError(f"--beta-schedule {beta_schedule} from --beta-start {beta_start:g} to --beta-end {beta_end:g} "
+                         f"with --prediction epsilon: alpha-bar_T = {last.item():.3g}, so 1 / sqrt(alpha-bar) in x_0 = "
+                         "(x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) overflows float32 and no image could be "
+                         "sampled (use smaller betas, or --prediction v_prediction or sample)")
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -111,24 +119,15 @@ def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor
 
 
 class GaussianDiffusion(nn.Module):
-    """The forward process q(x_t | x_0), its posterior, and the learned reverse
-    process p(x_{t-1} | x_t) of DDPM, plus the DDIM and DPM-Solver++ samplers. The defaults are the
-    released model's (Ho et al.: linear 1e-4 .. 0.02, T = 1000, eps prediction); the options, under
-    diffusers' names so that a scheduler_config.json maps one to one (hub.scheduler_config):
-      beta_schedule, beta_start, beta_end: see make_betas.
-      prediction_type: what the network outputs. "epsilon": the noise eps (Ho et al. Eq. 11).
-        "v_prediction": v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022, Sec. 4 and
-        Appendix D), well defined at every SNR, zero included. "sample": x_0 itself.
-      rescale_betas_zero_snr: rescale_zero_terminal_snr (Lin et al. 2024, Alg. 1); needs v_prediction or
-        sample (eps says nothing about x_0 at SNR 0) and a spacing whose chain starts at t = T.
-      timestep_spacing: the k of T timesteps a strided sampler (DDIM, "ddpm" with fewer than T steps) visits:
-        diffusers' "leading" (the default, the released model's: T//k apart from 0), "trailing" (T/k apart,
-        ending at T; Lin et al. Sec. 3.3) or "linspace" (k evenly from 0 to T - 1). DPM-Solver++ always uses
-        linspace, diffusers' default for it, which already starts at t = T (see dpmpp_timesteps).
-      variance_type: sigma_t^2 of the ancestral step, "fixed_large" beta_t or "fixed_small" beta~_t (Sec. 3.2).
-      clip_sample: clip the predicted x_0 to [-1, 1] in every sampler (model_predictions).
-      loss_weight, snr_gamma: the objective's weighting (training_loss), "none" or "min-snr" (Hang et al.
-        2023); training only, kept here so that the checkpoint's "diffusion" entry holds it for --resume."""
+    """The forward process q(x_t | x_0), its posterior, and the learned reverse process p(x_{t-1} | x_t)
+    of DDPM, plus the DDIM and DPM-Solver++ samplers. The defaults are the released model's (Ho et al.:
+    linear 1e-4 .. 0.02, T = 1000, eps prediction). The options keep diffusers' names, so a
+    scheduler_config.json maps one to one (tools/export.py): beta_schedule, beta_start, beta_end
+    (make_betas); prediction_type "epsilon" (Ho et al. Eq. 11), "v_prediction" (v = sqrt(alpha-bar) eps -
+    sqrt(1 - alpha-bar) x_0, Salimans & Ho 2022, Sec. 4) or "sample" (x_0); rescale_betas_zero_snr (Lin et al.
+    2024, Alg. 1); timestep_spacing (ddim_timesteps); variance_type "fixed_large" beta_t or "fixed_small"
+    beta~_t (Sec. 3.2); clip_sample (model_predictions); loss_weight, snr_gamma (training_loss, Hang et al.
+    2023). What each means and which combinations are refused: docs/ddpm.md."""
 
     def __init__(self, num_timesteps: int = NUM_TIMESTEPS, beta_schedule: str = "linear",
                  variance_type: str = "fixed_large", clip_sample: bool = True, beta_start: float = BETA_START,
@@ -159,6 +158,9 @@ class GaussianDiffusion(nn.Module):
             sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
             posterior_variance=posterior_variance,                    # beta~_t (Eq. 7), 0 at t = 0
             snr=alphas_cumprod / (1 - alphas_cumprod),                # SNR_t = alpha-bar / (1 - alpha-bar); 0 at a zero-SNR T
+            # lambda_t = log(sqrt(alpha-bar) / sqrt(1 - alpha-bar)) (Lu et al.), from float64: exact where alpha-bar in
+            # float32 has underflowed (and equal in neighbouring steps); -inf at a zero-SNR T
+            lambdas=0.5 * (alphas_cumprod.log() - (-alphas_cumprod).log1p()),
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
             # sigma_t^2 of the reverse step (Sec. 3.2): beta_t ("fixed_large") or beta~_t ("fixed_small").
@@ -185,8 +187,7 @@ class GaussianDiffusion(nn.Module):
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The mean mu~_t = coef1 x_0 + coef2 x_t of q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)
-        (DDPM Eq. 6-7); its variance beta~_t is the buffer posterior_variance."""
+        """mu~_t = coef1 x_0 + coef2 x_t, the mean of q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I) (DDPM Eq. 6-7)."""
         return extract(self.posterior_mean_coef1, t, x_t.shape) * x0 + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -220,15 +221,14 @@ class GaussianDiffusion(nn.Module):
         # Patch: diffusers' DDIMScheduler keeps the network's eps beside the clipped x_0 by default
         # (use_clipped_model_output=False). Then every step that clips jumps by sqrt(a_t) (clip(x_0) - x_0),
         # however small the step, and DDIM gets worse with more steps on a model whose early x_0 leaves
-        # [-1, 1] (README, "Sampler quality"). Re-deriving eps is its use_clipped_model_output=True.
+        # [-1, 1] (docs/ddpm.md, "Sampler quality"). Re-deriving eps is its use_clipped_model_output=True.
         return self.predict_noise_from_start(x_t, t, x0), x0
 
     # ---- reverse process (DDPM)
 
     def p_mean_variance(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor):
-        """Mean and variance of p(x_{t-1} | x_t) (DDPM Eq. 11): the posterior mean at the
-        predicted x_0, which is the same as (x_t - beta_t / sqrt(1 - alpha-bar_t) eps) / sqrt(alpha_t)
-        unless x_0 is clipped. Returns (mean, variance, predicted x_0)."""
+        """(mean, variance, predicted x_0) of p(x_{t-1} | x_t) (DDPM Eq. 11): the posterior mean at the predicted
+        x_0, equal to (x_t - beta_t / sqrt(1 - alpha-bar_t) eps) / sqrt(alpha_t) unless x_0 is clipped."""
         _, x0 = self.model_predictions(model, x_t, t)
         return self.q_posterior(x0, x_t, t), extract(self.model_variance, t, x_t.shape), x0
 
@@ -284,14 +284,15 @@ class GaussianDiffusion(nn.Module):
         """One DDIM update x_t -> x_{t_prev} (Song et al. Eq. 12), with a = alpha-bar:
             x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
             sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)  (Eq. 16),
-        x0 and eps from model_predictions (eps re-derived from the clipped x0: diffusers' step with
-        use_clipped_model_output=True). eta = 0 is deterministic, and then the same step as DPM-Solver++'s
-        first order; eta = 1 is ancestral sampling on the strided chain; z is `noise` (None: no noise term).
-        t_prev = -1 ends the chain with a_prev = 1, so the last step returns x0 (diffusers' set_alpha_to_one)."""
+        x0 and eps from model_predictions (eps from the clipped x0: diffusers' use_clipped_model_output=True).
+        eta = 0: deterministic, DPM-Solver++'s first-order step; eta = 1: ancestral on the strided chain; z is
+        `noise` (None: none). t_prev = -1 ends with a_prev = 1, returning x0 (diffusers' set_alpha_to_one).
+        Where float32 alpha-bar underflowed to 0 at both ends, a_t / a_prev (0/0) is 0: sqrt(a_prev) = 0 there."""
         eps, x0 = self.model_predictions(model, x_t, t)
         a_t = extract(self.alphas_cumprod, t, x_t.shape)
         a_prev = extract(self.alphas_cumprod_prev, t_prev + 1, x_t.shape)  # alpha-bar_{t_prev}; 1 at t_prev = -1
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        ratio = torch.where(a_prev > 0, a_t / a_prev, torch.zeros_like(a_t))  # a_t <= a_prev: 0 when a_prev is
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - ratio)).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         x_prev = x_prev if noise is None else x_prev + sigma * noise
         return (x_prev, x0) if return_x0 else x_prev
@@ -317,11 +318,9 @@ class GaussianDiffusion(nn.Module):
     # ---- DPM-Solver++ (Lu et al. 2022): the probability-flow ODE solved in lambda, on the data prediction
 
     def dpmpp_timesteps(self, steps: int) -> list[int]:
-        """diffusers' "linspace" spacing, DPMSolverMultistepScheduler's default: round(i (T - 1) / steps) for
-        i = steps .. 1, ties to even as numpy rounds. For 20 of 1000: 999, 949, 899, ..., 100, 50.
-        At most T - 1 steps: with T, i = 500 and 501 would both round to 500 (one step when T = 1: t = 0).
-        Always this spacing, whatever timestep_spacing says: diffusers' default for this solver, and it starts
-        at t = T - 1 as trailing does, which is what Lin et al. ask of a zero-SNR schedule."""
+        """DPMSolverMultistepScheduler's "linspace": round(i (T - 1) / steps), i = steps .. 1, ties to even (20 of
+        1000: 999, 949, ..., 50); at most T - 1 steps (one when T = 1). Whatever timestep_spacing says: it starts
+        at t = T - 1, as Lin et al. ask of a zero-SNR schedule."""
         if not 1 <= steps <= max(self.num_timesteps - 1, 1):
             raise ValueError(f"steps must be in 1..{max(self.num_timesteps - 1, 1)}, got {steps}")
         return [round(i * ((self.num_timesteps - 1) / steps)) for i in range(steps, 0, -1)]
@@ -337,15 +336,19 @@ class GaussianDiffusion(nn.Module):
             D = (1 + 1/(2r)) x0 - 1/(2r) x0_last,  r = h_last / h = (lambda_t - lambda_last) / h.
         t_prev = -1 ends at sigma = 0 (lambda = +inf), where the first-order step returns x0 exactly and the
         second order is undefined (r = 0). Returns (x_prev, x0): the loop keeps x0 for the next step."""
-        lam = lambda a: 0.5 * (a / (1 - a)).log()  # noqa: E731  lambda from a = alpha-bar; +inf at a = 1
+        lam = F.pad(self.lambdas, (1, 0), value=math.inf)  # lambda_s at index s + 1: +inf at s = -1 (alpha-bar 1)
         _, x0 = self.model_predictions(model, x_t, t)
         a_t = extract(self.alphas_cumprod, t, x_t.shape)
         a_prev = extract(self.alphas_cumprod_prev, t_prev + 1, x_t.shape)  # alpha-bar_{t_prev}; 1 at t_prev = -1
-        h, d = lam(a_prev) - lam(a_t), x0
+        lam_t, lam_prev = extract(lam, t + 1, x_t.shape), extract(lam, t_prev + 1, x_t.shape)
+        h, d, zero = lam_prev - lam_t, x0, torch.zeros_like(a_t)
         if x0_last is not None:
-            half_inv_r = h / (2 * (lam(a_t) - lam(extract(self.alphas_cumprod, t_last, x_t.shape))))  # 1 / (2r)
+            lam_last = extract(lam, t_last + 1, x_t.shape)
+            half_inv_r = torch.where(lam_last > -math.inf, h / (2 * (lam_t - lam_last)), zero)  # 1/(2r); 0 after SNR 0
             d = (1 + half_inv_r) * x0 - half_inv_r * x0_last
-        x_prev = ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - a_prev.sqrt() * torch.expm1(-h) * d
+        # alpha_prev = 0 where alpha-bar is 0 even in float64 (lambda -inf at t_prev and t, h undefined): no data term
+        data_term = torch.where(lam_prev > -math.inf, a_prev.sqrt() * torch.expm1(-h), zero) * d
+        x_prev = ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - data_term
         return x_prev, x0
 
     @torch.inference_mode()
@@ -406,7 +409,10 @@ class GaussianDiffusion(nn.Module):
         if self.loss_weight == "none":
             return F.mse_loss(out, target)
         snr = self.snr[t]  # (B,)
-        weight = snr.clamp(max=self.snr_gamma) / {"epsilon": snr, "v_prediction": snr + 1, "sample": 1}[self.prediction_type]
+        if self.prediction_type == "epsilon":  # min(SNR, gamma) / SNR as min(1, gamma / SNR): 1 where SNR underflows
+            weight = (self.snr_gamma / snr).clamp(max=1)
+        else:
+            weight = snr.clamp(max=self.snr_gamma) / (snr + 1 if self.prediction_type == "v_prediction" else 1)
         return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
 
 
@@ -427,6 +433,8 @@ def check_sampler(sampler: str, steps: int | None, eta: float = 0.0, num_timeste
                                                             " (the schedule's length)") + f", got {steps}")
     if sampler == "dpmpp" and eta:
         raise ValueError(f"--eta {eta:g} is not defined for --sampler dpmpp (an ODE solver, deterministic)")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta:g}")
 
 
 def _trajectory(record: list) -> dict:

@@ -1,5 +1,5 @@
 """FID, Inception Score and KID, computed the way the standard tools compute them,
-plus a chest X-ray feature distance that needs no ImageNet weights.
+plus precision, recall, density and coverage on the same features.
 
 - FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to the
   2048-d pool features of the TensorFlow Inception-v3 of 2015.
@@ -7,13 +7,11 @@ plus a chest X-ray feature distance that needs no ImageNet weights.
   softmax of the same network, the fc layer applied without its bias.
 - KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic kernel
   k(x, y) = (x.y / d + 1)^3 on the same features, averaged over subsets.
+- PRDC (Kynkaanniemi et al. 2019; Naeem et al. 2020): k-NN balls in feature space.
 
-The network is the port pytorch-fid uses (`pt_inception-2015-12-05-6726825d.pth`):
-torchvision's Inception-v3 layout with 1008 classes and four patched block
-kinds, written out here so the weights load by their own key names. Checked
-against pytorch-fid 0.3.0 (features, FID) and torch-fidelity 0.4.0 (IS, KID)
-in tests/test_fid.py. Precision, recall, density and coverage on the same
-features are in fid.py (`fid.prdc` is the same function).
+The network is pytorch-fid's port (`pt_inception-2015-12-05-6726825d.pth`, four patched
+block kinds), written out so its weights load by their own names; checked against pytorch-fid
+0.3.0 and torch-fidelity 0.4.0 in tests/test_fid.py. Classifier features: study/distances.py.
 """
 
 from __future__ import annotations
@@ -597,23 +595,15 @@ def knn_radii(x: torch.Tensor, k: int = PRDC_K, chunk: int = PRDC_CHUNK) -> torc
 
 def prdc(real_features, fake_features, k: int = PRDC_K, *, chunk: int = PRDC_CHUNK, closed: bool = False,
          device: str | torch.device | None = "cpu") -> dict:
-    """Precision, recall, density and coverage of N real and M fake features (N, D), (M, D),
-    from k-NN balls B(x, NND_k(x)) (see knn_radii):
+    """Precision, recall, density and coverage of real (N, D) and fake (M, D), by k-NN balls B(x, NND_k(x)):
 
       precision = 1/M sum_j 1{fake_j in some real ball}          (Kynkaanniemi et al. 2019, Eq. 2)
       recall    = 1/N sum_i 1{real_i in some fake ball}          (Kynkaanniemi et al. 2019, Eq. 2)
       density   = 1/(kM) sum_j sum_i 1{fake_j in B(real_i)}      (Naeem et al. 2020)
       coverage  = 1/N sum_i 1{some fake_j in B(real_i)}          (Naeem et al. 2020)
 
-    Density counts how many real balls hold each fake sample, so it can exceed 1 and one
-    large ball around a real outlier adds little; coverage, unlike recall, uses only real
-    balls, so large balls around fake outliers cannot inflate it. Distances are float64 on
-    `device` ('auto': CUDA when present), in blocks of at most chunk x chunk.
-
-    closed=False uses open balls, d < NND_k, as Naeem et al.'s prdc package does; closed=True
-    uses closed balls, d <= NND_k, as Kynkaanniemi et al.'s Eq. 1 and torch-fidelity's prc do.
-    The two differ only when a distance equals a radius exactly, which continuous features
-    almost never produce but integer-valued ones (raw pixels, duplicated images) can."""
+    Balls are open (d < NND_k, the prdc package) or, with closed=True, closed (d <= NND_k,
+    Kynkaanniemi et al. Eq. 1, torch-fidelity). Float64 on `device`, in chunk x chunk blocks."""
     device = device if isinstance(device, torch.device) else pick_device(device)
     real, fake = _prdc_features(real_features, device), _prdc_features(fake_features, device)
     if real.ndim != 2 or fake.ndim != 2:
@@ -687,6 +677,10 @@ def run(cfg: FIDConfig, classifier_distance: Callable[..., dict] | None = None) 
     if smaller <= pr_k and cfg.pr_k is not None:
         raise CLIError(f"--pr-k {pr_k} needs more than {pr_k} images per side; the smaller set has {smaller}")
     pr_k = pr_k if smaller > pr_k else None  # the default k on a tiny set: not computed, with a note at the end
+    featureless = next((p for p in (cfg.real, cfg.fake) if _is_npz(p) and "features" not in load_stats(p)), None)
+    if featureless is not None and cfg.pr_k is not None:
+        raise CLIError(f"--pr-k {cfg.pr_k}: {featureless} holds statistics without features (mu and sigma only); "
+                       "precision, recall, density and coverage need each image's features (give the image folder)")
     try:
         res = evaluate(cfg.real, cfg.fake, cfg.inception_weights, cfg.device, cfg.batch_size, pr_k=pr_k)
         res |= {k: res.get(k) for k in PRDC_KEYS}  # null where not computed, after the other numbers
@@ -701,7 +695,10 @@ def run(cfg: FIDConfig, classifier_distance: Callable[..., dict] | None = None) 
         res |= {f"cxr_{k}": res.get(f"cxr_{k}") for k in PRDC_KEYS}
         if res["n_real"] is None:
             res["n_real"], res["n_fake"] = res["cxr_n_real"], res["cxr_n_fake"]
-    if pr_k is None:
+    if featureless is not None:
+        print(f"note: precision, recall, density and coverage need each image's features, which {featureless} "
+              "lacks: not computed", file=sys.stderr)
+    elif pr_k is None:
         print(f"note: precision, recall, density and coverage need more than {PRDC_K} images per side (the smaller "
               f"set has {smaller}): not computed", file=sys.stderr)
     return res

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import re
@@ -195,24 +196,26 @@ class SampleConfig:
 
         with user_error():  # before OUT is touched; GANs ignore these options
             diffusion.check_sampler(self.sampler, self.steps, self.eta)
+        if self.eta and self.sampler == "ddpm":  # an option that would do nothing is refused
+            raise CLIError(f"--eta {self.eta:g} with --sampler ddpm, which takes no eta (all steps: Alg. 2; fewer: eta 1); "
+                           "use --sampler ddim")
 
 
 def ddpm_commands(sub) -> None:
-    import ddpm
+    from training import ddpm_run
 
     _add(sub, "ddpm", "fine-tune google/ddpm-cifar10-32 (--finetune) or train a DDPM from scratch",
-         ddpm.TrainConfig, cmd_ddpm)
+         ddpm_run.TrainConfig, cmd_ddpm)
     _add(sub, "sample", "write N images from a DDPM or GAN checkpoint", SampleConfig, cmd_sample)
 
 
 def cmd_ddpm(args) -> None:
-    import ddpm
-
     from training import ddpm_run
 
-    ddpm_run.train(config_from_args(ddpm.TrainConfig, args))
+    ddpm_run.train(config_from_args(ddpm_run.TrainConfig, args))
 
 
+DDPM_ONLY = ("sampler", "steps", "eta", "amp", "compile")  # the options of `sample` that a GAN has no use for
 SAMPLE_FILE = re.compile(r"sample_\d{5}\.png|grid\.png")  # what `sample` writes, besides its samples.json
 
 
@@ -245,7 +248,7 @@ def cmd_sample(args) -> None:
     until all are drawn and finite."""
     import dcgan
     import ddpm
-    from plumbing.files import save_image_grid, save_png, to_uint8
+    from plumbing.files import require_keys, save_image_grid, save_png, to_uint8
 
     cfg = config_from_args(SampleConfig, args)
     earlier_samples(cfg.out, cfg.force)
@@ -260,6 +263,11 @@ def cmd_sample(args) -> None:
         ddpm.class_label(ckpt, cfg.class_name, cfg.guidance)  # --class and --guidance against the checkpoint, now
     elif cfg.class_name is not None or cfg.guidance != 1:
         raise CLIError("--class and --guidance need a class-conditional DDPM checkpoint (this is a GAN's)")
+    else:
+        require_keys(ckpt, ("config", "generator"), "this GAN checkpoint")  # what is missing, before what is extra
+        given = [option_name(f) for f in dataclasses.fields(cfg) if f.name in DDPM_ONLY and getattr(cfg, f.name) != f.default]
+        if given:
+            raise CLIError(f"{', '.join(given)}: DDPM options, and this is a GAN checkpoint (leave them out)")
     device = pick_device(cfg.device)
     with run_lock(cfg.out, "sample"):
         earlier = earlier_samples(cfg.out, cfg.force)  # again: nothing can write here from now on
@@ -321,9 +329,12 @@ def cmd_fid(args) -> None:
 
     cfg = config_from_args(fid.FIDConfig, args)
     if cfg.classifier is not None:
+        import functools
+
         from study import distances
 
-        res = fid.run(cfg, distances.classifier_feature_distance)
+        features_fn, size = distances.classifier_features(cfg.classifier)  # a damaged checkpoint: before any image
+        res = fid.run(cfg, functools.partial(distances.classifier_feature_distance, features_fn=features_fn, size=size))
     else:
         res = fid.run(cfg)
     if res["fid"] is not None:
@@ -452,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:
         print("error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        return 1
+    except OSError as e:  # a disk that fills up or turns read-only mid-run, where no check can see it coming
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"error: {e.strerror}" + (f": {shown(e.filename)}" if e.filename else ""), file=sys.stderr)
         return 1
     return int(result or 0)
 

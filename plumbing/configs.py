@@ -42,14 +42,10 @@ def first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- typed configurations
 
 
+# meta keys of flag: flag: another option name ("--class"); short: a short alias ("-n"); choices;
+# min / above: the smallest allowed number (>= / >); positional: an argument without "--"; metavar.
 def flag(default: Any = MISSING, help: str = "", **meta) -> Any:
-    """A dataclass field that is also a command-line option. main.py builds
-    `--field-name` from it, with this default and help, so a default and its
-    help are written once, beside the code that reads them. meta keys:
-      flag: another option name ("--class"); short: a short alias ("-n");
-      choices; min / above: the smallest allowed number (>= / >);
-      positional: an argument without "--"; metavar.
-    A field without help is not an option (set by the caller in Python only)."""
+    """A dataclass field that is also main.py's option `--field-name` with this default and help (none: no option)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -93,19 +89,25 @@ class RunConfig:
                               f"(both left out: {DEFAULT_EPOCHS})", min=1)
     batch_size: int = flag(32, "per process", min=1)
     seed: int = flag(0, "seed of the initialisation, the noise and the data order")
-    resume: bool = flag(False, "continue OUT/checkpoint.pt (with its model settings; see README)")
+    resume: bool = flag(False, "continue OUT/checkpoint.pt (with its model settings; see docs/ddpm.md)")
     amp: bool = flag(False, "bfloat16 autocast (CPU, or CUDA with bf16 support)")
     compile: bool = flag(False, "torch.compile the network(s), worth it on GPUs")
     device: str = flag("auto", "auto, cpu, cuda, cuda:1")
     eval_every: int | None = flag(None, "every N steps: KID and a detectability proxy against held-out real images "
-                                  "in loss.csv, best.pt, curves.png (monitor.py)", min=1)
+                                  "in loss.csv, best.pt, curves.png (training/monitor.py)", min=1)
     eval_data: Path | None = flag(None, "the held-out real images --eval-every compares with (default: "
                                   "validation_data beside --data, in the extract layout; never the test split)")
+    eval_on_test: bool = flag(False, "let --eval-data be an extract's test split: best.pt is then chosen on the "
+                              "images that final numbers are measured on (recorded in the checkpoints)")
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
         self.eval_data = None if self.eval_data is None else Path(self.eval_data)
         check_config(self)
+        if self.eval_data is not None and self.eval_every is None:  # an option that would do nothing
+            raise CLIError("--eval-data without --eval-every: nothing would be monitored (give --eval-every N)")
+        if self.eval_on_test and self.eval_data is None:
+            raise CLIError("--eval-on-test needs --eval-data (the default held-out folder is never the test split)")
 
 
 def total_steps(cfg: RunConfig, n: int, world_size: int = 1) -> tuple[int, int]:
@@ -115,14 +117,15 @@ def total_steps(cfg: RunConfig, n: int, world_size: int = 1) -> tuple[int, int]:
     return (cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or DEFAULT_EPOCHS) * per_epoch), per_epoch
 
 
-def keep_saved(cfg, saved: dict):
-    """`cfg` with the checkpoint's `saved` settings, the truth on --resume. An option counts as given when it is
-    not at its field's default (one given at the default looks left out); given otherwise, it is an error."""
+def keep_saved(cfg, saved: dict, source: str = "--resume: the checkpoint"):
+    """`cfg` with the `saved` settings of `source` (the checkpoint on --resume; a pretrained model's schedule).
+    An option counts as given when it is not at its field's default (one given at the default looks left out);
+    given otherwise, it is an error."""
     names = [f for f in fields(cfg) if f.name in saved]
     for f in names:
         given, was = getattr(cfg, f.name), saved[f.name]
         if given != f.default and given != was:
             trained = (f"{'with' if was else 'without'} {option_name(f)}" if isinstance(given, bool)
                        else f"with {option_name(f)} {was}, not {given}")
-            raise CLIError(f"--resume: the checkpoint was trained {trained}")
+            raise CLIError(f"{source} was trained {trained}")
     return replace(cfg, **{f.name: saved[f.name] for f in names})

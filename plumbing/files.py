@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import urllib.request
@@ -37,15 +38,16 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the
     block finishes, so a crash never leaves a half-written file. The file gets
-    the mode a plain open() would give (mkstemp's 0600 would otherwise survive
-    the rename), and a full disk is one clear error, with no temporary left."""
+    the mode a plain open() would give: an existing file's own (a private 0600
+    checkpoint stays private), else 0666 less the umask (mkstemp's 0600 would
+    otherwise survive the rename). A full disk is one clear error, with no temporary left."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=path.suffix or ".tmp")
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if path.is_file() else 0o666 & ~_umask())
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as e:
@@ -101,9 +103,19 @@ def check_output(path: str | os.PathLike, option: str, folder: bool) -> Path:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: the old checkpoint survives a crash."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save to a temporary file, then rename: the old checkpoint survives a crash, and a failed
+    write (a full disk) is one line naming the file, with no temporary left."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            try:
+                torch.save(state, f)  # through a Python file: a failed write is an OSError, not only torch's text
+            except RuntimeError as e:  # torch's zip writer wraps the OSError ("[enforce fail at inline_container")
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+    except OSError as e:  # not a full disk, which atomic_path names: a read-only or failing disk
+        raise write_error(e, path) from e
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -178,9 +190,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
 def download(url: str, path: str | os.PathLike, sha256_prefix: str | None = None) -> None:
     """Fetch `url` to `path` atomically: a failed or cut-off download leaves no file (nor a folder made before
     the server answers); with sha256_prefix, another hash is refused. Network failures raise OSError."""
-    print(f"downloading {url} -> {path}", file=sys.stderr, flush=True)
     h = hashlib.sha256()
     with urllib.request.urlopen(url, timeout=60) as r, atomic_path(path) as tmp, open(tmp, "wb") as f:
+        print(f"downloading {url} -> {path}", file=sys.stderr, flush=True)  # once the server answers: offline, no such line
         while chunk := r.read(1 << 20):
             h.update(chunk)
             f.write(chunk)

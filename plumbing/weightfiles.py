@@ -111,18 +111,52 @@ def find_cached_snapshot(repo: str = HF_REPO, weight_files: tuple[str, ...] = WE
     return snap if complete else None
 
 
+def pipeline_root(path: Path) -> Path | None:
+    """The diffusers pipeline folder (model_index.json, unet/, scheduler/; what export writes) that `path` is,
+    or whose unet/ (or a file in it) `path` is; None when it belongs to none."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / "model_index.json").is_file():
+        return folder
+    return folder.parent if folder.name == "unet" and (folder.parent / "model_index.json").is_file() else None
+
+
+def pipeline_scheduler(path: Path) -> dict | None:
+    """The scheduler/scheduler_config.json of the pipeline `path` belongs to (pipeline_root), or None."""
+    root = pipeline_root(Path(path))
+    file = root / "scheduler" / "scheduler_config.json" if root is not None else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CLIError(f"{shown(file)} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CLIError(f"{shown(file)} is not a JSON object of scheduler settings")
+    return config
+
+
 def locate(path: Path, download: bool = True) -> tuple[dict | None, Path]:
     """(config.json as a dict, or None for a lone weights file; the weights file) of a diffusers model at
-    `path`: a folder with config.json and one of WEIGHT_FILES, or one weights file. A folder without
-    weights is read from the Hugging Face cache's copy of HF_REPO when there is one, else, with
-    `download`, the two files are downloaded into it."""
-    is_folder = not path.is_file() and path.suffix not in (".bin", ".safetensors")
-    if is_folder and not any((path / f).is_file() for f in WEIGHT_FILES):
+    `path`: a folder with config.json and one of WEIGHT_FILES, a pipeline folder (model_index.json; its
+    unet/ is read), or one weights file. Only a folder that is missing or empty (hidden files aside) stands
+    for HF_REPO: it is read from the Hugging Face cache's copy when there is one, else, with `download`,
+    downloaded into it. A folder holding anything else is another model's: refused, never filled."""
+    is_folder = not path.is_file() and path.suffix not in (".bin", ".safetensors", ".pt", ".pth")
+    has_weights = lambda folder: any((folder / f).is_file() for f in WEIGHT_FILES)  # noqa: E731
+    if is_folder and not has_weights(path) and pipeline_root(path) == path:
+        print(f"{shown(path)} is a diffusers pipeline: reading its UNet, {shown(path / 'unet')}")
+        path = path / "unet"
+    if is_folder and not has_weights(path):
+        held = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
+        if held or pipeline_root(path) is not None:
+            raise CLIError(f"no weights ({WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}) in {shown(path)}, which holds "
+                           f"{', '.join(held[:3]) or 'nothing'}: another model's folder is neither read as {HF_REPO} "
+                           "nor filled with it (give the folder or file that holds the weights)")
         cached = find_cached_snapshot()
         if cached is not None:
             print(f"no weights in {shown(path)}: using the Hugging Face cache's {HF_REPO} at {cached}")
             path = cached
-        for name in ("config.json", WEIGHT_FILES[0]) if cached is None and download else ():
+        for name in (WEIGHT_FILES[0], "config.json") if cached is None and download else ():  # config.json last
             try:
                 if not (path / name).is_file():
                     files.download(HF_URL.format(name), path / name)

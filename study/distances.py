@@ -28,6 +28,14 @@ def feature_distance(f_real: np.ndarray, f_fake: np.ndarray, pr_k: int | None = 
     return out | ({f"cxr_{k}": v for k, v in prdc(f_real, f_fake, pr_k).items()} if pr_k else {})
 
 
+def classifier_features(classifier_path, size: int | None = None):
+    """(features_fn, size): the penultimate features of a saved classifier (classify.load_classifier, which
+    refuses a damaged checkpoint in one line) on uint8 (N, S, S) images, at its size unless `size`."""
+    model, config = classify.load_classifier(classifier_path)
+    size = size or config["size"]
+    return (lambda u8: classify.embed(model, u8, size)), size
+
+
 def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None, size: int | None = None,
                                 progress: bool = True, pr_k: int | None = None) -> dict:
     """Frechet distance and KID on the penultimate features of our chest X-ray
@@ -35,11 +43,9 @@ def classifier_feature_distance(real, fake, classifier_path, *, features_fn=None
     rather than ImageNet objects, and no ImageNet weights needed. NOT comparable with FID.
 
     real/fake: folders or uint8 tensors (N, S, S). features_fn(uint8 (N, S, S)) -> (N, D)
-    replaces the classifier (a seam for tests); then `size` must be given."""
+    replaces loading the classifier (classifier_features makes one); then `size` must be given."""
     if features_fn is None:
-        model, config = classify.load_classifier(classifier_path)
-        size = size or int(config.get("size") or config.get("image_size"))
-        features_fn = lambda u8: classify.embed(model, u8, size)  # noqa: E731
+        features_fn, size = classifier_features(classifier_path, size)
 
     def u8(source):
         if torch.is_tensor(source):

@@ -1,25 +1,17 @@
-"""Does synthetic data help? The augmentation experiment and the demo; report.py
-writes the report (stats.py: its statistics; memorization.py: the copy checks).
+"""Does synthetic data help? The augmentation experiment and the demo; study/report.py
+writes the report (study/stats.py: its statistics; study/memorization.py: the copy checks).
 
-The original experiment answered "yes" from one seed, with model selection on
-folds that held synthetic images, patients in two splits and no AUROC (README,
-"Does synthetic data help? The experiment"). Here: patient-disjoint splits;
-nested real subsets (10% inside 25% inside the train split) with one generator
-per class AND real fraction (ddpm-cfg: one for both classes), trained only on that
-cell's images (generators.py; external samples, `--synthetic NAME=DIR`, join every cell); synthetic images only train,
-and a set holding a copy of a held-out image is refused; selection on the real
-validation split; a grid of ratios x real fractions x generators x seeds, each
-run PAIRED with the real-only run of its seed, every run of a fraction taking
-the same optimiser steps; the verdict of stats.compare_generators (seeds and
-test patients resampled together, Holm, a margin); TSTR, held-out distances
-and the memorisation check with its chance rate (report.py). Every synthetic set
-first passes the usability gate (gate.py); one that fails stays in the grid,
-marked unusable in summary.json and in the report's first lines.
+Patient-disjoint splits; nested real subsets (10% inside 25% inside the train split) with one
+generator per class AND real fraction (ddpm-cfg: one for both classes), trained only on that
+cell's images (study/generators.py; external samples, `--synthetic NAME=DIR`, join every cell).
+Synthetic images only train, and a set holding a copy of a held-out image is refused; selection
+uses the real validation split. A grid of ratios x real fractions x generators x seeds, each run
+PAIRED with the real-only run of its seed at the same optimiser steps, judged by
+stats.compare_generators; every synthetic set first meets the usability gate (study/gate.py).
 
-Everything lands in OUT: study.json (the inputs it depends on; a changed one is
-refused), real_subsets/, generators/, synthetic/, gate.json, scores/,
-results.csv (one row per classifier run, rewritten after each, so a study
-resumes where it stopped), summary.json and report.md with its plots.
+Everything lands in OUT: study.json (the inputs it depends on; a changed one is refused),
+real_subsets/, generators/, synthetic/, gate.json, scores/, results.csv (one row per classifier
+run, so a study resumes where it stopped), summary.json, report.md. Why: docs/experiment.md.
 """
 
 from __future__ import annotations
@@ -44,22 +36,24 @@ import data
 import dcgan
 import ddpm
 import diffusion
+import fid
 from study import gate
 from tools import phantoms
 from study import report
 from study import stats
 from study.generators import (GENERATORS, choose_guidance, ddpm_recipe, gan_recipe, noise_seed,  # noqa: F401 (study.X)
                         recipe, sample_generator, train_generator)
-from plumbing.configs import CLIError, check_config, flag, user_error
-from plumbing.files import atomic_path
+from plumbing.configs import CLIError, check_config, first_line, flag, option_name, user_error
+from plumbing.files import atomic_path, check_output
+from training import ddpm_run
 from training.harness import run_lock
 from tools import layout
 
 RESULT_FIELDS = ("run", "mode", "generator", "ratio", "real_fraction", "seed", "auroc", "auroc_ci_low",
                  "auroc_ci_high", "accuracy", "sensitivity", "specificity", "n_train", "n_synthetic",
-                 "n_test", "test_set", "seconds", "finished_at", "steps", "synthetic_set")
+                 "n_test", "test_set", "seconds", "finished_at", "steps", "synthetic_set", "generator_run")
 SUBSET_SEED = 0  # the one random order of the real training images that every nested subset is cut from
-DDPM_STEPS, GAN_STEPS, EVAL_EVERY = 600, 500, 100  # per class at fraction 1 (README, "Real X-rays at small scale")
+DDPM_STEPS, GAN_STEPS, EVAL_EVERY = 600, 500, 100  # per class at fraction 1 (docs/real_xrays.md)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -71,14 +65,15 @@ class StudyConfig:
 
     data: Path
     out: Path
-    ddpm: ddpm.TrainConfig | None = None  # needed when "ddpm" is among the generators
+    ddpm: ddpm_run.TrainConfig | None = None  # needed when "ddpm" is among the generators
     gan: dcgan.TrainConfig | None = None  # needed when "gan" is
-    ddpm_cfg: ddpm.TrainConfig | None = None  # needed when "ddpm-cfg" is (conditional=True)
+    ddpm_cfg: ddpm_run.TrainConfig | None = None  # needed when "ddpm-cfg" is (conditional=True)
     generators: tuple[str, ...] = GENERATORS
     external: dict[str, Path] = field(default_factory=dict)  # NAME -> DIR/{infiltration,no_finding}/: given samples
     ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real training image, per class
     real_fractions: tuple[float, ...] = (1.0, 0.25, 0.1)
     seeds: int = 5
+    generator_runs: int = 3  # training runs of each generator recipe per cell; classifier seed i uses run i mod K
     size: int = 32  # the common resolution of real and synthetic images for the classifier
     classifier: str = "resnet18"
     classifier_epochs: int = 20  # the real-only run's epochs: every run of a real fraction takes its steps
@@ -89,7 +84,7 @@ class StudyConfig:
     fid_max_images: int = 2000
     inception: bool = True  # try Inception FID/KID/IS (slow on a CPU); the classifier-feature distances always run
     device: str = "auto"
-    sampler: str = "ddpm"  # the cheapest within KID's SD of DDPM-1000 on phantoms (README, "Sampler quality")
+    sampler: str = "ddpm"  # the cheapest within KID's SD of DDPM-1000 on phantoms (docs/ddpm.md, "Sampler quality")
     sample_steps: int | None = None  # None: the sampler's default, diffusion.DEFAULT_STEPS
     n_synthetic: int | None = None  # per class and cell; None = enough for the largest ratio
     title: str = "the augmentation experiment"
@@ -101,6 +96,12 @@ class StudyConfig:
             raise CLIError(f"the study trains {', '.join(missing)} but has no training config for it")
         if not self.margin >= 0:
             raise CLIError(f"--margin must be at least 0, got {self.margin}")
+        runs = self.generator_runs
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+            raise CLIError(f"--generator-runs must be a whole number of at least 1, got {runs!r}")
+        if self.generators and runs > self.seeds:  # the budget: a run no classifier trains with is wasted
+            raise CLIError(f"--generator-runs {runs} is more than --seeds {self.seeds}: every generator run needs a "
+                           "classifier seed (seed i uses run i mod K); raise --seeds or lower --generator-runs")
         with user_error():  # before any generator trains
             diffusion.check_sampler(self.sampler, self.sample_steps, option="--sample-steps")
         self.sample_steps = self.sample_steps or diffusion.DEFAULT_STEPS[self.sampler]
@@ -120,7 +121,11 @@ class ExperimentOptions:
                            "ddpm-cfg (one class-conditional DDPM for both, with classifier-free guidance)")
     ratios: str = flag("0,0.5,1,2", "synthetic images per real training image (0 = real only)")
     real_fractions: str = flag("1,0.25,0.1", "nested fractions of the real train split (stratified)")
-    seeds: int = flag(5, "training seeds per setting (1: the verdict is at most inconclusive)", min=1)
+    seeds: int = flag(5, "classifier training seeds per setting (under 3: the verdict can only be inconclusive)",
+                      min=1)
+    generator_runs: int = flag(3, "training runs of each generator per cell, each with its own seed and sampling "
+                               "noise; classifier seed i uses run i mod K (1: the verdict can only be inconclusive)",
+                               min=1)
     margin: float = flag(stats.MARGIN, "equivalence margin: the smallest AUROC difference worth having", min=0)
     n_synthetic: int | None = flag(None, "samples per class and cell (default: enough for the largest ratio)", min=1)
     classifier: str = flag("resnet18", "the classifier's network", choices=classify.MODELS)
@@ -145,6 +150,10 @@ class ExperimentOptions:
 
     def __post_init__(self):
         check_config(self)
+
+
+DDPM_OPTIONS = ("ddpm_finetune", "pretrained", "ddpm_preset", "ddpm_max_steps", "ddpm_epochs", "sampler", "sample_steps")
+GAN_OPTIONS = ("gan_size", "gan_max_steps", "gan_epochs")  # ExperimentOptions of one generator kind each
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
@@ -189,6 +198,7 @@ def check_out(out: Path, root: Path) -> None:
     splits = [root.resolve() / d for d in data.SPLIT_DIRS.values()]
     if any(d in [out.resolve(), *out.resolve().parents] for d in splits):
         raise CLIError(f"--out {out} lies inside a split folder of --data {root}: its images would be read as data")
+    check_output(out, "--out", folder=True)  # a read-only folder, a parent that is a file
 
 
 def study_config(o: ExperimentOptions) -> StudyConfig:
@@ -205,6 +215,14 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
         raise CLIError("--real-fractions must lie in (0, 1]")
     if o.ddpm_finetune and o.pretrained is None:
         raise CLIError("--ddpm-finetune needs --pretrained PATH (google/ddpm-cifar10-32 weights)")
+    if o.ddpm_preset is not None and o.pretrained is not None:  # options that would do nothing are refused
+        raise CLIError(f"--ddpm-preset {o.ddpm_preset} with --pretrained: the DDPM is fine-tuned from the weights; "
+                       "leave out one of them")
+    for names, needs in ((DDPM_OPTIONS, {"ddpm", "ddpm-cfg"}), (GAN_OPTIONS, {"gan"})):
+        given = [f for f in dataclasses.fields(o) if f.name in names and getattr(o, f.name) != f.default]
+        if given and not needs & set(gens):
+            raise CLIError(f"{option_name(given[0])} with --generators {o.generators!r}: it sets a generator "
+                           "the study does not train")
     if o.pretrained is not None and not o.pretrained.exists():
         raise CLIError(f"--pretrained: not found: {o.pretrained}")
     if not o.data.is_dir():
@@ -224,7 +242,8 @@ def study_config(o: ExperimentOptions) -> StudyConfig:
         ddpm_cfg=ddpm_recipe(o.ddpm_preset, o.pretrained, epochs=o.ddpm_epochs, conditional=True,  # both classes:
                              max_steps=ddpm_steps and 2 * ddpm_steps, eval_every=2 * EVAL_EVERY)  # the pair's steps
         if "ddpm-cfg" in gens else None,
-        generators=gens, external=external, ratios=ratios, real_fractions=fracs, seeds=o.seeds, size=o.size,
+        generators=gens, external=external, ratios=ratios, real_fractions=fracs, seeds=o.seeds,
+        generator_runs=o.generator_runs, size=o.size,
         classifier=o.classifier, classifier_epochs=o.epochs, classifier_batch_size=o.batch_size, margin=o.margin,
         tstr=o.tstr, bootstrap=o.bootstrap, device=o.device, sampler=o.sampler, sample_steps=o.sample_steps,
         n_synthetic=o.n_synthetic)
@@ -327,6 +346,11 @@ def check_same_study(cfg: StudyConfig, inputs: dict[str, str]) -> None:
         old = json.loads(path.read_text())
         if set(old) != {"recipe", "inputs"}:
             raise CLIError(f"{cfg.out} holds a study written by an older version of this program; use a new --out")
+        was = old["recipe"].get("generator_runs")  # classifier runs belong to their seed's generator run
+        if was != cfg.generator_runs:
+            what = f"of {was} generator run(s) per cell, not {cfg.generator_runs}" if was else "of an older version"
+            raise CLIError(f"{cfg.out} holds a study {what}: two designs are never mixed; use a new --out"
+                           + (f" or --generator-runs {was}" if was else ""))
         changed = sorted(k for k in set(old["recipe"]) | set(recipe) if old["recipe"].get(k) != recipe.get(k))
         if changed:
             k = changed[0]
@@ -345,11 +369,25 @@ def check_same_study(cfg: StudyConfig, inputs: dict[str, str]) -> None:
 
 
 class Pool(NamedTuple):
-    """The synthetic images of one generator and real fraction, at the classifier's size."""
+    """The synthetic images of one generator and real fraction, at the classifier's size: all its training runs'."""
 
     images: torch.Tensor  # (N, S, S) uint8
     labels: torch.Tensor  # (N,)
-    digest: str  # of the pixels: a finished run is reused only with the same pool
+    digest: str  # of the pixels and labels: a finished run or measurement is reused only with the same pool
+    runs: np.ndarray | None = None  # (N,) the generator run of each image; None: one run (a given set)
+    run_digests: tuple[str, ...] = ()  # the digest of each run's images
+
+    def of_run(self, k: int) -> Pool:
+        """The images of generator run k (a pool of one run: itself)."""
+        if self.runs is None:
+            return self
+        keep = torch.from_numpy(np.flatnonzero(self.runs == k))
+        return Pool(self.images[keep], self.labels[keep], self.run_digests[k])
+
+
+def generator_run(cfg: StudyConfig, gen: str, seed: int) -> int:
+    """The training run of `gen` that classifier seed `seed` uses: stats.assign_runs' seed mod K (a given set: 0)."""
+    return seed % (cfg.generator_runs if gen in cfg.generators else 1)
 
 
 def subset_folder(cfg: StudyConfig, real: RealData, frac: float) -> tuple[Path, str]:
@@ -377,38 +415,46 @@ def subset_folder(cfg: StudyConfig, real: RealData, frac: float) -> tuple[Path, 
     return folder, trained_on
 
 
-def load_pool(cfg: StudyConfig, folder: Path, what: str, real: RealData) -> Pool:
-    """A synthetic folder at the classifier's size; refused if it holds a held-out image."""
+def load_pool(cfg: StudyConfig, folder: Path, what: str, real: RealData, runs: bool = False) -> Pool:
+    """A synthetic folder at the classifier's size; refused if it holds a held-out image. With `runs`, each
+    generator run's images lie in FOLDER/g<run>/ (generators.sample_generator)."""
     s = data.load_folder(folder, cfg.size, progress=False)
     if (s.labels < 0).any():
         raise CLIError(f"{what}: {s.paths[int(np.flatnonzero(s.labels.numpy() < 0)[0])]} is in no class folder "
                        f"({' or '.join(c + '/' for c in data.CLASSES)})")
     heldout = {"validation": (real.val_x, real.paths["validation"]), "test": (real.test_x, real.paths["test"])}
     data.check_no_heldout_copies(s.images, s.paths, heldout, what)
-    return Pool(s.images, s.labels, data.digest(*data.pixel_hashes(s.images), *s.labels.tolist()))
+    digest = lambda keep: data.digest(*data.pixel_hashes(s.images[keep]), *s.labels[keep].tolist())  # noqa: E731
+    if not runs:
+        return Pool(s.images, s.labels, digest(slice(None)))
+    run = np.array([int(Path(p).relative_to(folder).parts[0].removeprefix("g")) for p in s.paths])
+    return Pool(s.images, s.labels, digest(slice(None)), run,
+                tuple(digest(torch.from_numpy(np.flatnonzero(run == k))) for k in range(run.max() + 1)))
 
 
 def make_pools(cfg: StudyConfig, real: RealData, pools: dict) -> dict[str, dict[float, Pool]]:
-    """{generator: {real fraction: Pool}}: `pools` (the external ones) and the trained
-    generators' samples, per class and real fraction (ddpm-cfg: one model per fraction for both classes)."""
+    """{generator: {real fraction: Pool}}: `pools` (the external ones) and the trained generators' samples,
+    per class, real fraction (ddpm-cfg: one model for both classes) and training run, each run in one Pool."""
     ty = real.train_y.numpy()
     for frac in cfg.real_fractions:
         sub = real_subset(ty, frac)
         n_real = max(int((ty[sub] == c).sum()) for c in (0, 1))
         n_syn = cfg.n_synthetic or max(1, math.ceil(max(cfg.ratios + (1.0,)) * n_real))
         folder, trained_on = subset_folder(cfg, real, frac) if cfg.generators else (None, "")
-        for gen in cfg.generators:
+        for gen, run in ((g, k) for g in cfg.generators for k in range(cfg.generator_runs)):
             if gen == "ddpm-cfg":  # one model for both classes, its guidance scale chosen on validation
-                ckpt, fresh = train_generator(cfg, gen, None, frac, folder, trained_on, len(sub) / len(ty))
-                w = choose_guidance(cfg, ckpt, frac, real.val_x, real.val_y, fresh)
+                ckpt, fresh = train_generator(cfg, gen, None, frac, folder, trained_on, len(sub) / len(ty), run)
+                w = choose_guidance(cfg, ckpt, frac, real, fresh)
                 for cls in data.CLASSES:
-                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh, guidance=w)
+                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh, guidance=w, run=run)
             else:
                 for cls in data.CLASSES:
                     share = float((ty[sub] == data.LABELS[cls]).sum() / (ty == data.LABELS[cls]).sum())
-                    ckpt, fresh = train_generator(cfg, gen, cls, frac, folder, trained_on, share)
-                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh)
-            pool = load_pool(cfg, cfg.out / "synthetic" / gen / f"f{frac:g}", f"the {gen} samples", real)
+                    ckpt, fresh = train_generator(cfg, gen, cls, frac, folder, trained_on, share, run)
+                    sample_generator(cfg, gen, cls, frac, ckpt, n_syn, fresh, run=run)
+            if run < cfg.generator_runs - 1:
+                continue
+            pool = load_pool(cfg, cfg.out / "synthetic" / gen / f"f{frac:g}", f"the {gen} samples", real, runs=True)
             pools.setdefault(gen, {})[frac] = pool
     return pools
 
@@ -468,9 +514,7 @@ def plan_runs(cfg: StudyConfig) -> list[Run]:
 
 
 def step_budget(cfg: StudyConfig, n_real: int) -> int:
-    """The optimiser steps of every run of one real fraction: the real-only run's
-    full budget, classifier_epochs epochs of its n_real images. An augmented or
-    TSTR run takes the same steps: a ratio changes what batches hold, not how long."""
+    """Optimiser steps of every run of one real fraction: the real-only run's, classifier_epochs epochs of n_real."""
     return cfg.classifier_epochs * max(1, n_real // min(cfg.classifier_batch_size, n_real))
 
 
@@ -487,7 +531,7 @@ def run_classifier(cfg: StudyConfig, run: Run, real: RealData, pools: dict) -> t
     steps = step_budget(cfg, len(sub))
     sx = sy = None
     if run.mode != "real":
-        pool = pools[run.generator][run.fraction]
+        pool = pools[run.generator][run.fraction].of_run(generator_run(cfg, run.generator, run.seed))
         counts = {c: int((ty_t == c).sum()) for c in (0, 1)}
         if run.mode == "aug":
             per_class = {c: round(run.ratio * k) for c, k in counts.items()}
@@ -513,8 +557,10 @@ def run_grid(cfg: StudyConfig, real: RealData, pools: dict, test_set: str) -> li
     run counts only with the same test split and synthetic pool); return the grid's rows."""
     results_path = cfg.out / "results.csv"
 
-    def pool_of(run: Run) -> str:
-        return pools[run.generator][run.fraction].digest if run.mode != "real" else ""
+    def pool_of(run: Run) -> str:  # the images of the generator run that the run's seed trains with
+        if run.mode == "real":
+            return ""
+        return pools[run.generator][run.fraction].of_run(generator_run(cfg, run.generator, run.seed)).digest
 
     def reusable(r: dict) -> bool:
         same_pool = r["run"] not in by_name or r.get("synthetic_set") == pool_of(by_name[r["run"]])
@@ -541,6 +587,7 @@ def run_grid(cfg: StudyConfig, real: RealData, pools: dict, test_set: str) -> li
         rows.append({**{k: metrics.get(k, "") for k in RESULT_FIELDS}, "run": run.name, "mode": run.mode,
                      "generator": run.generator, "ratio": run.ratio, "real_fraction": run.fraction,
                      "seed": run.seed, "test_set": test_set, "synthetic_set": pool_of(run),
+                     "generator_run": "" if run.mode == "real" else generator_run(cfg, run.generator, run.seed),
                      "seconds": round(time.time() - t0, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         write_results(results_path, rows)  # after every run: an interruption loses at most one run
         print(f"[{i}/{len(todo)}] {run.name}: test AUROC {metrics['auroc']:.3f}, {int(metrics['steps'])} steps, "
@@ -559,6 +606,17 @@ def run_study(cfg: StudyConfig) -> Path:
         return _run_study(cfg)
 
 
+def fetch_inception() -> None:
+    """Once, before any work: the FID Inception weights into models/ (downloaded when absent), or one note
+    saying which file to put where. report.py reads them from disk only, and without them leaves Inception out."""
+    try:
+        fid.resolve_weights(None)
+    except CLIError as e:  # offline, or a download with the wrong hash
+        print(f"note: no FID Inception weights ({first_line(e.__cause__ or e)}): the report leaves out Inception "
+              f"FID, KID and IS; to have them, put {fid.WEIGHTS_FILE} (from {fid.WEIGHTS_URL}) at "
+              f"{fid.default_weights_path()} and run the same command again", flush=True)
+
+
 def _run_study(cfg: StudyConfig) -> Path:
     """Inputs checked, generators, samples, classifier grid, memorisation, distances, report."""
     t_start = time.time()
@@ -572,6 +630,8 @@ def _run_study(cfg: StudyConfig) -> Path:
                                    "test": real.paths["test"]}, indent=0))
     print(f"real data at {cfg.size}px: {len(real.train_y)} train, {len(real.val_y)} validation, "
           f"{len(real.test_y)} test ({len(set(real.test_patients))} test patients; {real.patients_note})", flush=True)
+    if cfg.inception:
+        fetch_inception()  # once, after the inputs are checked and before the hours of work
     pools = make_pools(cfg, real, external)
     gates = gate.check_pools(cfg, real, pools)  # before the grid: is each set of samples usable?
     rows = run_grid(cfg, real, pools, inputs["test split"])
@@ -594,8 +654,7 @@ class DemoConfig:
 
 
 def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
-    """The demo's reduced study and its phantom count. Budget: under 10 minutes
-    on a 2-core CPU for the full demo, a minute or two for --quick (the tests)."""
+    """The demo's reduced study and its phantom count: the full demo for a CPU, --quick for the tests."""
     if quick:
         cfg = StudyConfig(out / "data", out,
                           ddpm=ddpm_recipe("tiny", max_steps=8, batch_size=16, sample_steps=2, num_samples=4,
@@ -603,25 +662,24 @@ def demo_config(out: Path, quick: bool, device: str) -> tuple[StudyConfig, int]:
                           gan=gan_recipe(size=64, max_steps=8, batch_size=16),
                           ddpm_cfg=ddpm_recipe("tiny", max_steps=16, batch_size=16, sample_steps=2, num_samples=4,
                                                ema_decay=0.5, conditional=True),
-                          ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, classifier="small",
-                          classifier_epochs=2, classifier_batch_size=32, bootstrap=200, fid_max_images=64,
-                          inception=False, device=device, sampler="dpmpp", sample_steps=4,
+                          ratios=(0.0, 1.0), real_fractions=(1.0, 0.5), seeds=2, generator_runs=2,
+                          classifier="small", classifier_epochs=2, classifier_batch_size=32, bootstrap=200,
+                          fid_max_images=64, inception=False, device=device, sampler="dpmpp", sample_steps=4,
                           gate=gate.GateConfig(epochs=2, patience=1),
                           title="the quick demo (phantoms, tiny models: a smoke test)")
         return cfg, 120
-    # Measured on the idle 2-core CPU: the tiny UNet (0.18 M parameters, lr 2e-3, batch 16: 0.2 s a step) draws
-    # recognisable phantoms after 600 steps. One real fraction and one ratio keep the demo, gate included, under
-    # 10 minutes with three generators: 350 steps per class for the DDPMs, 700 for the one of both classes
-    # (measured idle: 8 min 26 s).
+    # One real fraction and one ratio, 350 steps per class for the DDPMs and 700 for the one of both classes,
+    # one generator run and two seeds (so its verdict is a smoke test): sized to keep the demo, gate included, to
+    # minutes on a CPU (docs/performance.md, "Measured times").
     cfg = StudyConfig(out / "data", out,
                       ddpm=ddpm_recipe("tiny", max_steps=350, batch_size=16, sample_steps=2, num_samples=4),
                       gan=gan_recipe(size=32, max_steps=300, batch_size=32),
                       ddpm_cfg=ddpm_recipe("tiny", max_steps=700, batch_size=16, sample_steps=2, num_samples=4,
                                            conditional=True),
-                      ratios=(0.0, 1.0), real_fractions=(1.0,), seeds=2, classifier="small",
+                      ratios=(0.0, 1.0), real_fractions=(1.0,), seeds=2, generator_runs=1, classifier="small",
                       classifier_epochs=8, classifier_batch_size=32, bootstrap=1000, fid_max_images=200,
                       device=device, sampler="dpmpp", sample_steps=20,
-                      title="the demo (embedded phantoms, small models, two seeds)")
+                      title="the demo (embedded phantoms, small models, two seeds, one generator run: a smoke test)")
     return cfg, 400
 
 

@@ -1,44 +1,18 @@
-"""Is a generator usable? The gate a generator's samples pass before they enter
-the study's grid.
-
-A generator that never learned to draw an X-ray (a DDPM that still outputs
-noise, a GAN collapsed onto one image) would otherwise enter the augmentation
-grid like any other, and its "no benefit" would read as evidence about its
-model family. Two measurements, both on real images the generator never saw:
-
-  * detectability: the test AUROC of a small classifier trained to tell this
-    generator's samples (label 1) from real training images (label 0), its
-    epoch chosen on real validation images vs other samples, evaluated on
-    real test images vs fresh samples. 0.5: indistinguishable; 1.0: trivially
-    fake. (A classifier two-sample test: Lopez-Paz and Oquab, ICLR 2017.)
-  * train-on-synthetic, test-on-real (TSTR): the test AUROC of the
-    Infiltration classifier trained on this generator's samples alone, for a
-    fixed budget (no epoch chosen on real images: see train_on_synthetic).
-    Above 0.5: the samples carry the class signal, provided the classes the
-    generator draws differ at all: the same classifier must also rank held-out
-    samples of the two classes apart (a one-sided Mann-Whitney test, p < 0.05).
-  * diversity (beside the rule: a warning below COLLAPSE_FLOOR).
-
-The rule (README, "Is a generator usable?"), with 95% bootstrap intervals:
-  unusable    detectability interval above FAKE_FLOOR (0.95) AND no class
-              signal: trivially fake and no class signal;
-  warning     trivially fake but carrying the class signal (the tiny DDPM on
-              phantoms can be), or realistic with little class signal (on
-              small real data the real-only classifier is weak too, so TSTR
-              alone never condemns a generator), or low diversity.
-Neither measurement touches the augmentation verdict: the gate reads the test
-split but no classifier of the grid is selected or trained with it.
-
-Why two conditions for the class signal: a classifier trained on noise is an
-arbitrary function of real images, and on data whose classes differ globally
-(phantoms) that function ranks real test images above chance by luck now and
-then, beyond what the TSTR interval (test sampling only) allows for: pure noise
-passed 1 of 8 simulated gates on TSTR alone. When the generator's two classes
-come from one distribution, its held-out samples' labels are exchangeable given
-the trained classifier, so the Mann-Whitney test claims a difference with
-probability at most 0.05 whatever the classifier learned; the rule's false
-"class-bearing" rate is therefore at most 5% (tests/test_gate.py simulates it).
-check_pools runs the gate over a study's samples, cached.
+"""Is a generator usable? The gate a generator's samples pass before they enter the study's grid
+(one that never learned to draw an X-ray would otherwise read as evidence about its model family).
+Measured on real images the generator never saw, with 95% bootstrap intervals:
+  * detectability: test AUROC of a small classifier telling samples (1) from real images (0), its
+    epoch chosen on real validation images; 0.5 indistinguishable, 1.0 trivially fake (a classifier
+    two-sample test, Lopez-Paz and Oquab, ICLR 2017);
+  * train-on-synthetic, test-on-real (TSTR): test AUROC of the Infiltration classifier trained on the
+    samples alone; a class signal needs its interval above 0.5 AND held-out samples of the two classes
+    ranked apart (one-sided Mann-Whitney, p < SEPARATION_P);
+  * diversity: a warning below COLLAPSE_FLOOR.
+The rule (decide): unusable when the detectability interval lies above FAKE_FLOOR with no class signal;
+a warning when trivially fake but class-bearing, realistic with no class signal shown, or low in diversity
+(diversity only ever warns).
+The gate reads the test split; no classifier of the grid is selected or trained with it. Why, and the
+simulation bounding the false "class-bearing" rate at 5%: docs/experiment.md. check_pools caches it.
 """
 
 from __future__ import annotations
@@ -68,7 +42,7 @@ class GateConfig:
     classifier: str = "small"
     epochs: int = 8
     # At most this many training images, so that the gate's cost stays fixed however many samples a study
-    # draws (a pool of the full demo's 560: 56-62 s of CPU uncapped, 27-32 s at these caps; README):
+    # draws (docs/performance.md, "The usability gate"):
     detect_train: int = 64  # real and generated each for detectability: TRIVIALLY fake samples show in a few dozen
     tstr_train: int = 128  # generated per class for TSTR: the grid's TSTR budget in the demo (8 epochs of 256)
     tstr_holdout: int = 32  # generated per class held out of TSTR's training (at most a third): do the classes differ?
@@ -93,8 +67,7 @@ def _split_three(n: int, seed: int) -> list[np.ndarray]:
 
 
 def _pick(n: int, k: int, seed: int, salt: int) -> np.ndarray:
-    """k of n indices, a random choice fixed by (seed, salt): the split folders are
-    sorted by class, so their first k images may all be of one class."""
+    """k of n indices at random, fixed by (seed, salt): the split folders are sorted by class."""
     return np.sort(np.random.default_rng([seed, salt]).permutation(n)[:k])
 
 
@@ -122,17 +95,12 @@ def detectability(real_train: torch.Tensor, real_val: torch.Tensor, real_test: t
 
 def train_on_synthetic(fake_x: torch.Tensor, fake_y: torch.Tensor, real_val: tuple, real_test: tuple,
                        cfg: GateConfig) -> dict:
-    """TSTR: the Infiltration classifier trained on samples alone (at most
-    cfg.tstr_train of each class) for cfg.epochs epochs; AUROC on real test images.
-    Up to cfg.tstr_holdout samples of each class (at most a third) are held out of
-    its training: "separation" is the same classifier's AUROC on them, with the
-    one-sided Mann-Whitney p-value (scipy) that the two classes it draws differ.
-
-    No epoch is chosen on real validation images (one check, at the end): a
-    classifier trained on noise is an arbitrary function of a real X-ray, and
-    choosing among its epochs by real validation AUROC picks the one whose
-    arbitrary output happens to rank real images right, which then carries to the
-    test split (pure noise measured TSTR 0.66, interval 0.50-0.81, on phantoms)."""
+    """TSTR: the Infiltration classifier trained on samples alone (at most cfg.tstr_train of each
+    class) for cfg.epochs epochs; AUROC on real test images. Up to cfg.tstr_holdout samples of each
+    class (at most a third) are held out: "separation" is the classifier's AUROC on them, with the
+    one-sided Mann-Whitney p-value (scipy) that the two classes it draws differ. No epoch is chosen
+    on real validation images: for a classifier trained on noise that picks its luckiest epoch
+    (docs/experiment.md, "The usability gate")."""
     from scipy.stats import mannwhitneyu
 
     held, train = [], []
@@ -193,18 +161,20 @@ def decide(detect: dict, tstr: dict, spread: float) -> GateResult:
     d = f"detectability AUROC {detect['auroc']:.3f} [{detect['ci_low']:.3f}, {detect['ci_high']:.3f}]"
     t = f"TSTR AUROC {tstr['auroc']:.3f} [{tstr['ci_low']:.3f}, {tstr['ci_high']:.3f}]"
     t += f", held-out classes apart {tstr['separation']:.3f} (p {tstr['separation_p']:.2g})" if tstr.get("separation") is not None else ""
+    why = ("TSTR interval includes 0.5" if tstr["ci_low"] <= CHANCE
+           else f"held-out classes not apart at p < {SEPARATION_P:g}")
     warnings = []
-    if spread < COLLAPSE_FLOOR:
+    if spread < COLLAPSE_FLOOR:  # a warning only: diversity never makes a generator unusable by itself
         warnings.append(f"low diversity: samples spread {spread:.2f} of the real images' (mode collapse)")
     if fake and not signal:
-        return GateResult(False, f"samples are trivially told apart from real X-rays ({d}) and carry no class "
-                                 f"signal ({t})", warnings, detect, tstr, spread)
+        return GateResult(False, f"samples are trivially told apart from real X-rays ({d}) and no class signal is "
+                                 f"shown ({why}; {t})", warnings, detect, tstr, spread)
     if fake:
         warnings.append(f"samples are trivially told apart from real X-rays ({d}) but carry the class signal ({t})")
         reason = "usable with a warning: trivially fake, but class-bearing"
     elif not signal:
-        warnings.append(f"samples are not trivially fake ({d}) but carry little class signal ({t})")
-        reason = "usable with a warning: realistic, little class signal"
+        warnings.append(f"samples are not trivially fake ({d}) but no class signal is shown ({why}; {t})")
+        reason = "usable with a warning: realistic, no class signal shown"
     else:
         reason = f"usable: {d}, {t}"
     return GateResult(True, reason, warnings, detect, tstr, spread)

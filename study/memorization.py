@@ -1,17 +1,15 @@
 """Is a synthetic image a copy of a real one? Two checks on decoded pixels.
 
-1. The leakage guard (`check_no_heldout_copies`): a synthetic image must not
-   equal or nearly equal an image of the validation or test split, whatever
-   its file name or folder; `classify --synthetic` and the study refuse a set
-   that holds one, naming the first.
+1. The leakage guard (data.check_no_heldout_copies): a synthetic image must not
+   equal or nearly equal an image of the validation or test split; `classify
+   --synthetic` and the study refuse a set that holds one, naming the first.
 2. The memorisation check (`memorization_check`, the study's and `python main.py
-   memorization`): for each synthetic image, the distance to its nearest
-   training image, in pixels and in a classifier's features, against the same
-   distance for real images the generator never saw (README, "Does synthetic
-   data help? The experiment"). Every synthetic image is compared with every
-   training image, an exact copy is always flagged, and the flagged rate is
-   tested against the rate at which real unseen images are flagged by the same
-   rule (the chance rate).
+   memorization`): each synthetic image's distance to its nearest training image,
+   in pixels and in a classifier's features, against the same distance for real
+   images the generator never saw (the yardstick). An image closer than the
+   yardstick's PERCENTILE-th percentile, or an exact copy, is flagged; a
+   permutation test (`permutation_p`) asks whether more synthetic images are
+   flagged than exchangeable real ones would be. docs/experiment.md, "Memorisation".
 """
 
 from __future__ import annotations
@@ -27,11 +25,12 @@ import torch
 
 import classify
 import data
-from study import stats
 from plumbing.configs import check_config, CLIError, flag
 from plumbing.files import atomic_path, check_output, save_image_grid
 
 PERCENTILE = 1.0  # flag synthetic images closer than the 1st percentile of real held-out NN distances
+N_PERMUTATIONS = 999  # re-splits of the permutation test: p-values in steps of 0.001
+FALSE_POSITIVE_RATE = 0.05  # memorisation is reported at p < this: the rate for a generator that copies nothing
 OUTPUTS = ("memorization.json", "closest_pairs.png")  # what `memorization --out DIR` writes into DIR
 
 
@@ -74,28 +73,40 @@ def leave_one_out_percentile(d: np.ndarray, p: float) -> np.ndarray:
     return kth(lo) + (pos - lo) * (kth(min(lo + 1, n - 2)) - kth(lo))
 
 
+def flagged_fraction(d_ref, d_syn, exact_syn, percentile: float) -> np.ndarray:
+    """Share of synthetic images (d_syn (..., n, spaces), exact_syn (..., n)) below the percentile-th
+    percentile of d_ref (..., m, spaces) in any space, or exact copies."""
+    threshold = np.percentile(d_ref, percentile, axis=-2)  # (..., spaces)
+    return ((d_syn < threshold[..., None, :]).any(axis=-1) | exact_syn).mean(axis=-1)
+
+
+def permutation_p(d_ref, d_syn, exact_ref, exact_syn, percentile: float = PERCENTILE,
+                  n_perm: int = N_PERMUTATIONS, seed: int = 0) -> float:
+    """One-sided permutation p-value of flagged_fraction: yardstick and synthetic images
+    (distances and exact flags together) pooled, re-split at random into groups of the
+    observed sizes, the threshold and the synthetic share recomputed;
+    p = (1 + #{re-split share >= observed}) / (1 + n_perm)."""
+    d, exact = np.concatenate([d_ref, d_syn]), np.concatenate([exact_ref, exact_syn])  # (n, spaces), (n,)
+    observed, n_ref = flagged_fraction(d_ref, d_syn, exact_syn, percentile), len(d_ref)
+    rng = np.random.default_rng(seed)
+    shares = []
+    for k in np.diff(np.r_[0:n_perm:100, n_perm]):  # 100 re-splits at a time: memory stays bounded
+        ref = rng.permuted(np.tile(np.arange(len(d)), (k, 1)), axis=1)[:, :n_ref]  # (k, n_ref): each row a re-split
+        threshold = np.percentile(d[ref], percentile, axis=1)  # (k, spaces)
+        hit = (d < threshold[:, None, :]).any(axis=-1) | exact  # (k, n): all images; the yardstick's are removed
+        shares.append((hit.sum(axis=1) - np.take_along_axis(hit, ref, axis=1).sum(axis=1)) / (len(d) - n_ref))
+    return float((1 + (np.concatenate(shares) >= observed).sum()) / (1 + n_perm))
+
+
 def memorization_check(train: torch.Tensor, synthetic: torch.Tensor, heldout: torch.Tensor | None = None,
                        embed=None, percentile: float = PERCENTILE) -> dict:
-    """For each synthetic image, the distance to its nearest image among ALL the
-    training images, in pixels (RMS difference at a common size) and, when
-    `embed` (uint8 -> (N, D)) is given, as cosine distance between classifier
-    features. One rule per space: flagged when closer than the threshold, the
-    `percentile`-th percentile of the yardstick distances, or an exact copy of
-    a training image (identical pixels), whatever the threshold.
-
-    Yardstick: the nearest-training distance of real images the generator never
-    saw (`heldout`: other patients, e.g. the validation and test splits); with
-    heldout None (a plain folder), each training image's distance to its nearest
-    OTHER training image (leave-one-out; nothing leaves the searched set).
-    Several films of one patient make those distances small, and so the
-    threshold strict: a synthetic image is then flagged only when it is as close
-    to a training image as a patient's own other film.
-
-    Chance rate: the rate at which the yardstick images are flagged by the same
-    rule, each judged against a threshold made without it (leave-one-out
-    percentile), combined over the spaces as the synthetic images are (either
-    space flags); p_value: one-sided binomial test of the synthetic rate against it.
-    train, synthetic, heldout: uint8 (N, S, S) at one size."""
+    """Each synthetic image's distance to its nearest image among ALL training images: RMS
+    pixel difference, and with `embed` (uint8 -> (N, D)) the cosine distance of features.
+    Flagged in a space when closer than the `percentile`-th percentile of the yardstick's
+    distances, or an exact copy of a training image. Yardstick: `heldout`'s nearest-training
+    distances (real images of other patients), or with None each training image's distance
+    to its nearest OTHER one. chance_fraction: the yardstick's own flagged share, each judged
+    without itself; p_value: permutation_p. train, synthetic, heldout: uint8 (N, S, S)."""
     spaces = {"pixel": _pixels}
     if embed is not None:
         spaces["feature"] = lambda u8: _unit(embed(u8))
@@ -110,7 +121,7 @@ def memorization_check(train: torch.Tensor, synthetic: torch.Tensor, heldout: to
         exact_ref = np.array([counts[h] > 1 for h in train_hashes], bool)
     out = {"n_synthetic": int(synthetic.shape[0]), "n_train": int(train.shape[0]), "yardstick": yard,
            "n_yardstick": int(exact_ref.size), "percentile": percentile, "n_exact_copies": int(exact.sum())}
-    flagged, chance = exact.copy(), exact_ref.copy()
+    flagged, chance, d_syns, d_refs = exact.copy(), exact_ref.copy(), [], []
     for name, f in spaces.items():
         t = f(train)
         d_syn, i_syn = data.nearest(f(synthetic), t)
@@ -122,15 +133,18 @@ def memorization_check(train: torch.Tensor, synthetic: torch.Tensor, heldout: to
         chance_hit = (d_ref < leave_one_out_percentile(d_ref, percentile)) | exact_ref
         flagged |= hit
         chance |= chance_hit
+        d_syns.append(d_syn)
+        d_refs.append(d_ref)
         out[name] = {"threshold": threshold, "n_flagged": int(hit.sum()), "flagged_fraction": float(hit.mean()),
                      "chance_fraction": float(chance_hit.mean()), "synthetic_median": float(np.median(d_syn)),
                      "yardstick_median": float(np.median(d_ref)), "synthetic_min": float(d_syn.min()),
                      "yardstick_min": float(d_ref.min())}
         if name == "pixel":
             out["_pixel_distance"], out["_pixel_index"] = d_syn, i_syn
+    p = permutation_p(np.stack(d_refs, axis=1), np.stack(d_syns, axis=1), exact_ref, exact, percentile)
     out.update(n_flagged=int(flagged.sum()), flagged_fraction=float(flagged.mean()),
-               chance_fraction=float(chance.mean()),
-               p_value=stats.binomial_greater_p(int(flagged.sum()), int(flagged.size), float(chance.mean())))
+               chance_fraction=float(chance.mean()), p_value=p, test="permutation", n_permutations=N_PERMUTATIONS,
+               false_positive_rate=FALSE_POSITIVE_RATE)
     return out
 
 
@@ -153,7 +167,7 @@ def public(result: dict) -> dict:
 class MemorizationConfig:
     """The options of `python main.py memorization`."""
 
-    train: Path = flag(help="extract-layout root (its train split is searched; validation + test are the "
+    train: Path = flag(help="extract-layout root (its train split is searched; the test split is the "
                             "yardstick) or a plain folder (leave-one-out yardstick)")
     synthetic: Path = flag(help="folder of synthetic images")
     size: int = flag(32, "common resolution for the pixel distance", min=1)
@@ -177,8 +191,8 @@ def run(cfg: MemorizationConfig) -> dict:
     heldout = None
     if note is not None:  # extract layout: other patients are the yardstick
         print(note, flush=True)
-        heldout = torch.cat([data.load_split(cfg.train, s, cfg.size).images for s in ("validation", "test")])
-        how = "train split; yardstick: validation + test splits"
+        heldout = data.load_split(cfg.train, "test", cfg.size).images  # validation chose things: not unseen
+        how = "train split; yardstick: test split"
     else:
         if len(train) < 10:
             raise CLIError(f"--train {cfg.train}: need at least 10 images for a leave-one-out yardstick")

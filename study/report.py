@@ -1,16 +1,13 @@
-"""The report of the augmentation experiment (study.py): the verdicts, the
+"""The report of the augmentation experiment (study/experiment.py): the verdicts, the
 held-out image distances, the figures, report.md and summary.json.
 
-Every classifier run of a study, for every seed, is scored on the same real
-test images. Each augmented cell is compared with the real-only run of the
-same seed and real subset by stats.compare_generators: a two-level bootstrap
-over training seeds and test PATIENTS (so the interval covers both training
-noise and test sampling), Holm's adjustment over the generators of a cell, and
-the verdict rule with the --margin (stats.py has the details and references;
-tests/test_stats.py proves the rule by simulation). A generator that failed the
-usability gate (gate.py) is named in the report's first lines, and its rows are
-given as what they are: the result of samples that are not X-rays, no verdict
-about its model family.
+Every classifier run of a study is scored on the same real test images. Each augmented
+cell is compared with the real-only run of the same seed and real subset by
+stats.compare_generators: generator runs, classifier seeds and test PATIENTS resampled
+(the interval covers this recipe's K training runs, not one trained generator), Holm over
+the generators of a cell, and the verdict rule with the --margin; only the pre-declared
+cell gets a verdict, the others are exploratory. A generator that failed the usability
+gate (study/gate.py) is named in the report's first lines and gets no verdict.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import classify
 import data
@@ -34,11 +30,12 @@ from study import stats
 from plumbing.files import atomic_path
 from plumbing.runtime import pick_device
 
-HEADLINE_KEYS = ("generator", "ratio", "real_fraction", "diff", "ci_low", "ci_high", "p_adjusted", "verdict", "seeds",
-                 "n_test_images", "n_test_patients", "seed_sd", "test_sd")
+HEADLINE_KEYS = ("generator", "ratio", "real_fraction", "diff", "ci_low", "ci_high", "ci_level", "p_adjusted",
+                 "verdict", "inconclusive_reason", "seeds", "generator_runs", "n_test_images", "n_test_patients",
+                 "generator_sd", "seed_sd", "test_sd")
 DISTANCE_KEYS = ("reference", "n_real", "n_fake", "fid", "kid_mean", "kid_std", "is_mean", "is_std", "feature_fd",
                  "feature_kid_mean", "feature_kid_std")
-MEMORIZATION_KEYS = ("flagged_fraction", "chance_fraction", "p_value")
+MEMORIZATION_KEYS = ("flagged_fraction", "chance_fraction", "p_value", "false_positive_rate")
 # what a trained generator's rows would be read as evidence on
 FAMILY = {"ddpm": "diffusion models", "gan": "GANs", "ddpm-cfg": "class-conditional diffusion models"}
 
@@ -59,15 +56,15 @@ def _scores(f_real: np.ndarray, f_fake: np.ndarray, logits: np.ndarray | None = 
 
 
 def distances(cfg, real, pools: dict, model) -> dict:
-    """Per generator (the samples of its largest real fraction) and class, and over
+    """Per generator (the samples of all runs at its largest real fraction) and class, and over
     both classes: Inception FID/KID/IS when its weights can be had, and always the
     Frechet distance and KID on the real-only reference classifier's features.
-    Every generator is scored against the SAME held-out real images (validation +
-    test: patients no generator and no classifier trained on), and with the same
+    Every generator is scored against the SAME test images (the validation split chose
+    checkpoints and guidance scales, so it is no neutral reference), with the same
     number of its own samples. Cached in OUT/distances.json by what went in.
     cfg: study.StudyConfig; real: study.RealData; pools: {generator: {fraction: study.Pool}}."""
     frac = max(cfg.real_fractions)
-    hx, hy = torch.cat([real.val_x, real.test_x]), torch.cat([real.val_y, real.test_y])
+    hx, hy = real.test_x, real.test_y
     sets = {"heldout": (hx, hy)} | {g: (p[frac].images, p[frac].labels) for g, p in pools.items()}
     picks = {}  # (set, class) -> indices: a fixed random n of each, n equal across the sets
     for c in (0, 1):
@@ -75,20 +72,21 @@ def distances(cfg, real, pools: dict, model) -> dict:
         for g, (_, y) in sets.items():
             picks[g, c] = np.sort(np.random.default_rng(0).permutation(np.flatnonzero(y.numpy() == c))[:n])
     key = data.digest(*(data.pixel_hashes(sets[g][0][i]) for (g, _), i in picks.items()),
-                              cfg.inception, model is None, "prdc")  # "prdc": older caches lack it
+                              cfg.inception, model is None, "prdc",  # "prdc": older caches lack it
+                              fid.default_weights_path().is_file())  # weights put there since: computed now
     path = cfg.out / "distances.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
     feats = {"feature": lambda u8: (np.asarray(classify.embed(model, u8), np.float64), None)} if model else {}
     note = None if cfg.inception else "not attempted in this configuration"
     if cfg.inception:
-        try:
-            net = fid.load_inception(None, pick_device(cfg.device))
+        try:  # from disk only: the study tried to download them once, before any work (experiment.fetch_inception)
+            net = fid.load_inception(fid.default_weights_path(), pick_device(cfg.device))
             feats["inception"] = lambda u8: fid.inception_features(net, u8, progress=False)[:2]
         except fid.InceptionWeightsMissing as e:
             note = str(e)
     f = {(g, c): {s: fn(sets[g][0][i]) for s, fn in feats.items()} for (g, c), i in picks.items()}
-    out = {"key": key, "inception_missing": note, "reference": "heldout (validation + test splits)",
+    out = {"key": key, "inception_missing": note, "reference": "heldout (test split)",
            "reference_images": data.digest(*(data.pixel_hashes(hx[picks["heldout", c]])
                                                      for c in (0, 1))),
            "generators": {}}
@@ -112,10 +110,10 @@ def distances(cfg, real, pools: dict, model) -> dict:
 
 
 def memorisation(cfg, real, pools: dict, model) -> dict:
-    """memorization_check of every synthetic pool against ALL real training images,
-    with validation + test as the yardstick; closest-pair grids for the largest fraction."""
+    """memorization_check of every synthetic pool (all its runs) against ALL real training images,
+    with the test split as the yardstick; closest-pair grids for the largest fraction."""
     embed = (lambda u8: classify.embed(model, u8)) if model is not None else None  # noqa: E731
-    heldout, top, memo = torch.cat([real.val_x, real.test_x]), max(cfg.real_fractions), {}
+    heldout, top, memo = real.test_x, max(cfg.real_fractions), {}
     for gen, by_frac in pools.items():
         for frac, pool in by_frac.items():
             if gen in cfg.external and frac != top:
@@ -170,7 +168,9 @@ def summarise(rows: list[dict], scores_dir: Path, patients: np.ndarray, n_boot: 
     """The grid's settings, each augmented and TSTR one with its comparison to
     real-only: per real fraction and ratio, one compare_generators call over the
     generators of that cell (Holm within it); TSTR against real-only at the largest
-    fraction (the same number of training images)."""
+    fraction (the same number of training images), one generator at a time (no Holm:
+    TSTR gets a gap and its 95% interval, never a verdict). Each seed's generator run
+    is read from results.csv."""
     labels = np.load(scores_dir / "test_labels.npy")
     counts = stats.cluster_bootstrap_counts(labels, patients, n_boot)
     groups: dict[tuple, dict[int, dict]] = {}
@@ -198,9 +198,10 @@ def summarise(rows: list[dict], scores_dir: Path, patients: np.ndarray, n_boot: 
         for key in keys:
             common = sorted(set(scores[key]) & set(scores.get(base, {})))
             if common:
-                runs[key] = (np.stack([scores[base][s] for s in common]), np.stack([scores[key][s] for s in common]))
-        if runs:
-            for key, row in zip(runs, stats.compare_generators(runs, labels, patients, margin, n_boot=n_boot)):
+                runs[key] = (np.stack([scores[base][s] for s in common]), np.stack([scores[key][s] for s in common]),
+                             np.array([int(groups[key][s].get("generator_run") or 0) for s in common]))
+        for family in ([runs] if mode == "aug" else [{k: v} for k, v in runs.items()]):
+            for key, row in zip(family, stats.compare_generators(family, labels, patients, margin, n_boot=n_boot)):
                 settings[key].comparison = {**row, "generator": key[1], "ratio": key[2], "real_fraction": key[3]}
     order = {"real": 0, "aug": 1, "tstr": 2}
     return sorted(settings.values(), key=lambda s: (order[s.mode], -s.fraction, s.generator, s.ratio))
@@ -217,6 +218,12 @@ def primary(settings: list[Setting]) -> list[dict]:
     return [s.comparison for s in aug if s.fraction == frac and s.ratio == ratio]
 
 
+def covers(row: dict) -> str:
+    """What a comparison's interval covers, in words."""
+    runs = row.get("generator_runs", 1)
+    return f"this recipe, {runs} training runs" if runs > 1 else "one trained generator or one set of samples"
+
+
 def headline(rows: list[dict], unusable: frozenset = frozenset()) -> str:
     """The answer in one sentence, from the primary comparison's rows; a generator
     in `unusable` (it failed the gate) gets its numbers but no verdict."""
@@ -225,14 +232,15 @@ def headline(rows: list[dict], unusable: frozenset = frozenset()) -> str:
     r0 = rows[0]
     share = "all" if r0["real_fraction"] == 1 else f"{r0['real_fraction']:.0%} of the"
     parts = [f"{r['diff']:+.3f} for the {r['generator'].upper()} ({100 * r['ci_level']:.3g}% CI {r['ci_low']:+.3f} "
-             f"to {r['ci_high']:+.3f}, Holm-adjusted p = {r['p_adjusted']:.2g}: "
+             f"to {r['ci_high']:+.3f} for {covers(r)}, Holm-adjusted p = {r['p_adjusted']:.2g}: "
              + ("no verdict, its generator failed the usability gate" if r["generator"] in unusable else r["verdict"])
              + ")" for r in rows]
-    text = (f"On this data ({r0['seeds']} seed{'s' if r0['seeds'] > 1 else ''}, {share} real training images, "
-            f"{r0['n_test_images']} test images of {r0['n_test_patients']} patients), adding synthetic images at "
-            f"ratio {r0['ratio']:g} changed test AUROC over real-only by {' and '.join(parts)}")
-    if r0["seeds"] < 2:
-        text += "; with one seed the interval covers test sampling only, so the verdict is at most inconclusive"
+    text = (f"On this data ({r0['seeds']} classifier seed{'s' if r0['seeds'] > 1 else ''}, {share} real training "
+            f"images, {r0['n_test_images']} test images of {r0['n_test_patients']} patients), the estimated change in "
+            f"test AUROC from adding synthetic images at ratio {r0['ratio']:g} over real-only is {' and '.join(parts)}")
+    reasons = sorted({r["inconclusive_reason"] for r in rows if r.get("inconclusive_reason")})
+    if reasons:
+        text += f"; the verdict can only be inconclusive: {'; '.join(reasons)}"
     return text + "."
 
 
@@ -250,8 +258,9 @@ def _finite(v):
 def gate_lines(gates: dict, memo: dict) -> list[str]:
     """The report's first lines: each set of samples the gate found unusable (its
     rows say nothing about its model family), each usable one with a warning, and
-    each generator whose samples the memorisation check flags above chance.
-    gates: {name: gate.GateResult}, named as memorization.json names its entries."""
+    each generator whose samples the memorisation check flags (permutation p below
+    memorization.FALSE_POSITIVE_RATE). gates: {name: gate.GateResult}, named as
+    memorization.json names its entries."""
     lines = []
     for name, r in gates.items():
         gen, _, frac = name.partition("@f")
@@ -266,15 +275,17 @@ def gate_lines(gates: dict, memo: dict) -> list[str]:
         elif r.warnings:
             lines.append(f"Gate warning, {what}: {'; '.join(r.warnings)}.")
     for g, m in memo.items():
-        if "@" not in g and m["p_value"] < 0.05 and m["flagged_fraction"] > m["chance_fraction"]:
+        if "@" not in g and m["p_value"] < m["false_positive_rate"]:
             lines.append(f"**Memorisation, {g.upper()}**: {m['flagged_fraction']:.0%} of its samples are flagged as "
-                         f"copies of training images (chance {m['chance_fraction']:.0%}, p = {m['p_value']:.2g}): "
-                         "its rows measure copied real images, not generation.")
+                         f"near-copies of training images, against {m['chance_fraction']:.0%} of the held-out real "
+                         f"images (permutation p = {m['p_value']:.2g}; a generator that copies nothing is flagged at "
+                         f"most {m['false_positive_rate']:.0%} of the time): its rows may partly measure copied real "
+                         "images rather than generation.")
     return lines
 
 
 def summary(head: list[dict], dist: dict, memo: dict, gates: dict | None = None) -> dict:
-    """summary.json: the headline rows (each with its generator's gate verdict), the
+    """summary.json: the headline rows (each with its generator's gate verdict; verdict null where unusable), the
     held-out distances, the memorisation check per generator (the samples of its
     largest real fraction) and the gate's verdict and measurements per set of samples."""
     gates = gates or {}
@@ -285,8 +296,9 @@ def summary(head: list[dict], dist: dict, memo: dict, gates: dict | None = None)
                                             inc.get("kid_mean"), inc.get("kid_std"), inc.get("is_mean"),
                                             inc.get("is_std"), feat.get("fd"), feat.get("kid_mean"),
                                             feat.get("kid_std"))))
-    return _finite({"headline": [{**{k: r[k] for k in HEADLINE_KEYS},
-                                  "usable": gates[r["generator"]].usable if r["generator"] in gates else None}
+    usable = {r["generator"]: gates[r["generator"]].usable if r["generator"] in gates else None for r in head}
+    return _finite({"headline": [{**{k: r[k] for k in HEADLINE_KEYS}, "usable": usable[r["generator"]],
+                                  "verdict": None if usable[r["generator"]] is False else r["verdict"]}
                                  for r in head], "distances": dists,
                     "memorization": {g: {k: m[k] for k in MEMORIZATION_KEYS} for g, m in memo.items() if "@" not in g},
                     "gate": {name: r.to_json() for name, r in gates.items()}})
@@ -356,23 +368,24 @@ def plot_distances(dist: dict, path: Path) -> None:
 
 
 def read_guidance(cfg) -> dict | None:
-    """generators.choose_guidance's table for the ddpm-cfg of the largest real fraction, if the study has one."""
-    path = cfg.out / "generators" / f"ddpm-cfg_f{max(cfg.real_fractions):g}" / "guidance.json"
+    """generators.choose_guidance's table for the ddpm-cfg of the largest real fraction (its first training run),
+    if the study has one."""
+    path = cfg.out / "generators" / f"ddpm-cfg_f{max(cfg.real_fractions):g}_g0" / "guidance.json"
     return json.loads(path.read_text()) if "ddpm-cfg" in cfg.generators and path.is_file() else None
 
 
 def plot_guidance(table: dict, path: Path) -> None:
-    """The conditional DDPM's validation KID per class against its guidance scale w, the chosen w marked."""
+    """The conditional DDPM's class separation (95% interval) against its guidance scale w, the chosen w marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.4, 3.2))
-    ws = [float(w) for w in table["mean_kid"]]
-    for cls in data.CLASSES:
-        ax.plot(ws, [table["kid"][f"{w:g}"][cls] for w in ws], "o-", label=cls)
-    ax.plot(ws, [table["mean_kid"][f"{w:g}"] for w in ws], "k--", label="mean (chooses w)")
+    ws = [float(w) for w in table["separation"]]
+    sep = [table["separation"][f"{w:g}"] for w in ws]
+    ci = np.array([table["separation_ci"][f"{w:g}"] for w in ws]).T  # (2, K)
+    ax.errorbar(ws, sep, yerr=np.abs(ci - np.array(sep)), fmt="o-", color="k", capsize=3)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.axvline(table["chosen"], color="grey", lw=0.8)
-    ax.set(xlabel="guidance scale w", ylabel="validation KID, pooled pixels")
-    ax.set_title("DDPM-CFG: distance to the validation images\nof each class (lower is closer)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set(xlabel="guidance scale w", ylabel="AUROC between the two classes' samples")
+    ax.set_title("DDPM-CFG: class separation of its samples\n(a classifier trained on real images)", fontsize=9)
     _save(fig, path)
 
 
@@ -410,12 +423,18 @@ def _ci(lo, hi, signed=False) -> str:
     return f"{lo:+.3f} to {hi:+.3f}" if signed else f"{lo:.3f}-{hi:.3f}"
 
 
-def _vs(c: dict | None) -> str:
-    """The comparison columns of a table row: difference, interval, Holm p, SDs, verdict."""
+def _sds(c: dict) -> str:
+    """generator / seed / test SD of a comparison, - where unmeasured."""
+    return f"{_num(c['generator_sd'])} / {_num(c['seed_sd'])} / {c['test_sd']:.3f}"
+
+
+def _vs(c: dict | None, verdict: str | None) -> str:
+    """The comparison columns of a table row: estimated change, interval, Holm p, SDs, and `verdict`
+    (None: the comparison's own; other cells than the pre-declared one pass "exploratory")."""
     if c is None:
         return "(baseline) | | | | |"
     return (f"{c['diff']:+.3f} | {_ci(c['ci_low'], c['ci_high'], True)} | {c['p_adjusted']:.2g} | "
-            f"{_num(c['seed_sd'])} / {c['test_sd']:.3f} | {c['verdict']} |")
+            f"{_sds(c)} | {verdict or c['verdict']} |")
 
 
 def _gate_table(gates: dict) -> list[str]:
@@ -426,10 +445,14 @@ def _gate_table(gates: dict) -> list[str]:
          "fake). *TSTR*: test AUROC of the Infiltration classifier trained on the samples alone; they carry the "
          "class when its interval lies above 0.5 AND the same classifier tells the generator's two classes apart "
          f"on held-out samples (*apart*: that AUROC, one-sided Mann-Whitney p < {gate.SEPARATION_P:g}; without it a "
-         "classifier of noise passes by luck). *Diversity*: the samples' mean pairwise distance over the real images' (collapsed below "
-         f"{gate.COLLAPSE_FLOOR:g}). The rule: **unusable** when the detectability interval lies above "
-         f"{gate.FAKE_FLOOR:g} AND there is no class signal (trivially fake and no class "
-         "signal); trivially fake but class-bearing, or realistic with little class signal, or collapsed: usable "
+         "classifier of noise passes by luck); otherwise no class signal is shown, which is an absence of evidence, "
+         "not evidence of absence. *Diversity*: the samples' mean pairwise distance over the real images'; below "
+         f"{gate.COLLAPSE_FLOOR:g} it adds a collapse warning and never by itself makes a generator unusable. Each "
+         "generator is measured on the samples of all its training runs together. The rule: **unusable** when the "
+         "detectability interval lies above "
+         f"{gate.FAKE_FLOOR:g} AND no class signal is shown (trivially fake and no class "
+         "signal shown); trivially fake but class-bearing, or realistic with no class signal shown, or collapsed: "
+         "usable "
          "with a warning (on small real data the real-only classifier is weak too, so TSTR alone never condemns a "
          "generator). 95% intervals: bootstrap over test images.", "",
          "| samples | usable | detectability (95% CI) | TSTR (95% CI) | apart (p) | diversity | reason; warnings |",
@@ -453,7 +476,9 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
     settings = summarise(rows, cfg.out / "scores", real.test_patients, cfg.bootstrap, cfg.margin)
     head = primary(settings)
     with atomic_path(cfg.out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary(head, dist, memo, gates), indent=1, allow_nan=False))
+        guidance = read_guidance(cfg)  # the ddpm-cfg's scale and whether the rule chose it or fell back to the default
+        chose = {k: guidance[k] for k in ("chosen", "best", "default", "decision")} if guidance else None
+        tmp.write_text(json.dumps({**summary(head, dist, memo, gates), "guidance": chose}, indent=1, allow_nan=False))
     top = max(cfg.real_fractions)
     unusable = frozenset(n for n, r in gates.items() if r.usable is False)
 
@@ -489,55 +514,75 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
           + (f"External samples ({', '.join(cfg.external)}): the same set at every real fraction, so they cannot "
              "take part in the matched-fraction cells (at a fraction below 1 they may carry the rest of the data). "
              if cfg.external else "")
-          + f"{cfg.seeds} seed(s); {len(rows)} classifier runs; this invocation took {elapsed / 60:.1f} min.", ""]
+          + f"{cfg.seeds} classifier seed(s)"
+          + (f", {cfg.generator_runs} training runs of each generator per cell, each with its own seed and sampling "
+             "noise (classifier seed i trains with run i mod "
+             f"{cfg.generator_runs})" if cfg.generators else "")
+          + f"; {len(rows)} classifier runs; this invocation took {elapsed / 60:.1f} min.", ""]
     L += _gate_table(gates) if gates else []
     L += ["## The verdict", "",
-          "The pre-declared comparison: ratio nearest 1 at the largest real fraction. *Difference*: mean over seeds of "
-          "AUROC(augmented) - AUROC(real-only), paired by seed. *CI*: a two-level bootstrap over training seeds and "
-          f"test patients ({cfg.bootstrap} resamples, stratified by class), read against Student's t, at the level "
-          "Holm's step-down adjustment over the generators tests it. *Seed SD* (training noise) and *test SD* "
-          "(test sampling, seeds fixed) show which noise dominates. "
+          "The pre-declared comparison: ratio nearest 1 at the largest real fraction. *Estimated change*: "
+          "AUROC(augmented) - AUROC(real-only), paired by seed, averaged within each generator run and then over the "
+          "runs. *CI*: a bootstrap over generator runs (the top level), the classifier seeds within them and test "
+          f"patients ({cfg.bootstrap} resamples, stratified by class), read against Student's t, at the level Holm's "
+          "step-down adjustment over the generators tests it: it covers this recipe over its training runs, not one "
+          "trained generator (with one run, or a given set of samples, it covers that one only). *Generator SD*: "
+          "of the run means (the generator's training noise, with its seeds' noise averaged in); *seed SD*: of the "
+          "per-seed change (classifier training noise); *test SD*: test sampling, runs and seeds fixed. "
           f"Margin: {cfg.margin:g} AUROC, the smallest difference worth having (published augmentation gains on chest "
           "X-rays are about +0.02).", "",
-          "| generator | difference | CI | Holm p | seed SD | test SD | verdict |", "|---|---|---|---|---|---|---|"]
+          "| generator | estimated change | CI | covers | Holm p | generator SD | seed SD | test SD | verdict |",
+          "|---|---|---|---|---|---|---|---|---|"]
     L += [f"| {name(r['generator'], top)} | {r['diff']:+.3f} | {_ci(r['ci_low'], r['ci_high'], True)} "
-          f"({100 * r['ci_level']:.3g}%) | {r['p_adjusted']:.2g} | {_num(r['seed_sd'])} | {r['test_sd']:.3f} | "
-          f"{r['verdict']} |" for r in head]
+          f"({100 * r['ci_level']:.3g}%) | {covers(r)} | {r['p_adjusted']:.2g} | {_num(r['generator_sd'])} | "
+          f"{_num(r['seed_sd'])} | {r['test_sd']:.3f} | "
+          f"{'no verdict (unusable)' if r['generator'] in unusable else r['verdict']} |" for r in head]
     L += ["", "Verdicts: **benefit** / **harm**: Holm-adjusted p < 0.05 and the interval above / below zero; "
           f"**equivalent within the margin**: the interval inside (-{cfg.margin:g}, +{cfg.margin:g}); otherwise "
-          "**inconclusive (more seeds or a larger test set needed)**, always so with one seed."]
-    if cfg.seeds < 2:
-        L += ["", f"**With {cfg.seeds} seed the interval covers test sampling only** (training noise is unmeasured), "
-              "so no verdict can be more than inconclusive."]
+          f"**inconclusive (more seeds or a larger test set needed)**, always so with fewer than {stats.MIN_SEEDS} "
+          f"classifier seeds or fewer than {stats.MIN_GENERATOR_RUNS} generator runs."]
+    reasons = sorted({r["inconclusive_reason"] for r in head if r.get("inconclusive_reason")})
+    if reasons:
+        L += ["", f"**The verdict can only be inconclusive here**: {'; '.join(reasons)}."]
     L += ["", "## Test AUROC per setting", "",
           "Mean over seeds; *95% CI*: of the seed-mean AUROC over test-patient resamples (test sampling only); "
-          "*seed SD*: of the AUROC across seeds. The comparison columns are those of the verdict, per cell (Holm "
-          "over the generators of the cell); every cell other than the pre-declared one is exploratory.", "",
-          "| setting | generator | ratio | real fraction | AUROC | 95% CI | seed SD | steps | vs real-only | CI | "
-          "Holm p | seed / test SD | verdict | real / synthetic train images |", "|" + "---|" * 14]
+          "*seed SD*: of the AUROC across seeds. The comparison columns are computed as for the verdict, per cell "
+          "(Holm over the generators of the cell), but only the pre-declared cell gets a verdict: the other cells "
+          "are exploratory, and their intervals are not corrected for the number of cells looked at.", "",
+          "| setting | generator | ratio | real fraction | AUROC | 95% CI | seed SD | steps | estimated change | CI | "
+          "Holm p | generator / seed / test SD | verdict | real / synthetic train images |", "|" + "---|" * 14]
+    primary_keys = {(r["generator"], r["ratio"], r["real_fraction"]) for r in head}
     for s in settings:
         if s.mode != "tstr":
+            pre = (s.generator, s.ratio, s.fraction) in primary_keys
+            verdict = ("no verdict (unusable)" if pre and s.generator in unusable else None) if pre else "exploratory"
             L.append(f"| {'real only' if s.mode == 'real' else 'real + synthetic'} | "
                      f"{name(s.generator, s.fraction) if s.mode != 'real' else '-'} | {s.ratio:g} | {s.fraction:g} | "
-                     f"{s.auroc:.3f} | {_ci(s.low, s.high)} | {_num(s.seed_sd)} | {s.steps:.0f} | {_vs(s.comparison)} "
-                     f"{s.n_train:.0f} / {s.n_synthetic:.0f} |")
+                     f"{s.auroc:.3f} | {_ci(s.low, s.high)} | {_num(s.seed_sd)} | {s.steps:.0f} | "
+                     f"{_vs(s.comparison, verdict)} {s.n_train:.0f} / {s.n_synthetic:.0f} |")
     tstr = [s for s in settings if s.mode == "tstr"]
     if tstr:
         L += ["", "## Train on synthetic, test on real (TSTR)", "",
               "A classifier trained only on synthetic images (as many per class as the largest real fraction has, "
-              "with its step budget), validated and tested on real images. Near the real-only AUROC: the generator "
-              "carries the class signal; near 0.5: it does not.", "",
-              "| generator | AUROC | 95% CI | vs real-only | CI | Holm p | seed / test SD | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
-        L += [f"| {name(s.generator, s.fraction)} | {s.auroc:.3f} | {_ci(s.low, s.high)} | {_vs(s.comparison)}"
-              for s in tstr]
+              "with its step budget), validated and tested on real images. It is not an augmentation, so it gets no "
+              "benefit or harm: its row gives the gap to the real-only classifier of the same seeds, with its 95% "
+              "interval (generator runs, seeds and test patients, as above; no Holm). A TSTR interval that includes "
+              "0.5 shows no class signal (an absence of evidence, not evidence of absence).", "",
+              "| generator | TSTR AUROC | 95% CI | class signal | gap to real-only | 95% CI of the gap | "
+              "generator / seed / test SD |", "|---|---|---|---|---|---|---|"]
+        L += [f"| {name(s.generator, s.fraction)} | {s.auroc:.3f} | {_ci(s.low, s.high)} | "
+              f"{'shown (interval above 0.5)' if s.low > 0.5 else 'none shown (TSTR interval includes 0.5)'} | "
+              + (f"{s.comparison['diff']:+.3f} | {_ci(s.comparison['ci_low'], s.comparison['ci_high'], True)} | "
+                 f"{_sds(s.comparison)} |" if s.comparison else "- | - | - |") for s in tstr]
     L += ["", "![AUROC against synthetic ratio](auroc_vs_ratio.png)", "", "## How close are the synthetic images?", ""]
     ns = sorted({(e["n_real"], e["n_fake"]) for e in dist["generators"].values()})
     counts = " / ".join(f"{a} real, {b} synthetic" for a, b in ns)
     small = bool(ns) and min(map(min, ns)) < fid.FID_MIN_IMAGES
-    L += [f"Every generator's samples (of its largest real fraction) against the same held-out real images, the "
-          f"validation and test splits (patients no generator trained on): {counts} images over both classes, the "
-          "same counts for every generator, the per-class counts in the table. "
+    L += [f"Every generator's samples (all its training runs at its largest real fraction) against the same "
+          "held-out real images, the test split (patients no generator trained on; the validation split chose "
+          "checkpoints and guidance scales, so it is left out): "
+          f"{counts} images over both classes, the same counts for every generator, the per-class counts in the "
+          "table. "
           + (f"These counts are below {fid.FID_MIN_IMAGES:,}: Inception FID is biased upwards at this N (compare only "
              "at equal counts); KID, which is unbiased, is given beside it. " if small else "")
           + "The classifier-feature distances use the real-only reference classifier (seed 0, trained on the train "
@@ -560,19 +605,21 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
     guidance = read_guidance(cfg)
     if guidance:
         plot_guidance(guidance, cfg.out / "guidance.png")
-        n = guidance["n_validation"]
         L += ["## The conditional DDPM's guidance scale", "",
-              f"DDPM-CFG samples with w = **{guidance['chosen']:g}**, eps(x, none) + w (eps(x, y) - eps(x, none)): of "
-              f"the grid {', '.join(f'{w:g}' for w in guidance['grid'])}, the scale whose samples came closest to the "
-              f"real validation images of their own class ({' and '.join(f'{k} {c}' for c, k in n.items())} images, "
-              "as many samples each, noise of their own seed), by KID averaged over the two classes. KID here is on "
-              "2x2-pooled pixels: while the generators are made no X-ray classifier exists yet, and the test split is "
-              "never read. w = 1 is plain conditional sampling; a larger w trades diversity for class fidelity.", "",
-              "| w | " + " | ".join(f"KID {c}" for c in data.CLASSES) + " | mean |", "|---|---|---|---|"]
-        L += [f"| {w}{' (chosen)' if float(w) == guidance['chosen'] else ''} | "
-              + " | ".join(f"{guidance['kid'][w][c]:.4g}" for c in data.CLASSES) + f" | {m:.4g} |"
-              for w, m in guidance["mean_kid"].items()]
-        L += ["", "![guidance scale against validation KID](guidance.png)", ""]
+              f"DDPM-CFG samples with w = **{guidance['chosen']:g}** ({guidance['decision']}), "
+              f"eps(x, none) + w (eps(x, y) - eps(x, none)), of the grid {', '.join(f'{w:g}' for w in guidance['grid'])}. "
+              f"Each w drew {guidance['n_samples']} samples of each class (the same noise for every w) and a classifier "
+              f"trained on the real training images (validation AUROC {guidance['classifier_val_auroc']:.3f}) scored "
+              "them: the class separation is its AUROC between the two classes' samples (0.5: the class is not "
+              f"drawn). The default w = {guidance['default']:g} is kept unless the best w's separation beats it in a "
+              f"paired permutation test at one-sided p <= {guidance['level']:.3g} (5% over the default's rivals); "
+              f"here the best was w = {guidance['best']:g} (p {guidance['p_best_over_default']:.3g}). The test split "
+              "is never read.", "",
+              "| w | class separation | 95% interval |", "|---|---|---|"]
+        L += [f"| {w}{' (chosen)' if float(w) == guidance['chosen'] else ''} | {v:.3f} | "
+              f"{guidance['separation_ci'][w][0]:.3f} to {guidance['separation_ci'][w][1]:.3f} |"
+              for w, v in guidance["separation"].items()]
+        L += ["", "![guidance scale against class separation](guidance.png)", ""]
     L += ["## Samples", ""]
     L += [f"![{c}: real and synthetic](samples_{c}.png)" for c in data.CLASSES]
     warned = [(p.parent.name, line.strip()) for p in sorted((cfg.out / "generators").glob("*/warnings.log"))
@@ -587,11 +634,14 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
     L += ["", "## Memorisation", "",
           "Every synthetic image against ALL real training images: its nearest one by RMS pixel difference at "
           f"{cfg.size} px, and by cosine distance between reference-classifier features. Flagged in a space when "
-          f"closer than the {p} percentile of the same distance for the held-out images (validation + test: other "
-          "patients), or an exact copy of a training image (identical pixels) whatever the threshold; *combined*: "
-          "flagged in either space. *Chance*: the rate at which the held-out images themselves are flagged by the "
-          "same rule (each judged against a threshold made without it); *p*: one-sided binomial test of the "
-          "synthetic rate against it.", "",
+          f"closer than the {p} percentile of the same distance for the held-out images (the test split: other "
+          "patients, which chose nothing), or an exact copy of a training image (identical pixels) whatever the "
+          "threshold; *combined*: flagged in either space. *Chance*: the rate at which the held-out images "
+          "themselves are flagged by the same rule (each judged against a threshold made without it). *p*: a "
+          "permutation test (held-out and synthetic distances pooled and re-split "
+          f"{memorization.N_PERMUTATIONS} times, threshold and flagged share recomputed): a generator that copies "
+          f"nothing is flagged at p < {memorization.FALSE_POSITIVE_RATE:g} at most "
+          f"{memorization.FALSE_POSITIVE_RATE:.0%} of the time.", "",
           "| samples | real fraction | synthetic images | exact copies | pixel flagged / chance | "
           "feature flagged / chance | combined flagged / chance | p |", "|---|---|---|---|---|---|---|---|"]
     for g, m in memo.items():
@@ -603,9 +653,10 @@ def write_report(cfg, real, pools: dict, memo: dict, dist: dict, gates: dict, ro
     L += [""] + [f"Closest pairs, {g.upper()} (top: synthetic, bottom: its nearest training image):\n"
                  f"![closest pairs {g}](closest_pairs_{g}.png)\n" for g in memo if "@" not in g]
     L += ["## What this does not show", "",
-          f"The intervals cover training seeds and the sampling of {n_pat} test patients, not a new generator (each "
-          "was trained once), a new real subset (fixed across seeds) or another hospital: there is no external test "
-          f"set. Everything ran at {cfg.size} px, far below clinical resolution, so the result says nothing about "
+          f"The intervals cover the generators' training runs ({cfg.generator_runs} per cell; given sample sets: "
+          f"one), classifier seeds and the sampling of {n_pat} test patients, not a new real subset (fixed across "
+          "seeds and runs) or another hospital: there is no external test set. Everything ran at "
+          f"{cfg.size} px, far below clinical resolution, so the result says nothing about "
           "fine findings that only show at full size. The labels are mined from reports by NLP (Wang et al. 2017) "
           "and are noisy. One classifier and one training recipe were tried. AUROC measures ranking, not "
           "calibration. A clean memorisation check means no synthetic image is closer to a training image than "

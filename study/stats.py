@@ -1,45 +1,30 @@
-"""The statistics of the augmentation study: does training on real + synthetic
-images ("augmented") change test AUROC over training on real images only
-("real-only"), and how sure can we be?
+"""The statistics of the augmentation study: does training on real + synthetic images
+("augmented") change test AUROC over real-only, and how sure can we be?
 
-Every classifier of a study, for every training seed, is scored on the same
-real test split. Two kinds of noise move a measured AUROC difference:
-training noise (another seed trains another classifier) and test sampling
-(another test split holds other patients). The first report resampled test
-IMAGES only (classify.stratified_bootstrap_indices): it ignored training noise and the fact
-that a patient's ~2.5 images are not independent, and a review found it
-claiming an effect in 37-63% of simulated null studies (20% in the milder
-simulation of tests/test_stats.py, over 80% where training noise dominates).
-This module replaces it:
-
-1. a stratified cluster bootstrap over patients (Davison and Hinkley 1997,
-   Bootstrap Methods and their Application, sec. 3.8; for ROC curves of
-   clustered data, Obuchowski 1997, Biometrics 53:567);
-2. a two-level bootstrap of the paired difference, seeds then patients: Owen's
-   (2007, Ann. Appl. Stat. 1:386) pigeonhole bootstrap for a crossed
-   seeds x patients design, read against Student's t with Welch-Satterthwaite
-   degrees of freedom, since 3-5 seeds are too few for a percentile interval;
-3. Holm's (1979, Scand. J. Statist. 6:65) step-down adjustment across the
-   generators compared;
-4. the verdict rule: benefit, harm, equivalent within the margin, inconclusive;
-5. a one-sided binomial test for the memorisation check.
-
-AUROC is the Mann-Whitney statistic with ties counting one half, as in
-classify.auroc; `batch_auroc` computes it for a whole batch of resamples at
-once and is checked against classify.auroc and classify.bootstrap_aurocs in
-tests/test_stats.py, where a simulation of null and true-effect studies also
-measures the rule's false-claim rate and power.
+A measured AUROC difference moves with three kinds of noise, in a nested-then-crossed
+design: the generator's own training (K runs of one recipe, each with its own seed and
+sampling noise), the classifier's training (seeds; seed i uses generator run i mod K) and
+the test split's patients (every run scores every patient). The interval resamples them
+in that order: generator runs with replacement (Davison and Hinkley 1997, Bootstrap
+Methods and their Application, sec. 3.8), patients crossed with them (Owen 2007, Ann.
+Appl. Stat. 1:386), read against Student's t; Holm (1979, Scand. J. Statist. 6:65)
+adjusts across generators; `verdict` names the result. AUROC is the Mann-Whitney
+statistic with ties counting one half, as classify.auroc. docs/experiment.md gives the
+reasoning, the simulated error rates and the power.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats as sps
 
 MARGIN = 0.02  # the smallest AUROC difference worth having: the equivalence margin
 ALPHA = 0.05  # family-wise error rate across the generators compared
+MIN_SEEDS = 3  # fewer classifier seeds: the verdict is inconclusive
+MIN_GENERATOR_RUNS = 2  # fewer generator training runs: likewise
+DF_BOUND = 0.25  # df are read from the top-level variance's upper 1 - DF_BOUND confidence bound
 VERDICTS = ("benefit", "harm", "equivalent within the margin",
             "inconclusive (more seeds or a larger test set needed)")
 
@@ -48,17 +33,13 @@ VERDICTS = ("benefit", "harm", "equivalent within the margin",
 
 
 def batch_auroc(scores, labels, counts) -> np.ndarray:
-    """AUROC of each of B resamples of one run's test scores, a resample given by
-    how many times it draws each image, counts (B, n). Mann-Whitney with ties
-    counting one half, i.e. classify.auroc on the resample's images:
+    """AUROC of each of B resamples of one run's test scores, resample b drawing
+    image i counts[b, i] times (classify.auroc of the resample's images):
 
         AUROC_b = sum_{i pos, j neg} c_bi c_bj ([s_i > s_j] + [s_i = s_j] / 2) / (P_b N_b)
 
-    with P_b, N_b the positives and negatives drawn. The negatives are sorted
-    once; a positive beats the negatives below it and half of those tied with
-    it, which is the mean of two cumulative counts (strictly below, and below
-    or tied) read at its place in the sorted negatives: O(B n), no sort per
-    resample. NaN where a resample lacks a class, as classify.auroc."""
+    O(B n): a positive's wins are read from cumulative counts of the sorted
+    negatives. NaN where a resample lacks a class."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).ravel().astype(bool)
     c = np.asarray(counts)
@@ -78,18 +59,11 @@ def batch_auroc(scores, labels, counts) -> np.ndarray:
 
 
 def cluster_bootstrap_counts(labels, patients, n_boot: int, seed: int = 0) -> np.ndarray:
-    """(B, n) how many times each test image is drawn by each of n_boot resamples
-    of a stratified cluster bootstrap: PATIENTS are drawn with replacement, each
-    with all of their images, since a patient's images share anatomy, scanner and
-    disease and are not independent (Davison and Hinkley 1997, sec. 3.8).
-
-    Strata: patients with at least one positive image, and patients with none;
-    each resample draws as many patients from each stratum as it holds. So every
-    resample has a positive and a negative image (its AUROC is defined) and the
-    same number of "positive" patients, the analogue of classify.stratified_bootstrap_indices
-    keeping the class counts. With one image per patient it IS that bootstrap,
-    draw for draw: the same generator calls, positive stratum first, patients in
-    the order of their first image."""
+    """(B, n) times each test image is drawn by each of n_boot resamples of a
+    stratified cluster bootstrap: whole PATIENTS drawn with replacement (Davison
+    and Hinkley 1997, sec. 3.8), as many from the patients with a positive image
+    and from those without as each stratum holds. With one image per patient it
+    is classify.stratified_bootstrap_indices, draw for draw."""
     y = np.asarray(labels).ravel().astype(bool)
     _, first, patient = np.unique(np.asarray(patients).ravel(), return_index=True, return_inverse=True)
     if patient.size != y.size:
@@ -109,182 +83,180 @@ def cluster_bootstrap_counts(labels, patients, n_boot: int, seed: int = 0) -> np
     return per_patient[:, patient]
 
 
-# --------------------------------------------------------------------------- the paired difference: seeds, patients
+# --------------------------------------------------------------------------- the difference: runs, seeds, patients
+
+
+def assign_runs(n_seeds: int, n_runs: int) -> np.ndarray:
+    """The generator run each classifier seed trains with: seed i uses run i mod K."""
+    return np.arange(n_seeds) % n_runs
 
 
 @dataclass(frozen=True)
-class PairedDifference:
-    """AUROC(augmented) - AUROC(real-only), mean over seeds, and its noise."""
+class Difference:
+    """AUROC(augmented) - AUROC(real-only) and its noise; arrays over any leading axes."""
 
-    diff: float  # mean over seeds of the per-seed paired difference, full test split
-    se: float  # its standard error: SD of the two-level bootstrap replicates (test_sd with one seed)
-    df: float  # degrees of freedom of se (Welch-Satterthwaite); inf with one seed
-    seed_sd: float  # SD across seeds of the per-seed difference; NaN with one seed
-    test_sd: float  # SD of the seed-mean difference over patient resamples, seeds fixed
+    diff: np.ndarray  # mean over generator runs of each run's mean over its seeds, full test split
+    se: np.ndarray  # standard error: the SD of the nested bootstrap (nested_difference)
+    df: np.ndarray  # degrees of freedom of se; inf where no level above the patients is measured
+    generator_sd: np.ndarray  # SD across generator runs of the run means; NaN with one run
+    seed_sd: np.ndarray  # SD across seeds of the per-seed difference; NaN with one seed
+    test_sd: np.ndarray  # SD of diff over patient resamples, runs and seeds fixed
     seeds: int
+    generator_runs: int
 
-    def p_value(self) -> float:
-        """Two-sided p-value of "difference = 0": t = diff / se against Student's t(df)."""
-        if self.se == 0:
-            return float(self.diff == 0)
-        return float(2 * sps.t.sf(abs(self.diff) / self.se, self.df))
+    def p_value(self) -> np.ndarray:
+        """Two-sided p-value of "difference = 0": |diff| / se against Student's t(df)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.abs(self.diff) / self.se
+        return np.where(self.se > 0, 2 * sps.t.sf(t, self.df), np.asarray(self.diff == 0, dtype=float))
 
-    def interval(self, alpha: float) -> tuple[float, float]:
-        """(1 - alpha) interval diff -/+ t(df, 1 - alpha/2) se; it excludes 0 exactly when p < alpha."""
-        half = float(sps.t.ppf(1 - alpha / 2, self.df)) * self.se
+    def interval(self, alpha) -> tuple[np.ndarray, np.ndarray]:
+        """(1 - alpha) interval diff -/+ t(df, 1 - alpha / 2) se: it excludes 0 exactly when p < alpha."""
+        half = sps.t.ppf(1 - np.asarray(alpha) / 2, self.df) * self.se
         return self.diff - half, self.diff + half
 
 
-def welch_satterthwaite_df(u_seed: float, df_seed: int, u_test: float) -> float:
-    """Degrees of freedom of a variance u_seed + u_test whose first part is
-    estimated from df_seed degrees of freedom and whose second is taken as known
-    (Satterthwaite 1946): (u_seed + u_test)^2 / (u_seed^2 / df_seed)."""
-    return float("inf") if u_seed == 0 else (u_seed + u_test) ** 2 / (u_seed ** 2 / df_seed)
+def welch_satterthwaite_df(u_top, df_top, u_test):
+    """Satterthwaite (1946): (u_top + u_test)^2 / (u_top^2 / df_top), u_test taken as known."""
+    u_top, u_test = np.asarray(u_top, dtype=np.float64), np.asarray(u_test, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(u_top > 0, (u_top + u_test) ** 2 / (u_top ** 2 / df_top), np.inf)
 
 
-def paired_difference(real_scores, aug_scores, labels, counts, seed: int = 0) -> PairedDifference:
-    """Two-level bootstrap of the seed-mean AUROC difference (augmented - real-only).
+def nested_difference(per_seed, boot, runs=None) -> Difference:
+    """The difference and its interval's parts from per-seed AUROC differences.
 
-    real_scores, aug_scores: (S, n) test scores, row s of each from training seed s
-    (the pair stays together: same seed, same real data, same test images);
-    counts: (B, n) patient resamples from cluster_bootstrap_counts.
+    per_seed (..., S): each classifier seed's difference on the full test split;
+    boot (..., S, B): the same on B patient resamples (shared by every seed);
+    runs (S,): the generator run of each seed, None for one run.
 
-    Replicate b draws S seeds with replacement and takes patient resample b for
-    all of them: the mean over drawn seeds of AUROC_aug - AUROC_real on resample b.
-    Seeds and patients are crossed (every run scores every patient); resampling
-    both independently is Owen's (2007) pigeonhole bootstrap, whose variance is
-    about seed_sd^2 / S + test_sd^2 plus the seed x patient interaction counted
-    once more: conservative where training noise varies image by image, as it
-    does for real networks. Two small-sample corrections, both
-    for the seed level, where only 3-5 values are resampled:
-    (i) the per-seed deviations from the seed mean are inflated by sqrt(S / (S - 1)),
-    so the seed level contributes seed_sd^2 / S: the bootstrap variance of a
-    mean of S values is only (S - 1) / S of that, two thirds with 3 seeds;
-    (ii) the interval and p-value read diff / se against Student's t, not the
-    replicates' percentiles: a bootstrap mean of S values has near-normal tails,
-    while the honest reference for S = 3 is t(2), whose 97.5% point is 4.30, not
-    1.96. The degrees of freedom are Welch-Satterthwaite's: S - 1 for the seed
-    component, infinite for the test one (hundreds of patients), so df runs from
-    S - 1, when seed noise dominates, to infinity, when test sampling does.
-    In simulated null studies where training noise dominates, percentile
-    intervals claimed an effect in 22% (3 seeds) and 14% (5 seeds) of 1,000
-    studies, this rule in 6-7% (tests/test_stats.py has the simulation).
-    With one seed there is no seed level: se = test_sd, training noise left out."""
+    The top level is the generator runs (the seeds with one run; none with one
+    seed). The bootstrap draws U top-level units with replacement, each bringing
+    the mean of its own seeds (not drawn again: their noise is already in the unit
+    means), on patient resample b, deviations scaled by sqrt(U / (U - 1)) so the
+    top level adds var(unit means) / U. se^2 is that bootstrap's variance, the
+    unit draws taken in closed form (no Monte Carlo noise):
+
+        se^2 = var_b(D_b) + mean_b var_k(unit_kb) / U,    D_b = mean_k unit_kb
+
+    df: Welch-Satterthwaite, the top-level variance at its upper 1 - DF_BOUND
+    chi-square bound: the plain estimate raises df exactly when it is small by chance."""
+    per_seed, boot = np.asarray(per_seed, dtype=np.float64), np.asarray(boot, dtype=np.float64)
+    n_seeds = boot.shape[-2]
+    runs = np.zeros(n_seeds, int) if runs is None else np.unique(np.asarray(runs), return_inverse=True)[1]
+    n_runs = int(runs.max()) + 1
+    units = runs if n_runs > 1 else np.arange(n_seeds)
+    n_units = int(units.max()) + 1
+    weight = (units[:, None] == np.arange(n_units)) / np.bincount(units)  # (S, U): the mean over a unit's seeds
+    unit_full = per_seed @ weight  # (..., U)
+    unit_boot = np.einsum("...sb,su->...ub", boot, weight)  # (..., U, B)
+    test_sd = unit_boot.mean(axis=-2).std(axis=-1, ddof=1)  # runs and seeds fixed, patients resampled
+    nan = np.full(test_sd.shape, np.nan)
+    parts = dict(diff=unit_full.mean(axis=-1), test_sd=test_sd, seeds=n_seeds, generator_runs=n_runs,
+                 seed_sd=per_seed.std(axis=-1, ddof=1) if n_seeds > 1 else nan,
+                 generator_sd=unit_full.std(axis=-1, ddof=1) if n_runs > 1 else nan)
+    if n_units == 1:
+        return Difference(se=test_sd, df=np.full(test_sd.shape, np.inf), **parts)
+    se = np.sqrt(test_sd ** 2 + unit_boot.var(axis=-2, ddof=1).mean(axis=-1) / n_units)
+    u_top = unit_full.var(axis=-1, ddof=1) / n_units * (n_units - 1) / sps.chi2.ppf(DF_BOUND, n_units - 1)
+    return Difference(se=se, df=welch_satterthwaite_df(u_top, n_units - 1, test_sd ** 2), **parts)
+
+
+def paired_difference(real_scores, aug_scores, labels, counts, runs=None) -> Difference:
+    """nested_difference of one comparison from test scores: real_scores, aug_scores
+    (S, n), row s of each from classifier seed s (same seed, same real data, same
+    test images); counts (B, n) from cluster_bootstrap_counts; runs as there."""
     real = np.atleast_2d(np.asarray(real_scores, dtype=np.float64))
     aug = np.atleast_2d(np.asarray(aug_scores, dtype=np.float64))
     if real.shape != aug.shape:
         raise ValueError(f"real-only scores {real.shape} but augmented {aug.shape}: pair the seeds")
     if real.shape[1] != np.asarray(labels).size:
         raise ValueError(f"{real.shape[1]} scores per run but {np.asarray(labels).size} test labels")
-    n_seeds = real.shape[0]
+    if runs is not None and len(runs) != real.shape[0]:
+        raise ValueError(f"{len(runs)} generator runs given for {real.shape[0]} seeds")
     full = np.ones((1, real.shape[1]))
-    per_seed = np.array([batch_auroc(a, labels, full)[0] - batch_auroc(r, labels, full)[0] for r, a in zip(real, aug)])
-    boot = np.stack([batch_auroc(a, labels, counts) - batch_auroc(r, labels, counts)
-                     for r, a in zip(real, aug)])  # (S, B): seed s on patient resample b
-    seed_mean = boot.mean(axis=0)  # (B,) seeds fixed: test sampling only
-    test_sd = float(seed_mean.std(ddof=1))
-    if n_seeds == 1:
-        return PairedDifference(float(per_seed[0]), test_sd, float("inf"), float("nan"), test_sd, 1)
-    inflated = seed_mean + np.sqrt(n_seeds / (n_seeds - 1)) * (boot - seed_mean)
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, n_seeds, (n_seeds, boot.shape[1]))  # (S, B) seeds drawn for each replicate
-    replicates = inflated[drawn, np.arange(boot.shape[1])].mean(axis=0)
-    seed_sd = float(per_seed.std(ddof=1))
-    df = welch_satterthwaite_df(seed_sd ** 2 / n_seeds, n_seeds - 1, test_sd ** 2)
-    return PairedDifference(float(per_seed.mean()), float(replicates.std(ddof=1)), df, seed_sd, test_sd, n_seeds)
+    per_seed = np.array([batch_auroc(a, labels, full)[0] - batch_auroc(r, labels, full)[0]
+                         for r, a in zip(real, aug)])
+    boot = np.stack([batch_auroc(a, labels, counts) - batch_auroc(r, labels, counts) for r, a in zip(real, aug)])
+    d = nested_difference(per_seed, boot, runs)
+    return replace(d, **{k: float(getattr(d, k)) for k in ("diff", "se", "df", "generator_sd", "seed_sd", "test_sd")})
 
 
 # --------------------------------------------------------------------------- several generators: Holm, then the verdict
 
 
 def holm(p_values) -> np.ndarray:
-    """Holm's (1979) step-down adjusted p-values: sort p ascending, multiply the
-    k-th smallest (k = 1..m) by m - k + 1, carry the running maximum forward,
-    cap at 1. Rejecting where adjusted p < alpha keeps the chance of any false
-    claim among the m comparisons below alpha, whatever their dependence (the
-    generators share one real-only baseline, so they are dependent)."""
-    p = np.asarray(p_values, dtype=np.float64).ravel()
-    order = np.argsort(p, kind="stable")
-    stepped = np.minimum(1.0, (p.size - np.arange(p.size)) * p[order])
+    """Holm's (1979) step-down adjusted p-values along the last axis: the k-th smallest
+    of m times m - k + 1, the running maximum carried forward, capped at 1. It keeps
+    the family-wise error below alpha whatever the dependence (a shared baseline)."""
+    p = np.atleast_1d(np.asarray(p_values, dtype=np.float64))
+    order = np.argsort(p, axis=-1, kind="stable")
+    stepped = np.minimum(1.0, (p.shape[-1] - np.arange(p.shape[-1])) * np.take_along_axis(p, order, axis=-1))
     adjusted = np.empty_like(p)
-    adjusted[order] = np.maximum.accumulate(stepped)
+    np.put_along_axis(adjusted, order, np.maximum.accumulate(stepped, axis=-1), axis=-1)
     return adjusted
 
 
-def verdict(ci_low: float, ci_high: float, p_adjusted: float, seeds: int,
-            margin: float = MARGIN, alpha: float = ALPHA) -> str:
-    """One of VERDICTS, for a comparison whose interval is [ci_low, ci_high] (at
-    the level Holm tests it, see compare_generators), in this order:
+def holm_levels(p_values, alpha: float = ALPHA) -> np.ndarray:
+    """alpha / (m - k + 1) for the k-th smallest of m p-values (last axis): the level Holm tests it at."""
+    p = np.atleast_1d(np.asarray(p_values, dtype=np.float64))
+    rank = np.argsort(np.argsort(p, axis=-1, kind="stable"), axis=-1, kind="stable")
+    return alpha / (p.shape[-1] - rank)
 
-    - seeds < 2: inconclusive, always: training noise is unmeasured, so the
-      interval covers test sampling only;
-    - "equivalent within the margin": -margin < ci_low and ci_high < margin. A
-      (1 - a) interval inside the margin is Schuirmann's (1987) two one-sided
-      tests at level a/2 each. Checked before benefit and harm: the margin is
-      the smallest change worth having, so a change known to be smaller is
-      reported as equivalent even where it is nonzero;
-    - "benefit": p_adjusted < alpha and ci_low > 0;
-    - "harm": p_adjusted < alpha and ci_high < 0;
-    - otherwise inconclusive: more seeds or a larger test set needed."""
-    if seeds < 2:
+
+def inconclusive_reason(seeds: int, generator_runs: int) -> str | None:
+    """Why a comparison can only be inconclusive, or None when it may be more."""
+    if seeds < MIN_SEEDS:
+        return (f"{seeds} classifier seed{'s' if seeds != 1 else ''}, fewer than {MIN_SEEDS}: the training noise "
+                "is too poorly measured for a verdict")
+    if generator_runs < MIN_GENERATOR_RUNS:
+        return ("one generator run (or one given set of samples): the interval leaves out the generator's own "
+                "training noise")
+    return None
+
+
+def verdict_index(ci_low, ci_high, p_adjusted, margin: float = MARGIN, alpha: float = ALPHA) -> np.ndarray:
+    """The rule elementwise, an index into VERDICTS: equivalent (interval inside the margin: Schuirmann 1987)
+    first, then benefit (p_adjusted < alpha, interval above 0), harm (below 0), else inconclusive."""
+    low, high, p = np.broadcast_arrays(ci_low, ci_high, p_adjusted)
+    return np.select([(-margin < low) & (high < margin), (p < alpha) & (low > 0), (p < alpha) & (high < 0)],
+                     [2, 0, 1], 3)
+
+
+def verdict(ci_low: float, ci_high: float, p_adjusted: float, seeds: int, generator_runs: int,
+            margin: float = MARGIN, alpha: float = ALPHA) -> str:
+    """One of VERDICTS: inconclusive whenever inconclusive_reason gives one, else verdict_index's."""
+    if inconclusive_reason(seeds, generator_runs):
         return VERDICTS[3]
-    if -margin < ci_low and ci_high < margin:
-        return VERDICTS[2]
-    if p_adjusted < alpha and ci_low > 0:
-        return VERDICTS[0]
-    if p_adjusted < alpha and ci_high < 0:
-        return VERDICTS[1]
-    return VERDICTS[3]
+    return VERDICTS[int(verdict_index(ci_low, ci_high, p_adjusted, margin, alpha))]
 
 
 def compare_generators(runs: dict, labels, patients, margin: float = MARGIN, alpha: float = ALPHA,
                        n_boot: int = 2000, seed: int = 0) -> list[dict]:
     """The study's answer, one dict per generator (the summary.json headline).
 
-    runs: {generator: (real_scores, aug_scores)}, each (S, n) test scores with
-    row s from seed s; labels, patients: (n,) test labels and patient ids.
-    Every generator is scored on the same patient resamples and seed draws.
-
-    Keys: generator; diff (seed-mean AUROC difference); ci_low, ci_high, ci_level
-    (the interval at the level Holm tests it: 1 - alpha / (m - k + 1) for the
-    k-th smallest p of m, so it excludes 0 exactly when Holm rejects at its
-    step); p_value, p_adjusted (Holm); verdict; seeds; n_test_images;
-    n_test_patients; seed_sd (None with one seed); test_sd."""
+    runs: {generator: (real_scores, aug_scores[, generator_run_of_each_seed])},
+    scores (S, n) with row s from seed s; labels, patients: (n,) of the test split.
+    Every generator sees the same patient resamples. The interval is
+    at the level Holm tests it (ci_level), so it excludes 0 exactly when Holm
+    rejects at its step. Keys: generator, diff, ci_low, ci_high, ci_level, p_value,
+    p_adjusted, verdict, inconclusive_reason (None where a verdict may be more), seeds,
+    generator_runs, n_test_images, n_test_patients, generator_sd, seed_sd (None where
+    unmeasured), test_sd."""
     counts = cluster_bootstrap_counts(labels, patients, n_boot, seed)
     names = list(runs)
-    diffs = [paired_difference(*runs[g], labels, counts, seed=seed + 1) for g in names]
+    diffs = [paired_difference(*runs[g][:2], labels, counts, runs=runs[g][2] if len(runs[g]) > 2 else None)
+             for g in names]
     p = np.array([d.p_value() for d in diffs])
-    p_adj = holm(p)
-    step = np.empty(len(names), dtype=int)
-    step[np.argsort(p, kind="stable")] = np.arange(len(names))
     out = []
-    for g, d, pi, pa, k in zip(names, diffs, p, p_adj, step):
-        level = alpha / (len(names) - k)
-        low, high = d.interval(level)
-        out.append(dict(generator=g, diff=d.diff, ci_low=low, ci_high=high, ci_level=1 - level,
+    for g, d, pi, pa, level in zip(names, diffs, p, holm(p), holm_levels(p, alpha)):
+        low, high = (float(x) for x in d.interval(level))
+        out.append(dict(generator=g, diff=d.diff, ci_low=low, ci_high=high, ci_level=float(1 - level),
                         p_value=float(pi), p_adjusted=float(pa),
-                        verdict=verdict(low, high, float(pa), d.seeds, margin, alpha),
-                        seeds=d.seeds, n_test_images=int(np.asarray(labels).size),
+                        verdict=verdict(low, high, float(pa), d.seeds, d.generator_runs, margin, alpha),
+                        inconclusive_reason=inconclusive_reason(d.seeds, d.generator_runs),
+                        seeds=d.seeds, generator_runs=d.generator_runs, n_test_images=int(np.asarray(labels).size),
                         n_test_patients=int(np.unique(np.asarray(patients)).size),
+                        generator_sd=None if d.generator_runs < 2 else d.generator_sd,
                         seed_sd=None if d.seeds < 2 else d.seed_sd, test_sd=d.test_sd))
     return out
-
-
-# --------------------------------------------------------------------------- the memorisation check
-
-
-def binomial_greater_p(k: int, n: int, p0: float) -> float:
-    """One-sided exact binomial p-value P(X >= k), X ~ Binomial(n, p0): is the
-    rate k / n of synthetic images flagged as near-copies of training images
-    above the chance rate p0 (that of held-out real images)? scipy's binomtest,
-    alternative="greater". Edge cases in closed form: k = 0 is no evidence
-    (p = 1); with p0 = 0 chance flags nothing, so any k > 0 gives p = 0."""
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if not 0 <= p0 <= 1:
-        raise ValueError(f"chance rate p0={p0} is not a probability")
-    if k == 0 or p0 == 1:
-        return 1.0
-    if p0 == 0:
-        return 0.0
-    return float(sps.binomtest(k, n, p0, alternative="greater").pvalue)

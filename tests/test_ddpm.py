@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import ddpm
+from training import ddpm_run
 import main
 from plumbing import weightfiles
 from plumbing.configs import CLIError
@@ -577,12 +578,13 @@ def test_sample_steps_beyond_the_schedule_fail_before_training(images_dir, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--sample-steps must be in 1..1000" in err and not out.exists()
     with pytest.raises(CLIError, match="--ema-decay"):
-        ddpm.TrainConfig(data=images_dir, out=out, ema_decay=1.0)
+        ddpm_run.TrainConfig(data=images_dir, out=out, ema_decay=1.0)
 
 
 def test_cosine_schedule_trains_and_sample_uses_it(images_dir, tmp_path, capsys):
     out = tmp_path / "cos"
-    _train(images_dir, out, "--preset", "tiny", "--max-steps", "2", "--beta-schedule", "cosine", "--variance", "fixed_small")
+    _train(images_dir, out, "--preset", "tiny", "--max-steps", "2", "--beta-schedule", "cosine", "--variance", "fixed_small",
+           "--prediction", "epsilon")
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["diffusion"]["beta_schedule"] == "cosine"
     assert ckpt["diffusion"]["variance_type"] == "fixed_small"
@@ -724,3 +726,25 @@ def test_training_grid_with_dpmpp(images_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--sample-steps must be in 1..999 for --sampler dpmpp" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_defaults_depend_on_how_the_unet_starts(images_dir, tmp_path):
+    """From scratch: the recipe measured to work on small data (v + cosine, fast lr for the tiny UNet, warm-up,
+    a faster EMA); fine-tuning: the original experiment's recipe and the released schedule. Given wins."""
+    scratch = ddpm_run.TrainConfig(data=images_dir, out=tmp_path / "a", preset="tiny").completed()
+    assert (scratch.lr, scratch.warmup, scratch.ema_decay, scratch.beta_schedule, scratch.prediction) == \
+        (2e-3, 50, 0.995, "cosine", "v_prediction")
+    assert ddpm_run.TrainConfig(data=images_dir, out=tmp_path / "a", preset="small").completed().lr == 2e-4
+    tune = ddpm_run.TrainConfig(data=images_dir, out=tmp_path / "a", finetune=True).completed()
+    assert (tune.lr, tune.warmup, tune.ema_decay, tune.beta_schedule, tune.prediction) == \
+        (1e-5, 0, 0.999, "linear", "epsilon")
+    given = ddpm_run.TrainConfig(data=images_dir, out=tmp_path / "a", preset="tiny", lr=1e-4,
+                                 prediction="epsilon").completed()
+    assert (given.lr, given.prediction, given.beta_schedule) == (1e-4, "epsilon", "cosine")
+    # a run records what it trained with: the options left out, at their values
+    out = tmp_path / "run"
+    assert main.main(["ddpm", "--data", str(images_dir), "--out", str(out), "--preset", "tiny", "--batch-size", "2",
+                      "--max-steps", "1", "--num-samples", "2", "--sample-steps", "2", "--device", "cpu"]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert (ckpt["args"]["lr"], ckpt["args"]["warmup"], ckpt["args"]["ema_decay"]) == (2e-3, 50, 0.995)
+    assert (ckpt["diffusion"]["prediction_type"], ckpt["diffusion"]["beta_schedule"]) == ("v_prediction", "cosine")

@@ -127,7 +127,7 @@ def test_best_is_chosen_on_validation_images_never_test(layout, tmp_path):
     picks = {}
     for name, eval_data in (("default", None), ("test", layout / "test_data")):
         cfg = RunConfig(data=layout / "train_data", out=tmp_path / name, class_name="infiltration",
-                               max_steps=10, eval_every=1, eval_data=eval_data)
+                               max_steps=10, eval_every=1, eval_data=eval_data, eval_on_test=name == "test")
         watch, net = _scripted_monitor(cfg, outputs)
         for step in (1, 2):
             net.w.data.fill_(step)
@@ -195,8 +195,8 @@ def test_the_study_samples_from_best_pt_when_it_exists(tmp_path):
 
     net = dcgan.DCGANConfig(size=32, g_width=8, d_width=8)
     torch.manual_seed(0)
-    last, best = ({"kind": "dcgan", "config": dataclasses.asdict(net), "generator": dcgan.Generator(net).state_dict()}
-                  for _ in range(2))
+    last, best = ({"kind": "dcgan", "run": "r", "step": step, "config": dataclasses.asdict(net),
+                   "generator": dcgan.Generator(net).state_dict()} for step in (2, 1))  # best.pt: the same run
     run = tmp_path / "generators" / "gan_infiltration_f1"
     run.mkdir(parents=True)
     save_checkpoint(last, run / "checkpoint.pt")

@@ -238,12 +238,12 @@ def test_7_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, ph
 
 def test_10_resume_refuses_another_model_and_keeps_its_settings(tmp_path, capsys, phantoms):
     run, train = tmp_path / "run", ("ddpm", "--data", phantoms / "train_data", "--out", tmp_path / "run")
-    assert quiet(*train, *TINY_DDPM, "--beta-schedule", "cosine", "--image-size", 16) == 0
+    assert quiet(*train, *TINY_DDPM, "--beta-schedule", "linear", "--image-size", 16) == 0
     before = snapshot(run)
     for extra, flag in [(("--preset", "small"), "--preset tiny, not small"), (("--finetune",), "without --finetune"),
                         (("--pretrained", tmp_path / "elsewhere"), "--pretrained"),
                         (("--image-size", 32), "--image-size 16, not 32"),
-                        (("--beta-schedule", "linear"), None),  # linear is the default: taken as not given
+                        (("--beta-schedule", "cosine"), "--beta-schedule linear, not cosine"),
                         (("--variance", "fixed_small"), "--variance fixed_large, not fixed_small")]:
         if flag is None:
             continue
@@ -253,9 +253,9 @@ def test_10_resume_refuses_another_model_and_keeps_its_settings(tmp_path, capsys
     # options left at their defaults continue the checkpoint's model, and the saved config says so
     code, out, err = cli(capsys, *train, "--resume", *TINY_DDPM[2:-4], "--max-steps", 3, "--sample-steps", 2, "--device", "cpu")
     assert code == 0, err
-    assert "keeps the checkpoint's schedule (cosine, fixed_large)" in out
+    assert "keeps the checkpoint's schedule (linear, fixed_large)" in out
     args = load_checkpoint(run / "checkpoint.pt")["args"]
-    assert (args["preset"], args["image_size"], args["beta_schedule"], args["finetune"]) == ("tiny", 16, "cosine", False)
+    assert (args["preset"], args["image_size"], args["beta_schedule"], args["finetune"]) == ("tiny", 16, "linear", False)
 
 
 def test_10_gan_resume_refuses_another_network(tmp_path, capsys, phantoms):

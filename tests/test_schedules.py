@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import ddpm
+from training import ddpm_run
 import diffusion
 from tools import export as hub
 import main
@@ -353,7 +354,7 @@ def test_old_checkpoint_loads_and_samples_as_before():
         kw = dict(seed=0, batch_size=2, device=cpu, sampler=sampler, steps=steps)
         assert torch.equal(ddpm.generate(_checkpoint(OLD_DIFFUSION), 2, **kw),
                            ddpm.generate(_checkpoint(GaussianDiffusion().config()), 2, **kw)), sampler
-    cfg = ddpm.TrainConfig(data=".", out="o").resumed({"diffusion": OLD_DIFFUSION, "args": {}})
+    cfg = ddpm_run.TrainConfig(data=".", out="o").resumed({"diffusion": OLD_DIFFUSION, "args": {}})
     assert cfg.diffusion_settings() == GaussianDiffusion().config()
 
 
@@ -403,11 +404,13 @@ def test_strided_ddpm_sampling_says_how_it_differs_from_diffusers(tmp_path, caps
 
 
 @pytest.mark.parametrize("extra, text", [
-    (["--beta-start", "0.02", "--beta-end", "0.01"], "--beta-start 0.02 must be below --beta-end 0.01"),
-    (["--beta-end", "1.5"], "must lie in (0, 1)"),
-    (["--beta-start", "0"], "must lie in (0, 1)"),
-    (["--beta-schedule", "cosine", "--beta-end", "0.1"], "with --beta-schedule cosine"),
-    (["--zero-snr", "--timestep-spacing", "trailing"], "--zero-snr with --prediction epsilon"),
+    (["--beta-schedule", "linear", "--beta-start", "0.02", "--beta-end", "0.01"],
+     "--beta-start 0.02 must be below --beta-end 0.01"),
+    (["--beta-schedule", "linear", "--beta-end", "1.5"], "must lie in (0, 1)"),
+    (["--beta-schedule", "linear", "--beta-start", "0"], "must lie in (0, 1)"),
+    (["--beta-schedule", "cosine", "--beta-end", "0.1"], "with the cosine schedule: it defines"),
+    (["--beta-end", "0.1"], "the cosine schedule (the default from scratch; add --beta-schedule linear)"),
+    (["--zero-snr", "--timestep-spacing", "trailing", "--prediction", "epsilon"], "--zero-snr with --prediction epsilon"),
     (["--zero-snr", "--prediction", "v_prediction"], "--zero-snr with --timestep-spacing leading"),
     (["--snr-gamma", "3"], "--snr-gamma 3 with --loss-weight none"),
     (["--loss-weight", "min-snr", "--snr-gamma", "0"], "--snr-gamma must be greater than 0"),
@@ -445,7 +448,7 @@ def test_bad_settings_in_python_and_in_checkpoints():
     with pytest.raises(CLIError, match="malformed DDPM checkpoint: --zero-snr with --prediction epsilon"):
         ddpm.model_from_checkpoint(bad, torch.device("cpu"))
     with pytest.raises(CLIError, match="malformed DDPM checkpoint: --zero-snr with --prediction epsilon"):
-        ddpm.TrainConfig(data=".", out="o").resumed(bad)
+        ddpm_run.TrainConfig(data=".", out="o").resumed(bad)
 
 
 def test_hub_scheduler_config_maps_every_option():

@@ -29,6 +29,7 @@ from study import report
 from study import stats
 from study import experiment as study
 from tools.phantoms import make_phantom
+from clitools import cli
 from training.harness import run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,8 @@ def test_memorization_flags_every_exact_copy_in_a_plain_folder(tmp_path, capsys)
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n_synthetic"] == 20 and res["n_exact_copies"] == 10 and res["n_flagged"] >= 10
     assert res["yardstick"] == "leave-one-out" and res["n_train"] == 60  # nothing left the searched set
-    assert res["p_value"] < 1e-6 and 0 < res["chance_fraction"] < 0.2
+    assert res["p_value"] == 1 / (1 + memorization.N_PERMUTATIONS)  # no re-split flags as many: the smallest p
+    assert 0 < res["chance_fraction"] < 0.2
     assert (tmp_path / "memo" / "closest_pairs.png").is_file() and (tmp_path / "memo" / "memorization.json").is_file()
     # In the check itself: each copy is flagged, even under a threshold of zero (percentile 0).
     syn = torch.cat([train[::6], phantoms(3, 10)])
@@ -101,7 +103,10 @@ def test_memorization_reports_spaces_separately_and_a_chance_rate():
     assert max(res["pixel"]["n_flagged"], res["feature"]["n_flagged"]) <= res["n_flagged"] <= both
     # The chance rate is measured, per space and combined (either space): about 1% per space here.
     assert 0 < res["pixel"]["chance_fraction"] <= 0.03 and res["chance_fraction"] <= 0.06
-    assert res["p_value"] == stats.binomial_greater_p(res["n_flagged"], 80, res["chance_fraction"])
+    assert res["test"] == "permutation" and res["false_positive_rate"] == memorization.FALSE_POSITIVE_RATE
+    assert res["p_value"] * (1 + memorization.N_PERMUTATIONS) == pytest.approx(
+        round(res["p_value"] * (1 + memorization.N_PERMUTATIONS)))  # (1 + k) / (1 + n_perm)
+    assert res["p_value"] > 0.05  # fresh phantoms are no closer to the training images than held-out ones
 
 
 def test_leave_one_out_percentile_and_ordinals():
@@ -114,6 +119,45 @@ def test_leave_one_out_percentile_and_ordinals():
             np.testing.assert_allclose(memorization.leave_one_out_percentile(d, p), want)
     assert [memorization.ordinal(p) for p in (1, 2, 3, 4, 11, 12, 13, 21, 22, 0.5, 5.0)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "0.5th", "5th"]
+
+
+@pytest.mark.parametrize("n_synthetic, n_cases", [(300, 1000), (2000, 300)])
+def test_memorisation_permutation_test_flags_at_most_5_percent_of_non_copying_generators(n_synthetic, n_cases,
+                                                                                          capsys):
+    """Null cases simulated as distances (no images): a generator that copies nothing has nearest-training
+    distances exchangeable with those of 174 held-out real images, in two correlated spaces (pixel,
+    feature), no exact copies. The binomial test this replaced flagged 12-27% of such cases (one random
+    threshold shared by every synthetic image); the permutation test must flag at most 5%. With 99
+    re-splits here (the study uses 999) p < 0.05 means at most 3 of 99 re-splits flag as many, which
+    happens with probability at most 4/100 under exchangeability. A rule at the old 12% would pass at
+    1,000 cases with probability binom.cdf(50, 1000, 0.12) < 1e-15, at 300 binom.cdf(15, 300, 0.12) = 3e-5."""
+    rng = np.random.default_rng(n_synthetic)
+    flags = 0
+    for k in range(n_cases):
+        pixel = rng.gamma(4.0, size=174 + n_synthetic)
+        d = np.stack([pixel, 0.5 * pixel + rng.gamma(2.0, size=pixel.size)], axis=1)  # (n, spaces)
+        p = memorization.permutation_p(d[:174], d[174:], np.zeros(174, bool), np.zeros(n_synthetic, bool),
+                                       n_perm=99, seed=k)
+        flags += p < memorization.FALSE_POSITIVE_RATE
+    with capsys.disabled():
+        print(f"\nmemorisation, {n_synthetic} synthetic vs 174 held-out, no copying: flagged in {flags} of {n_cases} "
+              f"cases ({flags / n_cases:.1%})")
+    assert flags / n_cases <= memorization.FALSE_POSITIVE_RATE
+
+
+def test_memorisation_permutation_test_finds_a_few_percent_of_copies():
+    # 5% of 2,000 synthetic images are copies (distance 0): in a re-split they land among the yardstick
+    # too and pull its threshold to 0, so the observed share (copies + 1% by chance) is rarely reached.
+    rng = np.random.default_rng(0)
+    d = rng.gamma(4.0, size=(174 + 2000, 1))
+    exact = np.zeros(2000, bool)
+    exact[:100] = True
+    d[174:274] = 0.0
+    p = memorization.permutation_p(d[:174], d[174:], np.zeros(174, bool), exact, n_perm=199)
+    assert p < memorization.FALSE_POSITIVE_RATE and memorization.flagged_fraction(d[:174], d[174:], exact, 1.0) > 0.05
+    # Ties count against the claim: a synthetic set equal to the yardstick is not flagged.
+    same = np.tile(d[:174], (2, 1))
+    assert memorization.permutation_p(d[:174], same, np.zeros(174, bool), np.zeros(348, bool), n_perm=99) > 0.05
 
 
 # --------------------------------------------------------------------------- the content-based leakage guard
@@ -219,18 +263,24 @@ def test_bootstrap_auroc_matches_classify_auroc():
     assert classify.bootstrap_aurocs(scores, identity, 30)[0] == pytest.approx(classify.auroc(scores, labels))
 
 
-def _row(gen, diff, lo, hi, verdict, seeds=5):
+def _row(gen, diff, lo, hi, verdict, seeds=5, runs=3):
     return dict(generator=gen, ratio=1.0, real_fraction=1.0, diff=diff, ci_low=lo, ci_high=hi, ci_level=0.975,
-                p_adjusted=0.01, verdict=verdict, seeds=seeds, n_test_images=300, n_test_patients=120)
+                p_adjusted=0.01, verdict=verdict, seeds=seeds, generator_runs=runs, n_test_images=300,
+                n_test_patients=120, inconclusive_reason=stats.inconclusive_reason(seeds, runs))
 
 
 def test_headline_gives_each_verdict_in_one_sentence():
     text = report.headline([_row("ddpm", 0.03, 0.01, 0.05, "benefit"), _row("gan", -0.04, -0.07, -0.01, "harm")])
-    assert text.startswith("On this data (5 seeds, all real training images, 300 test images of 120 patients)")
-    assert "+0.030 for the DDPM (97.5% CI +0.010 to +0.050, Holm-adjusted p = 0.01: benefit)" in text
+    assert text.startswith("On this data (5 classifier seeds, all real training images, 300 test images of 120 "
+                           "patients), the estimated change in test AUROC from adding synthetic images at ratio 1")
+    assert ("+0.030 for the DDPM (97.5% CI +0.010 to +0.050 for this recipe, 3 training runs, Holm-adjusted "
+            "p = 0.01: benefit)") in text
     assert "for the GAN" in text and ": harm)" in text and text.count(". ") == 0
     one = report.headline([_row("ddpm", 0.03, 0.01, 0.05, stats.VERDICTS[3], seeds=1)])
-    assert "1 seed," in one and "covers test sampling only" in one and "at most inconclusive" in one
+    assert "1 classifier seed," in one and "can only be inconclusive: 1 classifier seed, fewer than 3" in one
+    run = report.headline([_row("ddpm", 0.03, 0.01, 0.05, stats.VERDICTS[3], runs=1)])
+    assert "for one trained generator or one set of samples" in run and "one generator run" in run
+    assert "changed" not in text + one + run  # the estimate is an estimate
 
 
 # --------------------------------------------------------------------------- the quick demo, end to end
@@ -251,7 +301,8 @@ def _rows(out: Path) -> list[dict]:
 def test_demo_writes_report_results_and_plots(demo_dir):
     report = (demo_dir / "report.md").read_text().splitlines()
     answer = next(i for i, line in enumerate(report) if line.startswith("On this data"))
-    assert "changed test AUROC over real-only" in report[answer]
+    assert "the estimated change in test AUROC" in report[answer] and "for this recipe, 2 training runs" in report[
+        answer] and "can only be inconclusive: 2 classifier seeds" in report[answer]  # the quick demo: a smoke test
     gates = json.loads((demo_dir / "summary.json").read_text())["gate"]
     failed = [g for g, r in gates.items() if r["usable"] is False]
     # The first lines, before the answer, name every generator the gate found unusable, and nothing else precedes.
@@ -273,7 +324,7 @@ def test_demo_writes_report_results_and_plots(demo_dir):
 
 def test_summary_json_has_the_issue_keys(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
-    assert set(summary) == {"headline", "distances", "memorization", "gate"}
+    assert set(summary) == {"headline", "distances", "memorization", "gate", "guidance"}
     assert [r["generator"] for r in summary["headline"]] == sorted(generators.GENERATORS)
     assert set(summary["gate"]) == {g + f for g in generators.GENERATORS for f in ("", "@f0.5")}  # every pool
     for g in summary["gate"].values():
@@ -283,13 +334,17 @@ def test_summary_json_has_the_issue_keys(demo_dir):
         assert g["detectability"]["ci_low"] <= g["detectability"]["auroc"] <= g["detectability"]["ci_high"]
     for r in summary["headline"]:
         assert set(r) == {*report.HEADLINE_KEYS, "usable"} and r["usable"] == summary["gate"][r["generator"]]["usable"]
-        assert r["verdict"] in stats.VERDICTS and r["seeds"] == 2 and r["ratio"] == 1 and r["real_fraction"] == 1
+        # an unusable generator has no verdict at all; two seeds can only be inconclusive
+        assert r["verdict"] == (None if r["usable"] is False else stats.VERDICTS[3])
+        assert r["seeds"] == 2 and r["generator_runs"] == 2 and r["ratio"] == 1 and r["real_fraction"] == 1
+        assert "2 classifier seeds" in r["inconclusive_reason"] and r["generator_sd"] >= 0 and r["seed_sd"] >= 0
         assert r["ci_low"] <= r["diff"] <= r["ci_high"] and r["n_test_images"] == r["n_test_patients"] == 24
     for g in generators.GENERATORS:
         d = summary["distances"][g]
         assert set(d) == set(report.DISTANCE_KEYS) and d["reference"] == "heldout"
         assert d["fid"] is None and d["feature_fd"] > 0  # Inception not attempted in --quick: null, said in the report
         assert set(summary["memorization"][g]) == set(report.MEMORIZATION_KEYS)
+        assert summary["memorization"][g]["false_positive_rate"] == memorization.FALSE_POSITIVE_RATE
     text = (demo_dir / "report.md").read_text()
     assert "below 2,048" in text and "KID, which is unbiased" in text
 
@@ -312,24 +367,36 @@ def test_generators_are_matched_to_the_real_fraction(demo_dir):
     assert copied == half and len(half) == len(real.train_y) // 2
     for gen in ("ddpm", "gan"):
         for cls in ("infiltration", "no_finding"):
-            used = json.loads((demo_dir / "generators" / f"{gen}_{cls}_f0.5" / "done.json").read_text())["config"]
-            assert Path(used["data"]) == demo_dir / "real_subsets" / "f0.5" and used["class_name"] == cls
-            assert used["max_steps"] == 4  # half the images, half of the 8 steps: equal epochs
-    used = json.loads((demo_dir / "generators" / "ddpm-cfg_f0.5" / "done.json").read_text())["config"]
+            for run in (0, 1):  # two training runs of each recipe, each with its own seed
+                done = demo_dir / "generators" / f"{gen}_{cls}_f0.5_g{run}" / "done.json"
+                used = json.loads(done.read_text())["config"]
+                assert Path(used["data"]) == demo_dir / "real_subsets" / "f0.5" and used["class_name"] == cls
+                assert used["max_steps"] == 4 and used["seed"] == run  # half the images, half of the 8 steps
+    used = json.loads((demo_dir / "generators" / "ddpm-cfg_f0.5_g1" / "done.json").read_text())["config"]
     assert Path(used["data"]) == demo_dir / "real_subsets" / "f0.5" and used["class_name"] is None
     assert used["conditional"] and used["max_steps"] == 8  # one model of both classes: half of its 16 steps
+    # Each run's samples in their own folder; classifier seed i trains with run i mod 2 (results.csv says which).
+    for run in (0, 1):
+        assert len(list((demo_dir / "synthetic" / "gan" / "f1" / f"g{run}" / "infiltration").glob("*.png"))) > 0
+    rows = [r for r in _rows(demo_dir) if r["mode"] != "real"]
+    assert rows and all(int(r["generator_run"]) == int(r["seed"]) % 2 for r in rows)
+    assert len({r["synthetic_set"] for r in rows if r["run"].startswith("gan_r1_f1_")}) == 2  # two pools, two runs
 
 
 def test_guidance_scale_is_chosen_on_validation_and_reported(demo_dir):
     for frac in ("1", "0.5"):
-        table = json.loads((demo_dir / "generators" / f"ddpm-cfg_f{frac}" / "guidance.json").read_text())
-        assert table["grid"] == list(generators.GUIDANCE_GRID) and set(table["kid"]) == {"1", "1.5", "2", "3"}
-        mean = {w: sum(v.values()) / 2 for w, v in table["kid"].items()}
-        assert table["mean_kid"] == pytest.approx(mean) and table["chosen"] == float(min(mean, key=mean.get))
-        assert table["n_validation"] == {"infiltration": 6, "no_finding": 6}  # the validation split, never test
-    chosen = json.loads((demo_dir / "generators" / "ddpm-cfg_f1" / "guidance.json").read_text())["chosen"]
+        table = json.loads((demo_dir / "generators" / f"ddpm-cfg_f{frac}_g0" / "guidance.json").read_text())
+        assert table["grid"] == list(generators.GUIDANCE_GRID) and set(table["separation"]) == {"1", "1.5", "2", "3"}
+        assert table["rule"] == generators.GUIDANCE_RULE and table["n_samples"] == generators.GUIDANCE_SAMPLES
+        # the rule's choice: the best w when it beats the default, else the default (tests/test_guidance.py)
+        sep = {float(w): v for w, v in table["separation"].items()}
+        assert table["best"] == max(sep, key=lambda w: (sep[w], -w)) and table["default"] == generators.DEFAULT_GUIDANCE
+        assert table["chosen"] == (table["best"] if table["decision"] == "the best w beats the default"
+                                   else table["default"])
+    chosen = json.loads((demo_dir / "generators" / "ddpm-cfg_f1_g0" / "guidance.json").read_text())["chosen"]
     text = (demo_dir / "report.md").read_text()
     assert f"DDPM-CFG samples with w = **{chosen:g}**" in text and (demo_dir / "guidance.png").is_file()
+    assert json.loads((demo_dir / "summary.json").read_text())["guidance"]["chosen"] == chosen  # and which rule chose
     assert "| DDPM-CFG | infiltration |" in text  # held-out distances per generator and class
 
 
@@ -338,7 +405,8 @@ def test_held_out_reference_set_is_the_same_for_every_generator(demo_dir):
     assert dist["reference"].startswith("heldout")
     counts = {g: {c: (e["classes"][c]["n_real"], e["classes"][c]["n_fake"]) for c in e["classes"]}
               for g, e in dist["generators"].items()}
-    assert counts["ddpm"] == counts["gan"] == counts["ddpm-cfg"] and counts["ddpm"]["infiltration"] == (18, 18)  # 6 + 12 held out per class
+    # the test split only (12 a class; validation chose checkpoints and guidance), every generator the same
+    assert counts["ddpm"] == counts["gan"] == counts["ddpm-cfg"] and counts["ddpm"]["infiltration"] == (12, 12)
 
 
 def test_distances_embed_one_reference_for_all_generators(monkeypatch, tmp_path):
@@ -387,9 +455,9 @@ def test_sampler_settings_are_checked_before_any_generator_trains(tmp_path):
 
 
 def test_sampling_noise_differs_per_class_and_generator(monkeypatch, tmp_path):
-    seeds = {(g, c, f): study.noise_seed(g, c, f) for g in ("ddpm", "gan", "ext")
-             for c in ("infiltration", "no_finding") for f in (1.0, 0.25, 0.1)}
-    assert len(set(seeds.values())) == len(seeds)
+    seeds = {(g, c, f, k): study.noise_seed(g, c, f, k) for g in ("ddpm", "gan", "ext")
+             for c in ("infiltration", "no_finding") for f in (1.0, 0.25, 0.1) for k in (0, 1, 2)}
+    assert len(set(seeds.values())) == len(seeds)  # every generator run samples its own noise too
     used = []
 
     def fake_generate(ckpt, n, *, seed, **kw):
@@ -400,7 +468,10 @@ def test_sampling_noise_differs_per_class_and_generator(monkeypatch, tmp_path):
     cfg = study.StudyConfig(tmp_path, tmp_path, generators=())
     for cls in ("infiltration", "no_finding"):
         study.sample_generator(cfg, "ddpm", cls, 1.0, tmp_path / "ckpt.pt", 2, fresh=True)
-    assert used == [seeds["ddpm", "infiltration", 1.0], seeds["ddpm", "no_finding", 1.0]]
+    study.sample_generator(cfg, "ddpm", "no_finding", 1.0, tmp_path / "ckpt.pt", 2, fresh=True, run=2)
+    assert used == [seeds["ddpm", "infiltration", 1.0, 0], seeds["ddpm", "no_finding", 1.0, 0],
+                    seeds["ddpm", "no_finding", 1.0, 2]]
+    assert (tmp_path / "synthetic" / "ddpm" / "f1" / "g2" / "no_finding").is_dir()
 
 
 def test_synthetic_images_never_reach_validation_or_test(demo_dir):
@@ -478,6 +549,11 @@ def test_memorization_command_on_an_extract_root_with_classifier_features(demo_d
     (["experiment", "--data", "D", "--out", "o", "--synthetic", "x=D/test_data"], "overlaps the test split"),
     (["experiment", "--data", "D", "--out", "file"], "is a file, not a folder"),
     (["experiment", "--data", "D", "--out", "D/train_data/run"], "inside a split folder"),
+    (["experiment", "--data", "D", "--out", "o", "--generator-runs", "0"], "--generator-runs must be at least 1"),
+    (["experiment", "--data", "D", "--out", "o", "--generator-runs", "-2"], "--generator-runs must be at least 1"),
+    (["experiment", "--data", "D", "--out", "o", "--generator-runs", "1.5"], "argument --generator-runs: not a whole"),
+    (["experiment", "--data", "D", "--out", "o", "--generators", "gan", "--seeds", "2"],
+     "--generator-runs 3 is more than --seeds 2: every generator run needs a classifier seed"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys, tmp_path):
     for d in ("half/infiltration", "D/train_data", "D/validation_data", "D/test_data/infiltration",
@@ -490,9 +566,9 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys, tmp_path):
             return str(tmp_path / a)
         return a if a.startswith("-") else a.replace("half", str(tmp_path / "half")).replace("D", str(tmp_path / "D"))
     argv = [place(a) for a in argv]
-    assert main.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    code, _, err = cli(capsys, *argv)  # argparse's own refusals (a non-integer) exit through SystemExit
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
 
 
 def test_cli_error_has_no_traceback(tmp_path):
@@ -533,6 +609,14 @@ def test_external_samples_guard_and_changed_data(phantom_data, tmp_path, capsys)
     assert [r["generator"] for r in summary["headline"]] == ["ldm"] and set(summary["memorization"]) == {"ldm"}
     assert summary["headline"][0]["verdict"].startswith("inconclusive")  # one seed
     assert "cannot take part in the matched-fraction cells" in (out / "report.md").read_text()
+    assert summary["headline"][0]["generator_runs"] == 1 and summary["headline"][0]["generator_sd"] is None
+
+    # The study records its generator runs per cell: another number is refused in one line, nothing mixed.
+    before = (out / "results.csv").read_bytes()
+    assert main.main(_experiment(phantom_data, out, "--synthetic", f"ldm={ext}", "--generator-runs", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "of 3 generator run(s) per cell, not 2" in err[0] and "--generator-runs 3" in err[0]
+    assert (out / "results.csv").read_bytes() == before
 
     # Issue 10 case 1: the data changes under the study (same names, new pixels): refused, nothing redone.
     before = (out / "results.csv").read_bytes()
@@ -571,6 +655,8 @@ def test_gate_marks_noise_unusable_and_memorisation_flags_a_copying_cheat(tmp_pa
     assert summary["gate"]["cheat"]["usable"] is True  # real images pass the gate...
     assert summary["memorization"]["cheat"]["flagged_fraction"] == 1.0  # ...and the memorisation check flags them
     assert {r["generator"]: r["usable"] for r in summary["headline"]} == {"noise": False, "cheat": True}
+    assert {r["generator"]: r["verdict"] for r in summary["headline"]}["noise"] is None  # unusable: no verdict
+    assert summary["memorization"]["cheat"]["p_value"] < summary["memorization"]["cheat"]["false_positive_rate"]
     lines = (out / "report.md").read_text().splitlines()
     assert lines[0].startswith("**Unusable generator: NOISE.**") and "say nothing about the model" in lines[0]
     assert lines[1].startswith("**Memorisation, CHEAT**")

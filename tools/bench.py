@@ -2,22 +2,14 @@
 
     python -m tools.bench [--quick] [--device D] [--json FILE] [--amp] [--compile]
 
-Each figure is the median of several repeats after a warm-up, with its reference
-beside it and the ratio (higher is better for ours):
-  1. UNet (full google/ddpm-cifar10-32 config) forward and training step
-     (forward + backward + AdamW) at batch 16, ours vs diffusers' UNet2DModel
-     with the same weights and input (skipped where diffusers is absent);
-  2. sampling cost per image, each sampler at its default steps: DDPM 1000
-     vs DDIM 50, and DPM-Solver++(2M) 20 vs DDIM 50;
-  3. FID feature extraction, ours vs pytorch-fid, same weights and images;
-  4. DCGAN training step (1 D + 2 G updates) at 256x256 and 64x64, batch 32;
-  5. the data path: images/s from the resized-tensor cache vs decoding PNGs,
-     and the fraction of a training step spent waiting for data;
-  6. peak memory of a fine-tuning step at batch 32 (RSS on CPU, allocated on GPU);
-  7. with --compile: torch.compile against eager on this device for the UNet
-     training step and DPM-Solver++ 20-step sampling (compiling takes minutes on a CPU).
-The reference packages (diffusers, pytorch-fid) are test-only dependencies: a
-column whose reference is not installed is reported as skipped.
+Each figure is the median of several repeats after a warm-up, beside its reference and the
+ratio (higher is better for ours): 1. the full google/ddpm-cifar10-32 UNet's forward and
+training step (forward + backward + AdamW) at batch 16 against diffusers' UNet2DModel, same
+weights and input; 2. sampling cost per image, DDPM 1000 vs DDIM 50 and DPM-Solver++(2M) 20
+vs DDIM 50; 3. FID features against pytorch-fid; 4. the DCGAN training step at 256 and 64 px,
+batch 32; 5. the data path (cache vs decoding PNGs, data wait per step); 6. peak memory of a
+fine-tuning step at batch 32; 7. with --compile, torch.compile against eager. A column whose
+reference (diffusers, pytorch-fid: test-only) is not installed is skipped. docs/performance.md.
 """
 
 from __future__ import annotations
@@ -210,7 +202,7 @@ def bench_sampling(device, args, rows: list[Row]) -> None:
 def bench_guidance(device, args, rows: list[Row]) -> None:
     """Classifier-free guidance: one DDIM step guided at w = 3 against the unguided step (w = 1) of a
     conditional UNet (random weights, 32 px), as `sample` runs it (ddpm.Guided, pieces of at most
-    ddpm.CPU_MAX_BATCH rows on a CPU) and as ONE forward of 2B; the issue's goal is under 2.1x."""
+    ddpm.CPU_MAX_BATCH rows on a CPU) and as ONE forward of 2B; the goal is under 2.1x."""
     import dataclasses
     import ddpm
 

@@ -1,31 +1,38 @@
 """The Hugging Face side of the project: a DDPM checkpoint going out in diffusers'
 layout (the way in, google/ddpm-cifar10-32 from a folder, the Hub cache or a download, is
-pretrained.py). Imports neither diffusers, huggingface_hub nor safetensors.
+plumbing/weightfiles.py and ddpm.load_pretrained). Imports neither diffusers, huggingface_hub nor safetensors.
 Read top to bottom:
   1. a writer of the safetensors format (github.com/huggingface/safetensors, README
-     "Format"), the inverse of pretrained.read_safetensors;
+     "Format"), the inverse of plumbing.weightfiles.read_safetensors;
   2. our UNetConfig, state dict and schedule -> diffusers' UNet2DModel and
-     DDPMScheduler (the inverse of pretrained.unet_config and its key map);
+     DDPMScheduler (the inverse of ddpm.unet_config, ddpm.convert_diffusers_state_dict and
+     ddpm_run.scheduler_settings);
   3. `main.py export`: the folder DDPMPipeline.from_pretrained reads (model_index.json,
      unet/{config.json, diffusion_pytorch_model.safetensors}, scheduler/scheduler_config.json)
-     and a model card, README.md.
+     and a model card, README.md, written whole beside --out and renamed into place, under a lock.
 Checked against diffusers 0.42 and safetensors 0.8 in tests/test_hub.py.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 import ddpm
-from plumbing.configs import check_config, CLIError, flag
-from plumbing.files import atomic_path, first_nonfinite, load_checkpoint
+from plumbing.configs import check_config, CLIError, flag, shown
+from plumbing.files import atomic_path, check_output, first_nonfinite, load_checkpoint, write_error
 
 # --------------------------------------------------------------------------- safetensors (our own writer)
 
@@ -130,6 +137,9 @@ def scheduler_config(diffusion: dict) -> dict:
     the DDPMScheduler option of the same meaning (GaussianDiffusion uses diffusers' names and formulas; the
     parity is tests/test_schedules.py). A setting that has no DDPMScheduler equivalent is refused, never dropped;
     the loss weighting is training-only and has none to need."""
+    if not isinstance(diffusion, dict):
+        raise CLIError(f"malformed diffusion settings in the checkpoint: a {type(diffusion).__name__}, "
+                       "not a dict of settings")
     known = tuple(ddpm.GaussianDiffusion().config())
     unknown = [k for k in diffusion if k not in known]
     if unknown:
@@ -158,7 +168,7 @@ def _flat_numbers(tree, prefix: str = "") -> list[tuple[str, float]]:
 
 def model_card(ckpt: dict, image_size: int, weights: str, distances: dict | None) -> str:
     """README.md for the Hub: what was trained on what, and that it is not for diagnosis."""
-    args, d = ckpt.get("args") or {}, ckpt.get("diffusion") or {}
+    args, d = (ckpt.get(k) if isinstance(ckpt.get(k), dict) else {} for k in ("args", "diffusion"))
     data = f"`{args['data']}`" if args.get("data") else "not recorded in the checkpoint"
     start = "fine-tuned from google/ddpm-cifar10-32" if args.get("finetune") else "trained from scratch"
     rows = _flat_numbers(distances or {})
@@ -216,6 +226,7 @@ def _earlier_export(out: Path, force: bool) -> list[Path]:
     """The files of an earlier export in `out`, which --force replaces; anything else is refused."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file, not a folder")
+    check_output(out, "--out", folder=True)  # a parent that is a file, a read-only folder
     found = [Path(root, name) for root, dirs, files in os.walk(out) for name in dirs + files]
     if found and not force:
         raise CLIError(f"--out {out} exists and is not empty (pass --force to replace an earlier export)")
@@ -226,12 +237,66 @@ def _earlier_export(out: Path, force: bool) -> list[Path]:
     return [p for p in found if p.is_file()]
 
 
+@contextmanager
+def _export_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on --out for one export (flock, as training.harness.run_lock), on a file beside it,
+    .NAME.export-lock, removed at the end; a second export into the same folder is refused in one line."""
+    lock = out.with_name(f".{out.name}.export-lock")
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise CLIError(f"--out {out} is in use by another export (pid {holder}); wait for it or choose "
+                           "another --out") from None
+        try:  # the holder may have removed the file once we had opened it: then lock the one now on disk
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()
+
+
+def _write(folder: Path, files: dict[str, bytes], tensors: dict[str, torch.Tensor]) -> None:
+    """The whole export into `folder`: `files` (path: bytes) and the weights."""
+    write_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})  # as diffusers writes it
+    for name, content in files.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(content)
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Folders an export killed mid-way left beside `out` (.NAME.partial-*, .NAME.replaced-*), when they hold
+    nothing but export files."""
+    found = [p for p in out.parent.iterdir() if p.is_dir() and not p.is_symlink()
+             and any(p.name.startswith(f".{out.name}.{what}-") for what in ("partial", "replaced"))]
+    return [p for p in found if all(q.is_dir() and q.name in ("unet", "scheduler") or q.is_file()
+                                    and _is_ours(q.relative_to(p).as_posix()) for q in p.rglob("*"))]
+
+
 def export(cfg: ExportConfig, distances: dict | None = None) -> Path:
     """Write the checkpoint's EMA weights (its "model" weights when it has no EMA) as a
     diffusers DDPMPipeline folder; returns cfg.out. Everything is checked before the
     first file is written. `distances` (for the model card) defaults to the JSON file
-    cfg.distances, else distances.json beside the checkpoint."""
-    earlier = _earlier_export(cfg.out, cfg.force)
+    cfg.distances, else distances.json beside the checkpoint. The folder appears whole or not at all: it is
+    written beside --out (whose parent must be writable) and renamed in place, under a lock."""
+    _earlier_export(cfg.out, cfg.force)  # now, and again under the lock
+    out = cfg.out.resolve() if cfg.out.is_symlink() else cfg.out
+    parent = next(p for p in out.parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"--out {cfg.out}: {parent} is not writable (export writes the folder beside --out, "
+                       "then renames it into place)")
     ckpt = load_checkpoint(cfg.checkpoint)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind == "dcgan":
@@ -265,12 +330,36 @@ def export(cfg: ExportConfig, distances: dict | None = None) -> Path:
     texts["model_index.json"] = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                                  "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
 
-    for p in earlier:  # --force: only files export writes, checked above
-        p.unlink()
-    write_safetensors(tensors, cfg.out / WEIGHTS_FILE, metadata={"format": "pt"})  # as diffusers writes it
-    for name, content in texts.items():  # model_index.json last: a half-written folder does not load
-        with atomic_path(cfg.out / name) as tmp:
-            tmp.write_text(content if isinstance(content, str) else json.dumps(content, indent=2) + "\n")
-    print(f"exported the {weights} weights (step {ckpt.get('step', '?')}) to {cfg.out}: "
-          f"DDPMPipeline.from_pretrained({str(cfg.out)!r})")
+    files = {name: shown(content if isinstance(content, str) else json.dumps(content, indent=2) + "\n").encode()
+             for name, content in texts.items()}  # shown: a non-UTF-8 path in the card as U+FFFD, never an error
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _export_lock(out):
+            earlier = _earlier_export(cfg.out, cfg.force)  # another export may have finished meanwhile
+            for p in _leftovers(out):
+                shutil.rmtree(p)
+            old, tmp = None, Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+            try:
+                mask = os.umask(0)
+                os.umask(mask)
+                os.chmod(tmp, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~mask)  # not 0700
+                _write(tmp, files, tensors)
+                if earlier or out.is_dir() and any(out.iterdir()):
+                    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced-"))
+                    os.replace(out, old)  # --out is now absent, never half of either export
+                try:
+                    os.replace(tmp, out)  # onto a missing or empty --out
+                except OSError:
+                    if old is not None:
+                        os.replace(old, out)  # the earlier export back in place
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old)  # the earlier export: only files export writes (_earlier_export)
+    except OSError as e:
+        raise write_error(e, out) from e
+    print(f"exported the {weights} weights (step {ckpt.get('step', '?')}) to {shown(cfg.out)}: "
+          f"DDPMPipeline.from_pretrained({shown(cfg.out)!r})")
     return cfg.out

@@ -1,27 +1,17 @@
 """NIH ChestX-ray14 -> the two-class layout, split by patient.
 
-Wang et al., "ChestX-ray8", CVPR 2017 (NIH Clinical Center). The original
-experiment split at image level and balanced its classes by dropping the first
-40,000 "No Finding" rows in CSV order (README, Data): patients leaked across
-splits, and the label tracked the patient id range. Here, in order:
-
-1. read the metadata CSV (Data_Entry_2017.csv, its _v2020 version, gzipped or
-   not, or the original experiment's final_data.csv) into (image, labels, patient) rows;
-2. candidates: `infiltration` = "Infiltration" among the |-separated labels
-   (or the only label, --infiltration-only), `no_finding` = exactly "No Finding";
-3. rows whose file is not under the image root are skipped (most users download
-   only some of the 12 archives);
-4. patients are shuffled with the seed and cut 70/10/20 into train/validation/
-   test, so no patient is in two splits (or the official test list is the test
-   split and the rest is cut 70:10 into train/validation);
-5. within each split the larger class is randomly subsampled to the smaller
-   one (and to --per-class), so every split is balanced;
-6. each image is centre-cropped, resized and written as 8-bit grey PNG
-   (layout.render_entries), then manifest.csv and summary.json.
-
-Every step's losses are counted in the summary's "skipped". `run(ExtractConfig)`
-does all of it, or, with `phantoms` set, writes synthetic phantoms
-(phantoms.py) in the same layout instead.
+Wang et al., "ChestX-ray8", CVPR 2017 (NIH Clinical Center). In order:
+1. read the metadata CSV (Data_Entry_2017.csv, its _v2020 version, gzipped or not, or the
+   original experiment's final_data.csv) into (image, labels, patient) rows;
+2. candidates: `infiltration` = "Infiltration" among the |-separated labels (or the only
+   label, --infiltration-only), `no_finding` = exactly "No Finding";
+3. rows whose file is not under the image root are skipped;
+4. patients are shuffled with the seed and cut 70/10/20 into train/validation/test, so no
+   patient is in two splits (or the official test list is the test split, the rest 70:10);
+5. within each split the larger class is randomly subsampled to the smaller (and --per-class);
+6. each image is centre-cropped, resized and written as 8-bit grey PNG (layout.render_entries).
+Then manifest.csv and summary.json, every loss counted in its "skipped"; `run(ExtractConfig)` does it, or writes
+phantoms (tools/phantoms.py). Why it differs from the original experiment: docs/data.md.
 """
 
 from __future__ import annotations

@@ -75,13 +75,10 @@ def _superellipse(x, y, cx, cy, rx, ry, p):
 def make_phantom(rng: np.random.Generator, size: int, infiltration: bool) -> np.ndarray:
     """One synthetic PA chest radiograph, uint8 (size, size), deterministic for the rng's state.
 
-    Anatomy: body outline and neck, two lung fields (narrow apex, wide base,
-    domed diaphragm), mediastinum and trachea, heart shadow on the patient's
-    left (image right), spine, posterior and anterior ribs, clavicles, lung
-    texture. Variation: rotation, scale, position, lung and heart size, rib
-    spacing, exposure (brightness, contrast, gamma), noise. `infiltration` adds
-    2-4 patchy, ill-defined opacities inside the lungs, large enough (radius
-    >= 5% of the width) to survive downsampling to 32 px.
+    Anatomy: body and neck, lung fields, mediastinum and trachea, heart shadow on the patient's left
+    (image right), spine, ribs, clavicles, lung texture; varied in pose, size, rib spacing, exposure
+    and noise. `infiltration` adds 2-4 patchy opacities inside the lungs, radius >= 5% of the width
+    so that they survive downsampling to 32 px.
     """
     # The anatomy is smooth, so it is drawn at most at PHANTOM_DRAW_MAX px and upsampled; only the
     # pixel noise is made at full size. Edges are at least 1.5 px soft so small sizes do not alias.

@@ -1,19 +1,15 @@
 """DiffAugment: the same random, differentiable augmentation of real AND generated images before D.
 
 Zhao, Liu, Lin, Zhu and Han, "Differentiable Augmentation for Data-Efficient GAN
-Training", NeurIPS 2020. With a few hundred images a discriminator memorises
-the training set, its verdicts stop generalising and the generator's gradient
-collapses. Augmenting only the real images would teach G to draw augmented
-images (the paper's section 3.1); augmenting real and fake alike, with an
-augmentation T that is differentiable, keeps D's task and passes G's gradient
-through T (section 3.2, Eq. 2-3):
+Training", NeurIPS 2020. With a few hundred images D memorises the training set;
+augmenting only real images would teach G to draw augmented ones (section 3.1), so
+real and fake alike go through a differentiable T that passes G's gradient (Eq. 2-3):
 
     L_D = f(-D(T(x))) + f(D(T(G(z))))       L_G = f(-D(T(G(z))))
 
-T is drawn afresh per image and per call. The policies below are the paper's
-`translation`, `cutout` and `color` (Zhao et al.'s DiffAugment_pytorch.py, the
-reference these functions follow line for line in what they compute); for one
-grey channel, colour is brightness and contrast only (saturation needs colour).
+T is drawn afresh per image and per call. The policies are the paper's `translation`,
+`cutout` and `color`, following Zhao et al.'s DiffAugment_pytorch.py line for line in
+what they compute; on one grey channel, colour is brightness and contrast only.
 Images are (B, C, H, W) in [-1, 1]; every function keeps the shape.
 """
 

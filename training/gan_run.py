@@ -6,6 +6,7 @@ collapse monitor below, per-epoch sample grids and, with --eval-every, monitor.p
 from __future__ import annotations
 
 import math
+import uuid
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +33,7 @@ def augmentation(policy: str) -> Callable[[torch.Tensor], torch.Tensor]:
 # --------------------------------------------------------------------------- collapse detection
 
 
-DIVERSITY_FLOOR = 0.25  # samples' spread below 1/4 of the real images': collapsed (gate.py uses the same floor)
+DIVERSITY_FLOOR = 0.25  # samples' spread below 1/4 of the real images': collapsed (study/gate.py uses the same floor)
 
 
 def mean_pairwise_distance(x: torch.Tensor) -> float:
@@ -42,24 +43,13 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
 
 
 class CollapseMonitor:
-    """Watches the training metrics for the two failures the original run showed, and for divergence.
-
-    1. The discriminator wins: loss_d < `loss_d_floor` on every one of the last
-       `window` steps, or D(x) - D(G(z)) > `gap_ceiling` on all of them. G then
-       receives vanishing gradients and rarely recovers.
-    2. Mode collapse: `diversity()` (the mean pairwise distance of G's fixed-noise
-       samples over that of real images) below `diversity_floor`; the samples are
-       nearly one image. (A 200-step run on the NIH 64 px set whose 64 samples
-       looked like one image by eye measured 0.10-0.24; real-vs-real is 1 by
-       construction.) Measured every `every` steps and once more by `finish`.
-    3. Divergence: a loss above LOSS_CEILING (a learning rate far too high).
-
-    Called by train_loop after each step with (step, metrics); returns a warning
-    for 1 and 3 once when the condition starts, and again only after it has
-    cleared. Diversity raises no warning mid-run: a GAN's samples often look alike
-    early and spread out later (issue 16: "collapse" at step 100, diverse samples
-    at the end), so `finish` judges the END state and reports the worst point
-    beside it, as two separate facts.
+    """Watches the training metrics for the two failures the original run showed, and for divergence:
+    1. D wins: loss_d < `loss_d_floor` on each of the last `window` steps, or D(x) - D(G(z)) > `gap_ceiling`
+       on all of them (G then gets vanishing gradients);
+    2. mode collapse: `diversity()` (G's fixed-noise samples' mean pairwise distance over the real images')
+       below `diversity_floor`, measured every `every` steps; `finish` judges the end state, worst point beside;
+    3. divergence: a loss above LOSS_CEILING.
+    Called as (step, metrics) after each step: a warning for 1 or 3 when it starts, again only once it cleared.
     """
 
     def __init__(self, window: int = 200, loss_d_floor: float = 0.05, gap_ceiling: float = 0.99,
@@ -132,9 +122,8 @@ class CollapseMonitor:
 
 
 def train(tcfg: TrainConfig) -> Path:
-    """Train on a folder, one checkpoint and sample grid per epoch (torchrun: DDP); returns the
-    checkpoint's path. training_run does what both generators share (checks, lock, torchrun,
-    resume, seeds); rank 0 matches a single-process run, and DDP copies its initial weights to all ranks."""
+    """Train on a folder (torchrun: DDP), a checkpoint and sample grid per epoch; returns the checkpoint's
+    path. training_run does what both generators share: checks, lock, torchrun, resume, seeds."""
     with training_run(tcfg, "dcgan", ("config", "generator", "discriminator", "opt_g", "opt_d")) as run:
         return _train(tcfg, run)
 
@@ -144,12 +133,16 @@ def _train(tcfg: TrainConfig, run: Run) -> Path:
     cfg = tcfg.network(run.ckpt["config"] if run.ckpt else None)
     if run.ckpt:  # the checkpoint's preset (one written before presets: the original), as for its shape
         tcfg = keep_saved(tcfg, {"preset": run.ckpt.get("preset", LEGACY_PRESET)})
+    elif info.is_main:
+        quality.clear_stale_best(out, "dcgan")
+    run_id = (run.ckpt or {}).get("run") or uuid.uuid4().hex  # names the run in checkpoint.pt and best.pt
     p = tcfg.settings()
     G, D = Generator(cfg).to(device), Discriminator(cfg, p).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=p.lr_g, betas=tcfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=p.lr_d, betas=tcfg.betas)
     start = run.restore(generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
-    images = data.load_training_folder(tcfg.data, cfg.size, tcfg.class_name).images  # (N, S, S) uint8
+    train_set = data.load_training_folder(tcfg.data, cfg.size, tcfg.class_name)
+    images = train_set.images  # (N, S, S) uint8
     real = data.to_unit_range(images)  # (N, 1, S, S) in [-1, 1]
     if cfg.channels == 3:
         real = real.expand(-1, 3, -1, -1).contiguous()  # grey repeated to RGB, as the original's input
@@ -188,14 +181,14 @@ def _train(tcfg: TrainConfig, run: Run) -> Path:
 
     def state() -> dict:
         train = {**asdict(p), "betas": list(tcfg.betas), "amp": tcfg.amp}
-        return {"kind": "dcgan", "config": asdict(cfg), "preset": tcfg.preset, "train": train,
+        return {"kind": "dcgan", "run": run_id, "config": asdict(cfg), "preset": tcfg.preset, "train": train,
                 "generator": G.state_dict(), "discriminator": D.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "seed": tcfg.seed}
 
     monitor = CollapseMonitor(window=tcfg.collapse_window, every=100,
                               diversity=lambda: mean_pairwise_distance(fixed_samples()[:64]) / max(real_spread, 1e-8))
     total = total_steps(tcfg, real.shape[0], info.world_size)[0]
-    watch = (quality.setup(tcfg, cfg.size, total, eval_samples, state, ("loss_d", "loss_g"), device, start)
+    watch = (quality.setup(tcfg, cfg.size, total, eval_samples, state, ("loss_d", "loss_g"), device, start, train_set)
              if info.is_main else None)
     fields = (("loss_d", "loss_g", "d_real", "d_fake", "grad_d", "grad_g") + (("r1",) if p.r1_gamma else ())
               + (quality.FIELDS if watch else ()))

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from plumbing.configs import CLIError, RunConfig, first_line, total_steps
-from plumbing.files import atomic_path, first_nonfinite, load_checkpoint, remove_stale_temporaries, require_keys, save_checkpoint
+from plumbing.files import atomic_path, check_output, first_nonfinite, load_checkpoint, remove_stale_temporaries, require_keys, save_checkpoint
 from plumbing.runtime import epoch_order, pick_device, seed_everything
 
 
@@ -56,32 +56,61 @@ def _as_tuple(x):
 # --------------------------------------------------------------------------- one run per folder
 
 
+def _listing(folder: Path) -> dict:
+    """Each entry of `folder` but the lock, with its size and modification time: what a run has written."""
+    return {p.name: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.iterdir() if p.name != ".lock"}
+
+
 @contextmanager
 def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     """Hold an exclusive lock on a run folder for the whole run, so that two runs
     never write into one folder. The OS releases the lock when the process ends,
     however it ends, so a lock left by a killed run is never in the way; the file
-    names the holder's pid for the message. Also clears stale temporaries."""
+    names the holder's pid for the message. Also clears stale temporaries. A run
+    that ends in an error before it has written anything removes the lock file it
+    made, and the folders it made: a refusal leaves no trace."""
     import fcntl
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, made = Path(folder), []  # made: the folders this run creates
     lock = folder / ".lock"
-    f = open(lock, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
+    while True:
+        made += [p for p in (folder, *folder.parents) if not p.exists() and p not in made]
+        folder.mkdir(parents=True, exist_ok=True)
+        new = not lock.exists()
+        try:
+            f = open(lock, "a+")
+        except FileNotFoundError:  # a refused run removed the folder it had made, meanwhile: make it again
+            continue
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise CLIError(f"{folder} is in use by another {what} (pid {holder}); wait for it or choose another --out") from None
+        try:  # locked, but the file may have been removed by a refused run meanwhile: lock the one on disk
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         f.close()
-        raise CLIError(f"{folder} is in use by another {what} (pid {holder}); wait for it or choose another --out") from None
     try:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
         remove_stale_temporaries(folder)
+        before = _listing(folder)
         yield folder
+    except BaseException:
+        if new and _listing(folder) == before:  # refused before writing anything
+            lock.unlink()
+            for p in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first
+                try:
+                    p.rmdir()  # only when empty: another run may have begun to use it
+                except OSError:
+                    break
+        raise
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
@@ -175,6 +204,15 @@ def setup_distributed(device_name: str | None = None) -> DistInfo:
 
 
 # --------------------------------------------------------------------------- the training loop
+
+
+class Interrupted(CLIError):
+    """Ctrl-C stopped a run after it saved a checkpoint: `saved` says what was kept, `how` how to go on
+    (a caller that resumes by other means than --resume, such as the study, says its own)."""
+
+    def __init__(self, saved: str, how: str = "continue with --resume"):
+        super().__init__(f"{saved} ({how})")
+        self.saved = saved
 
 
 class _StopRequest:
@@ -299,7 +337,7 @@ def train_loop(
                     checkpoint(epoch_done)
                     if epoch_done > epoch:  # Ctrl-C on an epoch's last step still leaves that epoch's pictures
                         finish_epoch(epoch)
-                    raise CLIError(f"interrupted at step {step}; saved {out / 'checkpoint.pt'} (continue with --resume)")
+                    raise Interrupted(f"interrupted at step {step}; saved {out / 'checkpoint.pt'}")
                 if step >= total:
                     break
             epoch_done = epoch + 1 if step % steps_per_epoch == 0 else epoch
@@ -315,8 +353,9 @@ def train_loop(
 
 
 def check_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> None:
-    """Refuse, before any work, an --out that is a file or lies under one, or one inside --data
-    (a generator's sample grids there would be read as training images by the next run)."""
+    """Refuse, before any work, an --out that is a file or lies under one, one that cannot be written (a
+    read-only folder), or one inside --data (a generator's sample grids there would be read as training
+    images by the next run)."""
     out = Path(out)
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -324,6 +363,7 @@ def check_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> 
     if data is not None and out.resolve().is_relative_to(Path(data).resolve()):
         raise CLIError(f"--out {out} is inside --data {data}: the run's images would become training images "
                        "(choose an --out outside --data)")
+    check_output(out, "--out", folder=True)
 
 
 def open_run(out: str | os.PathLike, resume: bool, kind: str, keys: tuple[str, ...] = ()) -> dict | None:

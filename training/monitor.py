@@ -1,37 +1,17 @@
 """Watching a generator learn: every --eval-every steps, its samples are compared with
-held-out real images of the class it draws, as lucidrains' denoising-diffusion-pytorch
-Trainer does with FID. The measures join loss.csv (new columns on the evaluation's row),
-the weights that scored best so far are kept as best.pt, and curves.png plots the loss
-and the measures against steps.
+held-out real images of the class it draws (the validation split: never the test split, never
+an image the generator trains on), as lucidrains' denoising-diffusion-pytorch Trainer does
+with FID. The measures join loss.csv, the best weights so far are kept as best.pt, and
+curves.png plots the loss and the measures against steps.
 
-Held-out means the validation split of an extract (validation_data beside the training
-folder, or --eval-data): never the test split, which only the study's final numbers read,
-and never an image the generator trains on.
-
-Two measures, both cheap enough to run every hundred steps on a CPU:
+Two measures, cheap enough to run every hundred steps on a CPU:
   * KID (Binkowski et al. 2018, Sec. 3; fid.kid): the unbiased MMD^2 with the cubic
-    polynomial kernel (unbiased at any sample size, unlike FID), on the pooled pixels
-    (16x16 at 32 px). best.pt is chosen by it.
-  * nn_accuracy, a training-free stand-in for gate.detectability: the leave-one-out
-    1-nearest-neighbour accuracy of "real or sample" on the pooled sets (the classifier
-    two-sample test of Lopez-Paz and Oquab, ICLR 2017, with the 1-NN classifier that
-    Xu et al. 2018, "An empirical study on evaluation metrics of GANs", single out), on
-    the features of a randomly initialised small CNN (classify.SmallCNN, fixed seed).
-    0.5: this many samples cannot be told from real; 1.0: every image's nearest
-    neighbour is of its own kind, trivially fake; well below 0.5: copies.
-
-Why not the measures the study's gate uses: gate.detectability trains a classifier for
-several epochs per call and reads the test split; Inception (fid.py) needs 100 MB of
-weights and ~1 s per image on a CPU, and sees ImageNet objects, not X-rays; a trained
-X-ray classifier (classify.embed) does not exist yet while the study's generators train.
-Naeem et al. (ICML 2020, "Reliable fidelity and diversity metrics for generative models")
-advise the embeddings of a randomly initialised network where ImageNet features do not
-fit the domain. Measured on the 518-image NIH extract at 32 px (22 validation images of a
-class against 22 others): real vs real gave pixel KID 0.4-3.2, smooth random blobs 11.4
-and static 10.4, while KID on the random CNN features rated the blobs (2.3) as closer
-than some real images (up to 20.7), hence pixels for KID; the random CNN's 1-NN accuracy
-gave 0.52-0.86 for real, 0.95 for blobs and 1.0 for static, hence it for detectability.
-The numbers compare the steps of one run, not runs on other data.
+    polynomial kernel, on the pooled pixels (16x16 at 32 px). best.pt is chosen by it.
+  * nn_accuracy: the leave-one-out 1-NN accuracy of "real or sample" (the classifier
+    two-sample test of Lopez-Paz and Oquab 2017, with Xu et al. 2018's 1-NN) on the features
+    of a randomly initialised classify.SmallCNN (Naeem et al. 2020). 0.5: cannot be told
+    from real; 1.0: trivially fake; well below 0.5: copies.
+Why these measures, and the measurements that chose each one's space: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -48,8 +28,8 @@ import torch.nn.functional as F
 import classify
 import data
 import fid
-from plumbing.configs import CLIError, RunConfig
-from plumbing.files import atomic_path, first_nonfinite, save_checkpoint
+from plumbing.configs import CLIError, RunConfig, shown
+from plumbing.files import atomic_path, first_nonfinite, load_checkpoint, save_checkpoint
 
 FIELDS = ("kid", "nn_accuracy")  # the columns an evaluation adds to loss.csv
 MAX_IMAGES = 100  # held-out images (and as many samples) per evaluation: KID's variance falls as 1/n
@@ -122,6 +102,64 @@ def heldout_folder(cfg: RunConfig) -> tuple[Path | None, str]:
     return folder, ""
 
 
+def in_test_split(folder: Path) -> Path | None:
+    """The extract test split that `folder` is or lies in (symlinks followed): a test_data/ beside a
+    train_data/ or a manifest.csv. None otherwise."""
+    for p in (folder.resolve(), *folder.resolve().parents):
+        if p.name == data.SPLIT_DIRS["test"] and ((p.parent / data.SPLIT_DIRS["train"]).is_dir()
+                                                  or (p.parent / "manifest.csv").is_file()):
+            return p
+    return None
+
+
+def check_held_out(cfg: RunConfig, folder: Path, held: data.ImageSet, size: int,
+                   train: data.ImageSet | None = None) -> bool:
+    """Refuse held-out images that are not held out (data.find_copy compares pixels, not paths): a copy or
+    near-copy of a training image, always; an extract's test split (the folder, or a copy of an image of the
+    test split beside --data) unless cfg.eval_on_test. train: the training images (else loaded again).
+    Returns whether they are the test split."""
+    what = f"--eval-data {shown(folder)}" if cfg.eval_data is not None else f"the held-out folder {shown(folder)}"
+    train_dir = data.training_folder(cfg.data)[0]
+    train = data.load_folder(train_dir, size, cfg.class_name, progress=False) if train is None else train
+    hit = data.find_copy(held.images, train.images)
+    if hit is not None:
+        raise CLIError(f"{what}: {shown(held.paths[hit[0]])} is {hit[2]} of the training image "
+                       f"{shown(train.paths[hit[1]])}; the monitor must compare with images the model never trains on")
+    where = in_test_split(folder)
+    beside = train_dir.parent / data.SPLIT_DIRS["test"]
+    if where is None and train_dir.name == data.SPLIT_DIRS["train"] and beside.is_dir():
+        try:
+            hit = data.find_copy(held.images, data.load_folder(beside, size, cfg.class_name, progress=False).images)
+        except CLIError:  # no images (of the class) there: nothing to copy
+            hit = None
+        where = beside if hit is not None else None
+    if where is not None and not cfg.eval_on_test:
+        raise CLIError(f"{what} holds the test split {shown(where)}: best.pt would be chosen on the images the final "
+                       "numbers are measured on (use the validation split, or pass --eval-on-test to do so anyway)")
+    if cfg.eval_on_test and where is None:
+        raise CLIError(f"--eval-on-test: {shown(folder)} is not an extract's test split; leave the option out")
+    return where is not None
+
+
+def clear_stale_best(out: Path, kind: str) -> None:
+    """Before a fresh run into `out`: an earlier run's best.pt must not stay beside the new checkpoint (the study
+    would sample it). Removed when it is one this project wrote (a `kind` checkpoint with its "monitor" record);
+    anything else of that name is refused, never deleted."""
+    path = Path(out) / "best.pt"
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        old = load_checkpoint(path)
+    except CLIError:
+        old = None
+    if not (isinstance(old, dict) and old.get("kind") == kind and isinstance(old.get("monitor"), dict)):
+        raise CLIError(f"{shown(path)} is not the best.pt of an earlier {kind} run of this project; a fresh run "
+                       "would leave it beside its own checkpoint (move it away, or choose another --out)")
+    path.unlink()
+    print(f"note: removed {shown(path)}, the best.pt (step {old.get('step', '?')}) of the run that was in "
+          f"{shown(out)} before: a fresh run keeps only its own")
+
+
 class Monitor:
     """Called by train_loop after every step; every `every` steps it samples, measures, logs,
     keeps best.pt (lower KID; finite weights only, written atomically) and redraws curves.png.
@@ -131,9 +169,9 @@ class Monitor:
 
     def __init__(self, out: Path, every: int, real: torch.Tensor, sample_fn: Callable[[], torch.Tensor],
                  state_fn: Callable[[], dict], loss_fields: tuple[str, ...], device: torch.device,
-                 start_step: int = 0):
+                 start_step: int = 0, source: dict | None = None):
         self.out, self.every, self.sample_fn, self.state_fn = Path(out), every, sample_fn, state_fn
-        self.loss_fields = loss_fields
+        self.loss_fields, self.source = loss_fields, source or {}  # source: best.pt's record of the held-out images
         self.features, self.n_real = Features(real, real.shape[-1], device), len(real)
         # a resumed run's best so far: the KIDs it logged up to the step it continues from
         self.best = min((r["kid"] for r in self.logged() if r.get("kid") is not None and r["step"] <= start_step),
@@ -160,7 +198,7 @@ class Monitor:
             if bad:
                 print(f"warning: {bad} is non-finite at step {step}; best.pt keeps its earlier weights")
             else:
-                state.update(step=step, monitor={**row, "held_out": self.n_real})
+                state.update(step=step, monitor={**row, "held_out": self.n_real, **self.source})
                 save_checkpoint(state, self.out / "best.pt")
                 self.best = kid
         self.draw([*self.logged(), {"step": step, **row}])
@@ -198,9 +236,10 @@ class Monitor:
 
 def setup(cfg: RunConfig, size: int, total: int, sample_fn: Callable[[int], torch.Tensor],
           state_fn: Callable[[], dict], loss_fields: tuple[str, ...], device: torch.device,
-          start_step: int = 0) -> Monitor | None:
+          start_step: int = 0, train: data.ImageSet | None = None) -> Monitor | None:
     """The monitor of a run, or None (with one line saying why) when --eval-every is not given, is larger
-    than the run, or there are no held-out images. sample_fn(n) draws n samples as uint8 (n, S, S)."""
+    than the run, or there are no held-out images; held-out images that are not are refused (check_held_out,
+    against `train`, the run's training images). sample_fn(n) draws n samples as uint8 (n, S, S)."""
     if cfg.eval_every is None:
         return None
     if cfg.eval_every > total:
@@ -211,15 +250,19 @@ def setup(cfg: RunConfig, size: int, total: int, sample_fn: Callable[[int], torc
     if cfg.eval_data is not None and folder is None:
         raise CLIError(f"--eval-data: {why}")
     try:
-        real = data.load_folder(folder, size, cfg.class_name, progress=False).images if folder else None
+        held = data.load_folder(folder, size, cfg.class_name, progress=False) if folder else None
     except CLIError as e:  # a validation folder without this class, or without images
-        real, why = None, str(e)
-    if real is not None and len(real) < 2:
-        real, why = None, f"{folder} holds {len(real)} image(s) of the class; KID needs 2"
-    if real is None:
+        held, why = None, str(e)
+    if held is not None and len(held) < 2:
+        held, why = None, f"{folder} holds {len(held)} image(s) of the class; KID needs 2"
+    if held is None:
         print(f"note: --eval-every: {why}; training without monitoring")
         return None
-    real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(FEATURE_SEED))[:MAX_IMAGES]]
+    on_test = check_held_out(cfg, folder, held, size, train)
+    if on_test:
+        print(f"warning: --eval-on-test: best.pt is chosen on the test split {shown(folder)}; numbers measured "
+              "on that split later are biased in its favour (recorded in checkpoint.pt and best.pt)")
+    real = held.images[torch.randperm(len(held), generator=torch.Generator().manual_seed(FEATURE_SEED))[:MAX_IMAGES]]
     print(f"monitoring every {cfg.eval_every} steps against {len(real)} held-out images of {folder}")
     return Monitor(cfg.out, cfg.eval_every, real, lambda: sample_fn(len(real)), state_fn, loss_fields, device,
-                   start_step)
+                   start_step, {"held_out_folder": str(folder), "test_split": on_test})
