@@ -163,9 +163,9 @@ class UNet(nn.Module):
         if cfg.num_classes is not None:
             # diffusers' UNet2DModel(num_class_embeds=num_classes + 1): one vector per label, added to the time
             # embedding; the extra row is the "no label" token of classifier-free guidance (Ho & Salimans 2022).
-            # Zero at the start, so a conditional fine-tune begins as exactly the unconditional model it loads.
+            # N(0, 1) rows as nn.Embedding (and diffusers) start them: distinct from step 0, so that the labels are
+            # told apart early (a zero start learns them late: docs/ddpm.md); with_classes zeroes them to fine-tune.
             self.class_embedding = nn.Embedding(cfg.num_classes + 1, c_time)
-            nn.init.zeros_(self.class_embedding.weight)
 
         def attention(i: int, c: int) -> nn.Module:
             return AttnBlock(c, cfg) if i in cfg.attention_levels else nn.Identity()
@@ -332,6 +332,7 @@ def with_classes(model: UNet, num_classes: int) -> UNet:
     conditional = UNet(replace(model.config, num_classes=num_classes))
     missing, unexpected = conditional.load_state_dict(model.state_dict(), strict=False)
     assert missing == ["class_embedding.weight"] and not unexpected, (missing, unexpected)
+    nn.init.zeros_(conditional.class_embedding.weight)
     return conditional
 
 

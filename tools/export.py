@@ -15,7 +15,6 @@ Checked against diffusers 0.42 and safetensors 0.8 in tests/test_hub.py.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -33,6 +32,7 @@ import torch
 import ddpm
 from plumbing.configs import check_config, CLIError, flag, shown
 from plumbing.files import atomic_path, check_output, first_nonfinite, load_checkpoint, write_error
+from training.harness import flock_file
 
 # --------------------------------------------------------------------------- safetensors (our own writer)
 
@@ -242,22 +242,9 @@ def _export_lock(out: Path) -> Iterator[None]:
     """An exclusive lock on --out for one export (flock, as training.harness.run_lock), on a file beside it,
     .NAME.export-lock, removed at the end; a second export into the same folder is refused in one line."""
     lock = out.with_name(f".{out.name}.export-lock")
-    while True:
-        f = open(lock, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise CLIError(f"--out {out} is in use by another export (pid {holder}); wait for it or choose "
-                           "another --out") from None
-        try:  # the holder may have removed the file once we had opened it: then lock the one now on disk
-            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        f.close()
+    busy = f"--out {shown(out)} is in use by another export (pid {{pid}}); wait for it or choose another --out"
+    while (f := flock_file(lock, busy)) is None:  # the holder removed the file once we had opened it: again
+        pass
     try:
         f.truncate(0)
         f.write(str(os.getpid()))

@@ -111,7 +111,7 @@ class TrainConfig(RunConfig):
     sample_steps: int | None = flag(None, "steps for the per-epoch sample grid (default: the sampler's, "
                                     f"{DEFAULT_STEPS['ddim']} ddim, {DEFAULT_STEPS['dpmpp']} dpmpp)", min=1)
     conditional: bool = flag(False, "one model for both classes, told the class folder of each image (a class "
-                             "embedding, zero at the start); sample with --class and --guidance")
+                             "embedding: N(0, 1) from scratch, zero to fine-tune); sample with --class and --guidance")
     label_dropout: float = flag(0.1, "--conditional: the share of labels replaced by the no-label token, which "
                                 "classifier-free guidance needs", min=0)
 
@@ -250,8 +250,9 @@ def train(cfg: TrainConfig) -> Path:
         else:
             if run.info.is_main:
                 monitor.clear_stale_best(cfg.out, "ddpm")
+            classes = len(data.LABELS) if cfg.conditional else None  # from scratch: UNet's N(0, 1) class embedding
             model, schedule = (pretrained_model(cfg.pretrained) if cfg.finetune
-                               else (UNet(PRESETS[cfg.preset]), None))
+                               else (UNet(replace(PRESETS[cfg.preset], num_classes=classes)), None))
             given, cfg = cfg.diffusion_settings(), cfg.pretrained_schedule(schedule)
             taken = {k: v for k, v in cfg.diffusion_settings().items() if given[k] != v}
             if run.info.is_main and taken:

@@ -61,6 +61,28 @@ def _listing(folder: Path) -> dict:
     return {p.name: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.iterdir() if p.name != ".lock"}
 
 
+def flock_file(lock: Path, busy: str):
+    """`lock` opened ("a+") under an exclusive flock, or None when the file was removed or replaced before the
+    lock was taken (open it again). Another holder: the one-line CLIError `busy`, its "{pid}" the holder's."""
+    import fcntl
+
+    f = open(lock, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise CLIError(busy.format(pid=holder)) from None
+    try:
+        if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+            return f
+    except FileNotFoundError:
+        pass
+    f.close()
+    return None
+
+
 @contextmanager
 def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     """Hold an exclusive lock on a run folder for the whole run, so that two runs
@@ -77,23 +99,12 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         made += [p for p in (folder, *folder.parents) if not p.exists() and p not in made]
         folder.mkdir(parents=True, exist_ok=True)
         new = not lock.exists()
-        try:
-            f = open(lock, "a+")
-        except FileNotFoundError:  # a refused run removed the folder it had made, meanwhile: make it again
-            continue
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise CLIError(f"{folder} is in use by another {what} (pid {holder}); wait for it or choose another --out") from None
-        try:  # locked, but the file may have been removed by a refused run meanwhile: lock the one on disk
-            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
-                break
+        try:  # a refused run may remove the lock, or the folder it made, meanwhile: then again
+            f = flock_file(lock, f"{folder} is in use by another {what} (pid {{pid}}); wait for it or choose another --out")
         except FileNotFoundError:
-            pass
-        f.close()
+            continue
+        if f is not None:
+            break
     try:
         f.seek(0)
         f.truncate()
