@@ -301,10 +301,8 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Mo
 
 
 def load_pretrained(path: str | Path = DEFAULT_PRETRAINED, download: bool = True) -> UNet:
-    """UNet from a diffusers checkpoint: a folder with config.json and diffusion_pytorch_model.{safetensors,bin}
-    (a missing or empty one: the Hugging Face cache's google/ddpm-cifar10-32, else, with `download`, a download
-    into it), an export's folder (its unet/) or a lone weights file (the cifar10-32 config).
-    plumbing/weightfiles.py finds and reads the files; unet_from_diffusers builds the model."""
+    """UNet from a diffusers model (a folder with config.json and weights, an export's folder or a lone weights
+    file; a missing or empty folder: the Hugging Face cache's google/ddpm-cifar10-32, else a download)."""
     config, weights = weightfiles.locate(Path(path), download)
     return unet_from_diffusers(config, weightfiles.read_weights(weights), path)
 

@@ -9,8 +9,7 @@ Measured on real images the generator never saw, with 95% bootstrap intervals:
     ranked apart (one-sided Mann-Whitney, p < SEPARATION_P);
   * diversity: a warning below COLLAPSE_FLOOR.
 The rule (decide): unusable when the detectability interval lies above FAKE_FLOOR with no class signal;
-a warning when trivially fake but class-bearing, realistic with no class signal shown, or low in diversity
-(diversity only ever warns).
+a warning when trivially fake but class-bearing, realistic with no class signal, or low in diversity.
 The gate reads the test split; no classifier of the grid is selected or trained with it. Why, and the
 simulation bounding the false "class-bearing" rate at 5%: docs/experiment.md. check_pools caches it.
 """
